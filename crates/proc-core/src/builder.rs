@@ -1,0 +1,313 @@
+//! Starting a child process: [`Builder`], [`spawn`], and what the child does
+//! between `fork` and `_exit`.
+
+use std::io::Write;
+use std::panic::{self, AssertUnwindSafe};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::children;
+use crate::current;
+use crate::error::SpawnError;
+use crate::handle::JoinHandle;
+use crate::pid::Pid;
+use crate::sys::{self, Fork, ForkPermit, ThreadCheck};
+
+/// What a child's standard input is connected to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Stdin {
+    /// `/dev/null`: reading gives end-of-file at once (the default, as in
+    /// Python, where children cannot call `input()`).
+    #[default]
+    Null,
+    /// The parent's standard input, shared with the parent.
+    Inherit,
+}
+
+/// Configures a child process before it starts: name, daemon flag, stdin.
+///
+/// # Examples
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let child = proc_core::Builder::new()
+///     .name("adder")
+///     .spawn(|| (proc_core::current_process().name().to_owned(), 2 + 2))?;
+/// assert_eq!(child.join()?, ("adder".to_owned(), 4));
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Default)]
+#[must_use = "a Builder does nothing until `spawn` is called"]
+pub struct Builder {
+    name: Option<String>,
+    /// The identity path, when a `Process` object fixed it at creation.
+    path: Option<Vec<u32>>,
+    daemon: bool,
+    stdin: Stdin,
+}
+
+impl Builder {
+    /// A builder with the defaults: the next `Process-N` name, not a daemon,
+    /// stdin from `/dev/null`.
+    pub fn new() -> Self {
+        Builder::default()
+    }
+
+    /// Names the child (what `current_process().name()` says inside it).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Uses the name and identity path that a `Process` object was given
+    /// when it was created.
+    pub(crate) fn identity(mut self, name: String, path: Vec<u32>) -> Self {
+        self.name = Some(name);
+        self.path = Some(path);
+        self
+    }
+
+    /// Makes the child a daemon: it is terminated when this process exits
+    /// normally, and killed (`SIGKILL`, via `PR_SET_PDEATHSIG`) when this
+    /// process dies in any other way, even by `SIGKILL`.
+    ///
+    /// The kernel ties the death signal to the thread that forked; the safe
+    /// `spawn` only forks from a single-threaded process, where that thread
+    /// is the main thread.
+    pub fn daemon(mut self, daemon: bool) -> Self {
+        self.daemon = daemon;
+        self
+    }
+
+    /// Chooses the child's standard input.
+    pub fn stdin(mut self, stdin: Stdin) -> Self {
+        self.stdin = stdin;
+        self
+    }
+
+    /// Starts `f` in a new child process (fork start method) and returns a
+    /// handle whose [`join`](JoinHandle::join) gives back `f`'s return value.
+    ///
+    /// The child is a copy of this process: it sees every value `f` captures
+    /// or borrows, as they are at the time of the call, and its changes stay
+    /// in the child. It runs only `f`, then ends; it never returns into the
+    /// caller's frames and never runs this process's exit handlers.
+    ///
+    /// # Errors
+    ///
+    /// [`SpawnError::Threaded`] if this process has more than one thread
+    /// (forking and then running arbitrary code is unsound there), and the
+    /// other [`SpawnError`] variants when the OS refuses.
+    pub fn spawn<F, T>(self, f: F) -> Result<JoinHandle<T>, SpawnError>
+    where
+        F: FnOnce() -> T,
+        T: Serialize + DeserializeOwned,
+    {
+        self.try_spawn(f).map_err(|(err, _f)| err)
+    }
+
+    /// As [`spawn`](Builder::spawn), but hands `f` back when the child could
+    /// not be started.
+    pub(crate) fn try_spawn<F, T>(self, f: F) -> Result<JoinHandle<T>, (SpawnError, F)>
+    where
+        F: FnOnce() -> T,
+        T: Serialize + DeserializeOwned,
+    {
+        match ForkPermit::single_threaded() {
+            Ok(permit) => self.spawn_inner(permit, f),
+            Err(ThreadCheck::Threaded(threads)) => Err((SpawnError::Threaded { threads }, f)),
+            Err(ThreadCheck::Unknown(e)) => Err((SpawnError::ThreadCheck(e), f)),
+        }
+    }
+
+    /// Starts `f` in a new child process without checking that this process
+    /// is single-threaded.
+    ///
+    /// # Safety
+    ///
+    /// Only the calling thread exists in the child. If other threads exist,
+    /// any lock they held at the moment of the fork (the allocator's, stdout's,
+    /// a `Mutex` of yours) stays locked forever in the child. The caller
+    /// guarantees that `f`, and the child's bookkeeping around it (allocation,
+    /// serializing the result, flushing stdout), cannot deadlock or observe
+    /// torn state because of that: for example the other threads never hold
+    /// such locks, or the allocator is fork-safe (glibc's malloc is).
+    ///
+    /// # Errors
+    ///
+    /// As [`spawn`](Builder::spawn), except for the thread check.
+    #[allow(unsafe_code)] // the public unsafe entry point; the fork itself is in `sys`
+    pub unsafe fn spawn_unchecked<F, T>(self, f: F) -> Result<JoinHandle<T>, SpawnError>
+    where
+        F: FnOnce() -> T,
+        T: Serialize + DeserializeOwned,
+    {
+        // SAFETY: the caller's promise, stated in `# Safety` above, is the
+        // permit's contract.
+        let permit = unsafe { ForkPermit::assume_fork_safe() };
+        self.spawn_inner(permit, f).map_err(|(err, _f)| err)
+    }
+
+    fn spawn_inner<F, T>(self, permit: ForkPermit, f: F) -> Result<JoinHandle<T>, (SpawnError, F)>
+    where
+        F: FnOnce() -> T,
+        T: Serialize + DeserializeOwned,
+    {
+        children::init();
+        let Some(slot) = children::reserve() else {
+            return Err((SpawnError::TooManyChildren, f));
+        };
+        let result = match sys::memfd(c"proc-result") {
+            Ok(fd) => fd,
+            Err(e) => {
+                children::unreserve(slot);
+                return Err((SpawnError::ResultChannel(e), f));
+            }
+        };
+        let (name, path) = match (self.name, self.path) {
+            (Some(name), Some(path)) => (name, path),
+            (name, _) => {
+                let (default_name, path) = current::next_child_identity();
+                (name.unwrap_or(default_name), path)
+            }
+        };
+        // Unflushed output would otherwise be printed by both processes.
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        let parent = sys::getpid();
+        match sys::fork(permit) {
+            Err(e) => {
+                children::unreserve(slot);
+                Err((SpawnError::Fork(e), f))
+            }
+            Ok(Fork::Child) => {
+                let setup = ChildSetup {
+                    name,
+                    path,
+                    daemon: self.daemon,
+                    stdin: self.stdin,
+                    parent,
+                };
+                run_child(setup, &result, f)
+            }
+            Ok(Fork::Parent(pid)) => {
+                children::register(slot, pid, self.daemon, &name);
+                Ok(JoinHandle::new(Pid::from_raw(pid), name, result, slot))
+            }
+        }
+    }
+}
+
+/// Starts `f` in a new child process with the default [`Builder`] and
+/// returns a handle whose [`join`](JoinHandle::join) gives back `f`'s return
+/// value (the fork start method; `std::thread::spawn`'s shape).
+///
+/// # Examples
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let numbers = vec![1u64, 2, 3];
+/// let child = proc_core::spawn(move || numbers.iter().sum::<u64>())?;
+/// assert_eq!(child.join()?, 6);
+/// # Ok(()) }
+/// ```
+///
+/// The result must be serializable:
+///
+/// ```compile_fail
+/// struct NotSerde;
+/// let _ = proc_core::spawn(|| NotSerde);
+/// ```
+///
+/// # Errors
+///
+/// See [`Builder::spawn`].
+pub fn spawn<F, T>(f: F) -> Result<JoinHandle<T>, SpawnError>
+where
+    F: FnOnce() -> T,
+    T: Serialize + DeserializeOwned,
+{
+    Builder::new().spawn(f)
+}
+
+/// What travels back from the child in its result file.
+#[derive(Serialize, Deserialize)]
+pub(crate) enum Outcome<T> {
+    /// The closure returned this value.
+    Value(T),
+    /// The closure panicked.
+    Panicked {
+        message: String,
+        location: Option<String>,
+    },
+    /// The value could not be serialized.
+    EncodeFailed(String),
+}
+
+struct ChildSetup {
+    name: String,
+    path: Vec<u32>,
+    daemon: bool,
+    stdin: Stdin,
+    parent: libc::pid_t,
+}
+
+static PANIC_LOCATION: parking_lot::Mutex<Option<String>> = parking_lot::const_mutex(None);
+
+/// The child side: set up, run `f`, send its outcome, exit. Never returns.
+fn run_child<F, T>(setup: ChildSetup, result: &std::os::fd::OwnedFd, f: F) -> !
+where
+    F: FnOnce() -> T,
+    T: Serialize,
+{
+    children::reset_in_child();
+    if setup.daemon {
+        // If the parent died between fork and prctl, the signal will never
+        // come: the getppid re-check catches that window.
+        if sys::set_parent_death_signal(libc::SIGKILL).is_err() || sys::getppid() != setup.parent {
+            sys::exit_now(1);
+        }
+    }
+    if setup.stdin == Stdin::Null && sys::stdin_from_dev_null().is_err() {
+        sys::exit_now(1);
+    }
+    current::enter_child(setup.name, setup.path, setup.daemon, setup.parent);
+    let previous_hook = panic::take_hook();
+    panic::set_hook(Box::new(move |info| {
+        if let Some(loc) = info.location() {
+            *PANIC_LOCATION.lock() = Some(loc.to_string());
+        }
+        previous_hook(info);
+    }));
+    let (bytes, code) = match panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(value) => match postcard::to_stdvec(&Outcome::Value(value)) {
+            Ok(bytes) => (bytes, 0),
+            Err(e) => (encode_failure(&e.to_string()), 1),
+        },
+        Err(payload) => {
+            let message = if let Some(s) = payload.downcast_ref::<&str>() {
+                (*s).to_owned()
+            } else if let Some(s) = payload.downcast_ref::<String>() {
+                s.clone()
+            } else {
+                "Box<dyn Any>".to_owned()
+            };
+            let location = PANIC_LOCATION.lock().take();
+            // Dropping a panic payload can itself panic: keep it from unwinding.
+            std::mem::forget(payload);
+            let outcome = Outcome::<T>::Panicked { message, location };
+            let bytes = postcard::to_stdvec(&outcome).unwrap_or_default();
+            (bytes, 1)
+        }
+    };
+    // A failed write leaves the parent with an exit status and no value,
+    // which it reports as such.
+    let _ = sys::write_all(result, &bytes);
+    current::finish_child(code)
+}
+
+fn encode_failure(message: &str) -> Vec<u8> {
+    postcard::to_stdvec(&Outcome::<()>::EncodeFailed(message.to_owned())).unwrap_or_default()
+}

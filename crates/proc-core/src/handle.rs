@@ -1,0 +1,260 @@
+//! [`JoinHandle`]: waiting for a child and taking its result.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+
+use crate::builder::Outcome;
+use crate::children::{self, SlotId};
+use crate::error::{DecodeError, JoinError};
+use crate::pid::Pid;
+use crate::sys::{self, Reap};
+
+/// An owned permission to join a child process and take its return value
+/// (`std::thread::JoinHandle`'s shape, `std::process::Child`'s waits).
+///
+/// # Drop
+///
+/// Dropping a handle without joining detaches the child: it keeps running,
+/// its return value is discarded, and it is reaped as soon as it exits (by
+/// a `SIGCHLD` handler that `proc` installs on the first detach, chaining any
+/// handler that was installed before), so it never lingers as a zombie. A
+/// detached child that is not a daemon is still waited for when this
+/// process exits, as Python does.
+///
+/// # Examples
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let mut child = proc_core::spawn(|| "done".to_owned())?;
+/// println!("started {} ({})", child.name(), child.pid());
+/// let status = child.wait()?;
+/// assert!(status.success());
+/// assert_eq!(child.join()?, "done");
+/// # Ok(()) }
+/// ```
+#[must_use = "dropping a JoinHandle detaches the child and discards its result"]
+pub struct JoinHandle<T> {
+    pid: Pid,
+    name: String,
+    result: OwnedFd,
+    slot: SlotId,
+    status: Option<Reaped>,
+    pidfd: Option<OwnedFd>,
+    _result: PhantomData<fn() -> T>,
+}
+
+#[derive(Clone, Copy)]
+enum Reaped {
+    Status(ExitStatus),
+    Lost,
+}
+
+impl<T> fmt::Debug for JoinHandle<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JoinHandle")
+            .field("pid", &self.pid)
+            .field("name", &self.name)
+            .field("exit_status", &self.exit_status())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> JoinHandle<T> {
+    pub(crate) fn new(pid: Pid, name: String, result: OwnedFd, slot: SlotId) -> Self {
+        JoinHandle {
+            pid,
+            name,
+            result,
+            slot,
+            status: None,
+            pidfd: None,
+            _result: PhantomData,
+        }
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// The child's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The exit status, once the child has been waited for.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        match self.status {
+            Some(Reaped::Status(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Whether the child has ended (`std::thread::JoinHandle::is_finished`).
+    /// Does not reap it: [`join`](Self::join) still gets the result.
+    pub fn is_finished(&self) -> bool {
+        self.status.is_some() || matches!(sys::has_exited(self.pid.raw()), Ok(true))
+    }
+
+    /// Reaps the child if it has ended, without blocking
+    /// (`std::process::Child::try_wait`).
+    ///
+    /// # Errors
+    ///
+    /// [`JoinError::Io`] if waiting fails, [`JoinError::StatusLost`] if the
+    /// child was reaped elsewhere.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, JoinError> {
+        self.wait_deadline(Some(Instant::now()))
+    }
+
+    /// Waits for the child to end (without taking its result).
+    ///
+    /// # Errors
+    ///
+    /// As [`try_wait`](Self::try_wait).
+    pub fn wait(&mut self) -> Result<ExitStatus, JoinError> {
+        self.wait_deadline(None)?.ok_or(JoinError::StatusLost)
+    }
+
+    /// Waits at most `timeout` for the child to end; `Ok(None)` if it is
+    /// still running then. Never returns early.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_wait`](Self::try_wait).
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, JoinError> {
+        let deadline = Instant::now().checked_add(timeout);
+        self.wait_deadline(deadline)
+    }
+
+    /// Sends `SIGTERM` to the child (Python's `terminate()`); nothing if it
+    /// has already been reaped.
+    ///
+    /// # Errors
+    ///
+    /// The OS error if the signal could not be sent.
+    pub fn terminate(&self) -> std::io::Result<()> {
+        self.signal(libc::SIGTERM)
+    }
+
+    /// Sends `SIGKILL` to the child (Python's `kill()`); nothing if it has
+    /// already been reaped.
+    ///
+    /// # Errors
+    ///
+    /// The OS error if the signal could not be sent.
+    pub fn kill(&self) -> std::io::Result<()> {
+        self.signal(libc::SIGKILL)
+    }
+
+    fn signal(&self, signal: libc::c_int) -> std::io::Result<()> {
+        // While unreaped the pid is still ours (a zombie at worst), so the
+        // signal cannot reach an unrelated process that reused the pid.
+        if self.status.is_some() {
+            return Ok(());
+        }
+        sys::kill(self.pid.raw(), signal)
+    }
+
+    /// Waits until `deadline` (`None`: forever); `Ok(None)` on timeout.
+    fn wait_deadline(&mut self, deadline: Option<Instant>) -> Result<Option<ExitStatus>, JoinError> {
+        loop {
+            if let Some(reaped) = self.status {
+                return match reaped {
+                    Reaped::Status(s) => Ok(Some(s)),
+                    Reaped::Lost => Err(JoinError::StatusLost),
+                };
+            }
+            let reap = match deadline {
+                None => sys::waitpid_blocking(self.pid.raw()),
+                Some(_) => sys::waitpid_nohang(self.pid.raw()),
+            }
+            .map_err(JoinError::Io)?;
+            match reap {
+                Reap::Exited(status) => self.set_reaped(Reaped::Status(status)),
+                Reap::NoChild => self.set_reaped(Reaped::Lost),
+                Reap::Running => {
+                    let Some(deadline) = deadline else { continue };
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Ok(None);
+                    }
+                    self.sleep_until_exit(deadline - now)?;
+                }
+            }
+        }
+    }
+
+    /// Sleeps until the child exits or `timeout` passes.
+    fn sleep_until_exit(&mut self, timeout: Duration) -> Result<(), JoinError> {
+        if self.pidfd.is_none() {
+            self.pidfd = sys::pidfd_open(self.pid.raw()).map_err(JoinError::Io)?;
+        }
+        match &self.pidfd {
+            Some(fd) => {
+                sys::poll_readable(fd, timeout).map_err(JoinError::Io)?;
+            }
+            // Kernels before 5.3: poll the status with a short sleep.
+            None => std::thread::sleep(timeout.min(Duration::from_millis(1))),
+        }
+        Ok(())
+    }
+
+    fn set_reaped(&mut self, reaped: Reaped) {
+        self.status = Some(reaped);
+        self.pidfd = None;
+        children::release(self.slot);
+    }
+}
+
+impl<T: DeserializeOwned> JoinHandle<T> {
+    /// Waits for the child to end and returns the value its closure returned.
+    ///
+    /// # Errors
+    ///
+    /// [`JoinError::Panicked`] with the panic's message and location if the
+    /// closure panicked; [`JoinError::Exited`] / [`JoinError::Signaled`] if
+    /// the child exited or was killed before returning; [`JoinError::Decode`]
+    /// if its result does not decode as `T`; [`JoinError::Io`] if waiting
+    /// failed.
+    pub fn join(mut self) -> Result<T, JoinError> {
+        let status = self.wait()?;
+        let bytes = sys::read_whole(&self.result).map_err(JoinError::Io)?;
+        decode_outcome(status, &bytes)
+    }
+}
+
+/// Turns the child's exit status and result bytes into `join`'s answer.
+fn decode_outcome<T: DeserializeOwned>(status: ExitStatus, bytes: &[u8]) -> Result<T, JoinError> {
+    if let Some(signal) = status.signal() {
+        return Err(JoinError::Signaled {
+            signal,
+            core_dumped: status.core_dumped(),
+        });
+    }
+    let code = status.code().unwrap_or(-1);
+    if bytes.is_empty() {
+        return Err(JoinError::Exited { code });
+    }
+    match postcard::from_bytes::<Outcome<T>>(bytes) {
+        Ok(Outcome::Value(value)) if code == 0 => Ok(value),
+        Ok(Outcome::Value(_)) => Err(JoinError::Exited { code }),
+        Ok(Outcome::Panicked { message, location }) => Err(JoinError::Panicked { message, location }),
+        Ok(Outcome::EncodeFailed(message)) => Err(JoinError::Encode(message)),
+        Err(e) => Err(JoinError::Decode(DecodeError(e.to_string()))),
+    }
+}
+
+impl<T> Drop for JoinHandle<T> {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            children::detach(self.slot);
+        }
+    }
+}

@@ -1,0 +1,425 @@
+//! Every syscall and every `unsafe` block of `proc-core`.
+//!
+//! The split follows std's `process.rs` / `sys::process`: the rest of the
+//! crate calls the small, safe wrappers below and never touches `libc`
+//! directly. Each wrapper documents which of its callers' invariants it
+//! relies on.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// The result of [`fork`], seen from each side.
+pub(crate) enum Fork {
+    /// In the parent: the child's pid.
+    Parent(libc::pid_t),
+    /// In the child.
+    Child,
+}
+
+/// Proof that forking and then running arbitrary code in the child is
+/// sound: the process had one thread when it was made, or the caller of an
+/// unsafe API vouched for it.
+pub(crate) struct ForkPermit(());
+
+impl ForkPermit {
+    /// Checks that this process has exactly one thread.
+    ///
+    /// A second thread could only be started by this very thread, which is
+    /// busy forking, so the answer holds until the fork.
+    pub(crate) fn single_threaded() -> Result<ForkPermit, ThreadCheck> {
+        match thread_count() {
+            Ok(1) => Ok(ForkPermit(())),
+            Ok(threads) => Err(ThreadCheck::Threaded(threads)),
+            Err(e) => Err(ThreadCheck::Unknown(e)),
+        }
+    }
+
+    /// A permit without the check.
+    ///
+    /// # Safety
+    ///
+    /// After the fork only the calling thread exists in the child. The
+    /// caller guarantees that the child does nothing that could wait on a
+    /// lock or observe state that another thread of the parent held or was
+    /// changing at the moment of the fork.
+    pub(crate) unsafe fn assume_fork_safe() -> ForkPermit {
+        ForkPermit(())
+    }
+}
+
+/// Why [`ForkPermit::single_threaded`] refused.
+pub(crate) enum ThreadCheck {
+    /// The process has this many threads.
+    Threaded(usize),
+    /// `/proc/self/stat` could not be read.
+    Unknown(io::Error),
+}
+
+/// Forks the calling process; `permit` shows that the child may run
+/// arbitrary code.
+#[allow(clippy::disallowed_methods)] // the one place allowed to fork
+pub(crate) fn fork(permit: ForkPermit) -> io::Result<Fork> {
+    let ForkPermit(()) = permit;
+    // SAFETY: fork has no memory-safety preconditions of its own; what may
+    // run in the child afterwards is covered by the permit (one thread, or
+    // the unsafe caller's promise).
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(Fork::Child),
+        pid => Ok(Fork::Parent(pid)),
+    }
+}
+
+/// The number of threads of this process, read from `/proc/self/stat`.
+fn thread_count() -> io::Result<usize> {
+    let stat = std::fs::read("/proc/self/stat")?;
+    // The command name (field 2) is in parentheses and may hold spaces or
+    // parentheses itself: fields are counted from the last ')'.
+    let close = stat
+        .iter()
+        .rposition(|&b| b == b')')
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc/self/stat"))?;
+    let rest = std::str::from_utf8(&stat[close + 1..])
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    // After the name come field 3 (state) .. ; num_threads is field 20.
+    rest.split_ascii_whitespace()
+        .nth(20 - 3)
+        .and_then(|f| f.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc/self/stat"))
+}
+
+/// Creates an anonymous in-memory file (close-on-exec) that carries a
+/// child's result back to its parent.
+pub(crate) fn memfd(name: &CStr) -> io::Result<OwnedFd> {
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of
+    // the call; the flags are valid for memfd_create.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Writes all of `bytes` to `fd` at its current offset, retrying on EINTR.
+pub(crate) fn write_all(fd: &OwnedFd, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        // SAFETY: `bytes` is a valid readable buffer of the given length and
+        // `fd` is an open descriptor borrowed for the call.
+        let n = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        bytes = &bytes[n as usize..];
+    }
+    Ok(())
+}
+
+/// Reads the whole content of a file descriptor from offset 0 with `pread`
+/// (the offset it shares with the child is left alone).
+pub(crate) fn read_whole(fd: &OwnedFd) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: `chunk` is a valid writable buffer of its length and `fd`
+        // is an open descriptor borrowed for the call.
+        let n = unsafe {
+            libc::pread(
+                fd.as_raw_fd(),
+                chunk.as_mut_ptr().cast(),
+                chunk.len(),
+                out.len() as libc::off_t,
+            )
+        };
+        match n {
+            0 => return Ok(out),
+            n if n < 0 => {
+                let err = io::Error::last_os_error();
+                if err.kind() != io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+            n => {
+                out.extend_from_slice(&chunk[..n as usize]);
+                if chunk.len() < 8 * 1024 * 1024 {
+                    let grown = chunk.len() * 2;
+                    chunk.resize(grown, 0);
+                }
+            }
+        }
+    }
+}
+
+fn status_from_raw(raw: libc::c_int) -> ExitStatus {
+    ExitStatus::from_raw(raw)
+}
+
+/// What a non-blocking `waitpid` found.
+pub(crate) enum Reap {
+    /// The child had exited and is now reaped.
+    Exited(ExitStatus),
+    /// The child is still running.
+    Running,
+    /// There is no such child (already reaped, or SIGCHLD is ignored).
+    NoChild,
+}
+
+/// `waitpid(pid, WNOHANG)`, async-signal-safe (used by the SIGCHLD handler).
+pub(crate) fn waitpid_nohang(pid: libc::pid_t) -> io::Result<Reap> {
+    loop {
+        let mut raw: libc::c_int = 0;
+        // SAFETY: `raw` is a valid out-pointer for the call.
+        let r = unsafe { libc::waitpid(pid, &mut raw, libc::WNOHANG) };
+        if r == pid {
+            return Ok(Reap::Exited(status_from_raw(raw)));
+        }
+        if r == 0 {
+            return Ok(Reap::Running);
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::ECHILD) => return Ok(Reap::NoChild),
+            _ => return Err(err),
+        }
+    }
+}
+
+/// `waitpid(pid, 0)`: blocks until the child exits and reaps it.
+pub(crate) fn waitpid_blocking(pid: libc::pid_t) -> io::Result<Reap> {
+    loop {
+        let mut raw: libc::c_int = 0;
+        // SAFETY: `raw` is a valid out-pointer for the call.
+        let r = unsafe { libc::waitpid(pid, &mut raw, 0) };
+        if r == pid {
+            return Ok(Reap::Exited(status_from_raw(raw)));
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::ECHILD) => return Ok(Reap::NoChild),
+            _ => return Err(err),
+        }
+    }
+}
+
+/// Whether the child `pid` has exited, without reaping it
+/// (`waitid(P_PID, WEXITED | WNOHANG | WNOWAIT)`).
+pub(crate) fn has_exited(pid: libc::pid_t) -> io::Result<bool> {
+    loop {
+        // SAFETY: an all-zero siginfo_t is a valid value of this plain C struct.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a valid out-pointer; the id type and flags are valid.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        if r == 0 {
+            // SAFETY: waitid filled `info`; si_pid is 0 when no child changed state.
+            return Ok(unsafe { info.si_pid() } != 0);
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::ECHILD) => return Ok(true),
+            _ => return Err(err),
+        }
+    }
+}
+
+/// Opens a pidfd for `pid`; `Ok(None)` where the kernel has no `pidfd_open`.
+pub(crate) fn pidfd_open(pid: libc::pid_t) -> io::Result<Option<OwnedFd>> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ENOSYS) => Ok(None),
+            _ => Err(err),
+        };
+    }
+    // SAFETY: the syscall returned a fresh descriptor that nothing else owns.
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }))
+}
+
+/// Waits until `fd` is readable or `timeout` passes; `Ok(true)` if readable.
+pub(crate) fn poll_readable(fd: &OwnedFd, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // Round up so that a wait is never shorter than asked.
+    let ms = if Duration::from_millis(ms as u64) < timeout {
+        ms.saturating_add(1)
+    } else {
+        ms
+    };
+    // SAFETY: `pfd` is one valid pollfd for the duration of the call.
+    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if r < 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(err);
+    }
+    Ok(r > 0)
+}
+
+/// Sends `signal` to `pid`.
+pub(crate) fn kill(pid: libc::pid_t, signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: kill has no memory-safety preconditions.
+    if unsafe { libc::kill(pid, signal) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// This process's id.
+pub(crate) fn getpid() -> libc::pid_t {
+    // SAFETY: getpid cannot fail and has no preconditions.
+    unsafe { libc::getpid() }
+}
+
+/// The parent's process id.
+pub(crate) fn getppid() -> libc::pid_t {
+    // SAFETY: getppid cannot fail and has no preconditions.
+    unsafe { libc::getppid() }
+}
+
+/// Asks the kernel to send `signal` to this process when its parent dies.
+pub(crate) fn set_parent_death_signal(signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number as its one argument.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Points standard input at `/dev/null` (a child gets no terminal input,
+/// as in Python).
+pub(crate) fn stdin_from_dev_null() -> io::Result<()> {
+    let null = std::fs::File::open("/dev/null")?;
+    // SAFETY: both descriptors are open; dup2 replaces fd 0 atomically.
+    if unsafe { libc::dup2(null.as_raw_fd(), libc::STDIN_FILENO) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Ends this process at once with `code`: no exit handlers, no unwinding
+/// into the frames a forked child shares with its parent.
+pub(crate) fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit has no preconditions and does not return.
+    unsafe { libc::_exit(code) }
+}
+
+/// Registers `hook` to run at normal process exit (`atexit`).
+pub(crate) fn at_exit(hook: extern "C" fn()) -> io::Result<()> {
+    // SAFETY: `hook` is a plain function that lives for the whole program.
+    if unsafe { libc::atexit(hook) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::other("atexit failed"))
+    }
+}
+
+// The SIGCHLD handler that was in place before ours, called after ours so
+// that a program's own handler keeps working. Written once, before our
+// handler is installed, and only read afterwards.
+static SIGCHLD_INSTALL: parking_lot::Mutex<()> = parking_lot::const_mutex(());
+static PREVIOUS_SIGCHLD_FN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static PREVIOUS_SIGCHLD_SIGINFO: AtomicBool = AtomicBool::new(false);
+static SIGCHLD_INSTALLED: AtomicBool = AtomicBool::new(false);
+static SIGCHLD_REAP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+extern "C" fn on_sigchld(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: __errno_location returns this thread's errno slot; saving and
+    // restoring it keeps the interrupted code's errno intact.
+    let errno = unsafe { *libc::__errno_location() };
+    // SYNC: pairs with the Release store in install_sigchld_reaper.
+    let reap = SIGCHLD_REAP.load(Ordering::Acquire);
+    if reap != 0 {
+        // SAFETY: the value was stored from a `fn()` in install_sigchld_reaper.
+        let reap: fn() = unsafe { std::mem::transmute::<usize, fn()>(reap) };
+        reap();
+    }
+    // SYNC: pairs with the Release store in install_sigchld_reaper.
+    let prev = PREVIOUS_SIGCHLD_FN.load(Ordering::Acquire);
+    if prev != 0 {
+        if PREVIOUS_SIGCHLD_SIGINFO.load(Ordering::Relaxed) {
+            // SAFETY: `prev` is the sa_sigaction of the previous handler,
+            // installed with SA_SIGINFO, called with the arguments we got.
+            let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                unsafe { std::mem::transmute(prev) };
+            f(sig, info, ctx);
+        } else {
+            // SAFETY: `prev` is the sa_handler of the previous handler.
+            let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(prev) };
+            f(sig);
+        }
+    }
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// Installs (once) a SIGCHLD handler that calls `reap` and then whatever
+/// handler was installed before. Where SIGCHLD was ignored (the kernel then
+/// reaps every child itself) nothing is installed. `reap` must be
+/// async-signal-safe.
+pub(crate) fn install_sigchld_reaper(reap: fn()) -> io::Result<()> {
+    let _serialised = SIGCHLD_INSTALL.lock();
+    if SIGCHLD_INSTALLED.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    // SAFETY: an all-zero sigaction is a valid value of this plain C struct.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null new action only reads the current one into `old`.
+    if unsafe { libc::sigaction(libc::SIGCHLD, std::ptr::null(), &mut old) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if old.sa_sigaction == libc::SIG_IGN {
+        SIGCHLD_INSTALLED.store(true, Ordering::Relaxed);
+        return Ok(());
+    }
+    if old.sa_sigaction != libc::SIG_DFL {
+        PREVIOUS_SIGCHLD_SIGINFO.store(old.sa_flags & libc::SA_SIGINFO != 0, Ordering::Relaxed);
+        // SYNC: pairs with the Acquire load in on_sigchld.
+        PREVIOUS_SIGCHLD_FN.store(old.sa_sigaction, Ordering::Release);
+    }
+    // SYNC: pairs with the Acquire load in on_sigchld.
+    SIGCHLD_REAP.store(reap as usize, Ordering::Release);
+    // SAFETY: as above.
+    let mut new: libc::sigaction = unsafe { std::mem::zeroed() };
+    new.sa_sigaction = on_sigchld as *const () as usize;
+    new.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_NOCLDSTOP;
+    // SAFETY: `new.sa_mask` is a valid sigset to initialise.
+    unsafe { libc::sigemptyset(&mut new.sa_mask) };
+    // SAFETY: `new` is a fully initialised action whose handler is an
+    // `extern "C"` function of the SA_SIGINFO shape.
+    if unsafe { libc::sigaction(libc::SIGCHLD, &new, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    SIGCHLD_INSTALLED.store(true, Ordering::Relaxed);
+    Ok(())
+}

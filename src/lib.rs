@@ -1,0 +1,41 @@
+//! `proc`: Python's `multiprocessing` for Rust.
+//!
+//! Run work in real OS processes, wait for them, and get their typed results
+//! back; write a process as a struct with a `run` method, as Python's process
+//! classes do. The pieces live in their own crates and are re-exported here:
+//!
+//! | Python | `proc` |
+//! |---|---|
+//! | `Process(target=f, args=...)` | [`Process::new`]`(move \|\| f(args))` |
+//! | `p.start()`, `p.join([timeout])` | [`Process::start`], [`Process::join`], [`Process::join_timeout`] |
+//! | `p.name`, `p.daemon`, `p.pid`, `p.is_alive()`, `p.exitcode` | [`Process::name`], [`Process::set_daemon`], [`Process::pid`], [`Process::is_alive`], [`Process::exitcode`] |
+//! | `p.terminate()`, `p.kill()` | [`Process::terminate`], [`Process::kill`] |
+//! | a target's return value (not in Python) | [`spawn`] → [`JoinHandle::join`] |
+//! | `class P(Process): def run(self)` | `impl` [`ProcessClass`] `for P` |
+//! | `os.getpid()`, `os.getppid()`, `sys.exit(info)` | [`getpid`], [`getppid`], [`exit`] |
+//! | `current_process()`, `parent_process()`, `active_children()`, `cpu_count()` | [`current_process`], [`parent_process`], [`active_children`], [`cpu_count`] |
+//!
+//! # Examples
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use proc::prelude::*;
+//!
+//! let child = proc::spawn(|| (1..=10u64).product::<u64>())?;
+//! assert_eq!(child.join()?, 3_628_800);
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+pub use proc_class::ProcessClass;
+pub use proc_core::{
+    active_children, cpu_count, current_process, exit, getpid, getppid, parent_process, spawn,
+    Builder, DecodeError, ExitInfo, JoinError, JoinHandle, Pid, Process, ProcessError, ProcessInfo,
+    SpawnError, Stdin,
+};
+
+/// The names most programs need: `use proc::prelude::*;`.
+pub mod prelude {
+    pub use proc_class::ProcessClass;
+    pub use proc_core::{spawn, Builder, JoinHandle, Process};
+}

@@ -1,0 +1,125 @@
+//! A tiny test runner for `harness = false` targets.
+//!
+//! libtest runs every test on a thread of its own, and the safe `spawn`
+//! refuses to fork a process with more than one thread; these targets run
+//! their tests one after the other on the main thread instead. Every test
+//! has a deadline: `alarm(2)` kills the binary (SIGALRM) if a test hangs,
+//! and the last `test … ` line printed names it.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::panic::{self, AssertUnwindSafe};
+use std::time::{Duration, Instant};
+
+/// One test: a name, a deadline in seconds, a body that panics on failure.
+pub type Test = (&'static str, u32, fn());
+
+/// Runs `tests` (or those whose name contains the first command-line
+/// argument that is not a flag), prints libtest-like lines and a closing
+/// `N passed, N failed` line, and exits 1 if any failed.
+pub fn run(tests: &[Test]) -> ! {
+    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let (mut passed, mut failed) = (0, 0);
+    let mut failures = Vec::new();
+    for &(name, deadline_s, body) in tests {
+        if filter.as_deref().is_some_and(|f| !name.contains(f)) {
+            continue;
+        }
+        print!("test {name} ... ");
+        let _ = std::io::stdout().flush();
+        // SAFETY: alarm only arms a timer; SIGALRM's default action ends
+        // the whole test binary, which is the deadline we want.
+        unsafe { libc::alarm(deadline_s) };
+        let started = Instant::now();
+        let result = panic::catch_unwind(AssertUnwindSafe(body));
+        // SAFETY: as above; 0 disarms the timer.
+        unsafe { libc::alarm(0) };
+        match result {
+            Ok(()) => {
+                passed += 1;
+                println!("ok ({:.0?})", started.elapsed());
+            }
+            Err(_) => {
+                failed += 1;
+                failures.push(name);
+                println!("FAILED");
+            }
+        }
+    }
+    println!();
+    if !failures.is_empty() {
+        println!("failures: {}", failures.join(", "));
+    }
+    println!("test result: {}. {passed} passed, {failed} failed", if failed == 0 { "ok" } else { "FAILED" });
+    let _ = std::io::stdout().flush();
+    std::process::exit(i32::from(failed > 0))
+}
+
+/// Polls `cond` until it holds or `timeout` passes; whether it held.
+pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The state letter of `/proc/<pid>/stat` (`R`, `S`, `Z`, …), or `None` if
+/// there is no such process.
+pub fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().next()?.chars().next()
+}
+
+/// The pids and states of this process's children, read from `/proc`.
+pub fn children_of(parent: u32) -> Vec<(u32, char)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some(close) = stat.rfind(')') else { continue };
+        let mut fields = stat[close + 1..].split_whitespace();
+        let state = fields.next().and_then(|s| s.chars().next());
+        let ppid = fields.next().and_then(|s| s.parse::<u32>().ok());
+        if let (Some(state), Some(ppid)) = (state, ppid) {
+            if ppid == parent {
+                out.push((pid, state));
+            }
+        }
+    }
+    out
+}
+
+/// A fresh, empty directory under the system temp dir for one test.
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("proc-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// Makes this process the reaper of its orphaned descendants, so a test can
+/// wait for grandchildren whose parent it killed.
+pub fn become_subreaper() {
+    // SAFETY: PR_SET_CHILD_SUBREAPER takes one integer argument.
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(r, 0, "prctl(PR_SET_CHILD_SUBREAPER)");
+}
+
+/// `waitpid(pid, WNOHANG)` for a process that is not one of `proc`'s handles
+/// (an adopted orphan): `Some(raw status)` once it has ended.
+pub fn reap_adopted(pid: u32) -> Option<i32> {
+    let mut status = 0;
+    // SAFETY: `status` is a valid out-pointer.
+    let r = unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
+    (r == pid as i32).then_some(status)
+}
