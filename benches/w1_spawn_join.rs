@@ -1,1 +1,105 @@
-fn main(){}
+//! W1 spawn-join: start a process whose target does nothing, then join it;
+//! sequentially, N = 200 times. Figure: µs per start+join.
+//!
+//! Systems, interleaved one start+join at a time (in rotating order) in
+//! each round: `raw-fork` (libc fork + `_exit` +
+//! waitpid, the OS floor), `proc` (`proc::spawn(|| ()).join()`),
+//! `proc-process` (`Process::new` + `start` + `join`), and `python`
+//! (`multiprocessing` with the fork context). `PROC_BENCH_QUICK=1`: N = 20,
+//! one round.
+
+mod common;
+
+use std::time::Instant;
+
+/// One raw fork + `_exit(0)` + waitpid, in µs.
+fn raw_fork() -> f64 {
+    let t = Instant::now();
+    #[allow(clippy::disallowed_methods)] // the floor we compare against
+    // SAFETY: this bench is single-threaded, and the child only calls the
+    // async-signal-safe _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: _exit never returns and touches no shared state.
+        unsafe { libc::_exit(0) };
+    }
+    assert!(pid > 0, "fork failed");
+    let mut status = 0;
+    // SAFETY: `status` is a valid out-pointer.
+    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(r, pid);
+    assert_eq!(status, 0);
+    t.elapsed().as_secs_f64() * 1e6
+}
+
+/// One `proc::spawn(|| ()).join()`, in µs.
+fn proc_spawn() -> f64 {
+    let t = Instant::now();
+    proc::spawn(|| ()).expect("spawn").join().expect("join");
+    t.elapsed().as_secs_f64() * 1e6
+}
+
+/// One `Process::new` + `start` + `join`, in µs.
+fn proc_process() -> f64 {
+    let t = Instant::now();
+    let mut p = proc::Process::new(|| ());
+    p.start().expect("start");
+    p.join().expect("join");
+    assert_eq!(p.exitcode(), Some(0));
+    t.elapsed().as_secs_f64() * 1e6
+}
+
+fn main() {
+    let n = if common::quick() { 20 } else { 200 };
+    let rounds = common::rounds();
+    println!("W1 spawn-join: N = {n}, {rounds} interleaved rounds");
+    // Warm up page tables and the allocator once.
+    for _ in 0..5 {
+        raw_fork();
+        proc_spawn();
+    }
+    let (mut raw, mut ours, mut obj, mut py) = (vec![], vec![], vec![], vec![]);
+    for round in 1..=rounds {
+        // Interleaved one start+join at a time, so that the machine's drift
+        // hits every system alike.
+        let (mut r, mut o, mut p) = (0.0, 0.0, 0.0);
+        for i in 0..n {
+            // Rotate the order too: whichever runs right after another
+            // system's child exits pays for that child's teardown.
+            for k in 0..3 {
+                match (i + k) % 3 {
+                    0 => r += raw_fork(),
+                    1 => o += proc_spawn(),
+                    _ => p += proc_process(),
+                }
+            }
+        }
+        raw.push(r / n as f64);
+        ours.push(o / n as f64);
+        obj.push(p / n as f64);
+        if let Some(us) = common::python("w1_spawn_join.py", &[n.to_string(), "fork".into()]) {
+            py.push(us);
+        }
+        println!(
+            "  round {round}: raw-fork {:.1} µs, proc {:.1} µs, proc-process {:.1} µs, python {} µs",
+            raw[round - 1],
+            ours[round - 1],
+            obj[round - 1],
+            py.last().map_or("-".to_owned(), |v| format!("{v:.1}"))
+        );
+    }
+    common::result("W1", "raw-fork", &raw, "us");
+    common::result("W1", "proc", &ours, "us");
+    common::result("W1", "proc-process", &obj, "us");
+    if !py.is_empty() {
+        common::result("W1", "python", &py, "us");
+    }
+    let (raw, ours) = (common::median(&raw), common::median(&ours));
+    println!("ratio proc / raw-fork: {:.2}x", ours / raw);
+    if !py.is_empty() {
+        println!(
+            "ratio python / proc: {:.1}x faster",
+            common::median(&py) / ours
+        );
+    }
+}

@@ -16,18 +16,34 @@ fn main() {
     common::run(&[
         ("returns_typed_value", 10, returns_typed_value),
         ("borrows_and_copies", 10, borrows_and_copies),
-        ("panic_comes_back_with_message_and_location", 10, panic_comes_back),
+        (
+            "panic_comes_back_with_message_and_location",
+            10,
+            panic_comes_back,
+        ),
         ("exit_codes_and_messages", 10, exit_codes_and_messages),
         ("signals", 10, signals),
         ("decode_mismatch_is_typed", 10, decode_mismatch_is_typed),
         ("encode_failure_is_typed", 10, encode_failure_is_typed),
         ("large_result", 20, large_result),
         ("threaded_parent_is_refused", 10, threaded_parent_is_refused),
-        ("stdin_is_dev_null_by_default", 10, stdin_is_dev_null_by_default),
+        (
+            "stdin_is_dev_null_by_default",
+            10,
+            stdin_is_dev_null_by_default,
+        ),
         ("identity_and_names", 10, identity_and_names),
-        ("active_children_and_cpu_count", 10, active_children_and_cpu_count),
+        (
+            "active_children_and_cpu_count",
+            10,
+            active_children_and_cpu_count,
+        ),
         ("waits_with_timeouts", 10, waits_with_timeouts),
-        ("stdout_flushed_and_no_parent_exit_handlers", 20, stdout_and_exit_handlers),
+        (
+            "stdout_flushed_and_no_parent_exit_handlers",
+            20,
+            stdout_and_exit_handlers,
+        ),
     ]);
 }
 
@@ -48,7 +64,14 @@ fn returns_typed_value() {
     let pid = child.pid();
     assert!(pid.as_u32() != std::process::id());
     let report = child.join().expect("join");
-    assert_eq!(report, Report { name: "sum".into(), values: vec![1, 2, 3, 4, 5], ratio: Some(0.5) });
+    assert_eq!(
+        report,
+        Report {
+            name: "sum".into(),
+            values: vec![1, 2, 3, 4, 5],
+            ratio: Some(0.5)
+        }
+    );
     let unit = proc::spawn(|| ()).expect("spawn");
     unit.join().expect("unit result");
 }
@@ -88,7 +111,10 @@ fn exit_codes_and_messages() {
     let child = proc::spawn(|| -> u8 { proc::exit(()) }).expect("spawn");
     let err = child.join().unwrap_err();
     assert!(matches!(err, JoinError::Exited { code: 0 }), "{err:?}");
-    assert_eq!(err.to_string(), "child process exited with status 0 before returning a value");
+    assert_eq!(
+        err.to_string(),
+        "child process exited with status 0 before returning a value"
+    );
     let child = proc::spawn(|| -> u8 { std::process::exit(3) }).expect("spawn");
     assert!(matches!(child.join(), Err(JoinError::Exited { code: 3 })));
 }
@@ -100,7 +126,10 @@ fn signals() {
         0
     })
     .expect("spawn");
-    assert!(matches!(child.join(), Err(JoinError::Signaled { signal: 9, .. })));
+    assert!(matches!(
+        child.join(),
+        Err(JoinError::Signaled { signal: 9, .. })
+    ));
 
     let mut child = proc::spawn(|| std::thread::sleep(Duration::from_secs(30))).expect("spawn");
     assert!(!child.is_finished());
@@ -108,11 +137,23 @@ fn signals() {
     let status = child.wait().expect("wait");
     assert!(!status.success());
     let err = child.join().unwrap_err();
-    assert!(matches!(err, JoinError::Signaled { signal: 9, core_dumped: false }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            JoinError::Signaled {
+                signal: 9,
+                core_dumped: false
+            }
+        ),
+        "{err:?}"
+    );
 
     let child = proc::spawn(|| std::thread::sleep(Duration::from_secs(30))).expect("spawn");
     child.terminate().expect("terminate");
-    assert!(matches!(child.join(), Err(JoinError::Signaled { signal: 15, .. })));
+    assert!(matches!(
+        child.join(),
+        Err(JoinError::Signaled { signal: 15, .. })
+    ));
 }
 
 /// A type that serializes fine but never deserializes, as when two
@@ -196,7 +237,9 @@ fn threaded_parent_is_refused() {
 }
 
 fn stdin_target() -> Option<String> {
-    std::fs::read_link("/proc/self/fd/0").ok().map(|p| p.display().to_string())
+    std::fs::read_link("/proc/self/fd/0")
+        .ok()
+        .map(|p| p.display().to_string())
 }
 
 fn stdin_is_dev_null_by_default() {
@@ -206,8 +249,14 @@ fn stdin_is_dev_null_by_default() {
         (stdin_target(), n)
     })
     .expect("spawn");
-    assert_eq!(child.join().expect("join"), (Some("/dev/null".to_owned()), 0));
-    let child = Builder::new().stdin(Stdin::Inherit).spawn(stdin_target).expect("spawn");
+    assert_eq!(
+        child.join().expect("join"),
+        (Some("/dev/null".to_owned()), 0)
+    );
+    let child = Builder::new()
+        .stdin(Stdin::Inherit)
+        .spawn(stdin_target)
+        .expect("spawn");
     assert_eq!(child.join().expect("join"), stdin_target());
 }
 
@@ -224,7 +273,13 @@ fn identity_and_names() {
             .expect("nested spawn")
             .join()
             .expect("nested join");
-        (me.name().to_owned(), parent.name().to_owned(), parent.pid(), proc::getppid(), grandchild)
+        (
+            me.name().to_owned(),
+            parent.name().to_owned(),
+            parent.pid(),
+            proc::getppid(),
+            grandchild,
+        )
     })
     .expect("spawn");
     let (name, parent_name, parent, ppid, grandchild) = child.join().expect("join");
@@ -237,7 +292,10 @@ fn identity_and_names() {
         let me = proc::current_process();
         (me.name().to_owned(), me.daemon())
     });
-    assert_eq!(named.expect("spawn").join().expect("join"), ("worker".to_owned(), true));
+    assert_eq!(
+        named.expect("spawn").join().expect("join"),
+        ("worker".to_owned(), true)
+    );
 }
 
 fn active_children_and_cpu_count() {
@@ -247,10 +305,15 @@ fn active_children_and_cpu_count() {
         .spawn(|| std::thread::sleep(Duration::from_millis(300)))
         .expect("spawn");
     let active = proc::active_children();
-    let entry = active.iter().find(|c| c.pid() == child.pid()).expect("listed");
+    let entry = active
+        .iter()
+        .find(|c| c.pid() == child.pid())
+        .expect("listed");
     assert_eq!(entry.name(), "sleeper");
     child.join().expect("join");
-    assert!(proc::active_children().iter().all(|c| c.name() != "sleeper"));
+    assert!(proc::active_children()
+        .iter()
+        .all(|c| c.name() != "sleeper"));
 }
 
 fn waits_with_timeouts() {
@@ -261,9 +324,19 @@ fn waits_with_timeouts() {
     .expect("spawn");
     assert!(child.try_wait().expect("try_wait").is_none());
     let t = Instant::now();
-    assert!(child.wait_timeout(Duration::from_millis(100)).expect("wait").is_none());
-    assert!(t.elapsed() >= Duration::from_millis(100), "woke early: {:?}", t.elapsed());
-    let status = child.wait_timeout(Duration::from_secs(5)).expect("wait").expect("ended");
+    assert!(child
+        .wait_timeout(Duration::from_millis(100))
+        .expect("wait")
+        .is_none());
+    assert!(
+        t.elapsed() >= Duration::from_millis(100),
+        "woke early: {:?}",
+        t.elapsed()
+    );
+    let status = child
+        .wait_timeout(Duration::from_secs(5))
+        .expect("wait")
+        .expect("ended");
     assert!(status.success());
     assert!(child.is_finished());
     assert_eq!(child.exit_status(), Some(status));
@@ -280,7 +353,10 @@ fn stdout_and_exit_handlers() {
     // The parent's unflushed "before " is printed once, not again by the
     // child; the child's unterminated line is flushed when it ends; the
     // parent's exit handler runs once, in the parent only.
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "before child after\nexit handler\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "before child after\nexit handler\n"
+    );
 }
 
 extern "C" fn exit_handler() {

@@ -50,7 +50,10 @@ pub fn run(tests: &[Test]) -> ! {
     if !failures.is_empty() {
         println!("failures: {}", failures.join(", "));
     }
-    println!("test result: {}. {passed} passed, {failed} failed", if failed == 0 { "ok" } else { "FAILED" });
+    println!(
+        "test result: {}. {passed} passed, {failed} failed",
+        if failed == 0 { "ok" } else { "FAILED" }
+    );
     let _ = std::io::stdout().flush();
     std::process::exit(i32::from(failed > 0))
 }
@@ -80,13 +83,23 @@ pub fn proc_state(pid: u32) -> Option<char> {
 /// The pids and states of this process's children, read from `/proc`.
 pub fn children_of(parent: u32) -> Vec<(u32, char)> {
     let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        let Some(close) = stat.rfind(')') else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
         let mut fields = stat[close + 1..].split_whitespace();
         let state = fields.next().and_then(|s| s.chars().next());
         let ppid = fields.next().and_then(|s| s.parse::<u32>().ok());

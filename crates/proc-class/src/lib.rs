@@ -104,8 +104,8 @@ pub trait ProcessClass {
     }
 
     /// Whether the child is running (Python's `is_alive()`).
-    fn is_alive(&mut self) -> bool {
-        self.process_mut().is_alive()
+    fn is_alive(&self) -> bool {
+        self.process().is_alive()
     }
 
     /// The child's pid; `None` before `start()`.
@@ -143,8 +143,8 @@ pub trait ProcessClass {
 
     /// The exit code: `None` while running, minus the signal number after a
     /// signal.
-    fn exitcode(&mut self) -> Option<i32> {
-        self.process_mut().exitcode()
+    fn exitcode(&self) -> Option<i32> {
+        self.process().exitcode()
     }
 
     /// Sends `SIGTERM`.

@@ -1,8 +1,11 @@
 //! Starting a child process: [`Builder`], [`spawn`], and what the child does
 //! between `fork` and `_exit`.
 
+use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::{Once, OnceLock};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -156,8 +159,13 @@ impl Builder {
         T: Serialize + DeserializeOwned,
     {
         children::init();
+        install_panic_hook();
         let Some(slot) = children::reserve() else {
             return Err((SpawnError::TooManyChildren, f));
+        };
+        let null = match (self.stdin, dev_null()) {
+            (Stdin::Null, Err(e)) => return Err((SpawnError::Stdin(e), f)),
+            (_, null) => null.ok(),
         };
         let result = match sys::memfd(c"proc-result") {
             Ok(fd) => fd,
@@ -173,6 +181,7 @@ impl Builder {
                 (name.unwrap_or(default_name), path)
             }
         };
+        children::name(slot, &name);
         // Unflushed output would otherwise be printed by both processes.
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
@@ -184,16 +193,16 @@ impl Builder {
             }
             Ok(Fork::Child) => {
                 let setup = ChildSetup {
+                    null,
                     name,
                     path,
                     daemon: self.daemon,
-                    stdin: self.stdin,
                     parent,
                 };
                 run_child(setup, &result, f)
             }
             Ok(Fork::Parent(pid)) => {
-                children::register(slot, pid, self.daemon, &name);
+                children::register(slot, pid, self.daemon);
                 Ok(JoinHandle::new(Pid::from_raw(pid), name, result, slot))
             }
         }
@@ -247,22 +256,53 @@ pub(crate) enum Outcome<T> {
 }
 
 struct ChildSetup {
+    /// `/dev/null`, opened in the parent, when stdin is `Stdin::Null`.
+    null: Option<&'static File>,
     name: String,
     path: Vec<u32>,
     daemon: bool,
-    stdin: Stdin,
     parent: libc::pid_t,
 }
 
-static PANIC_LOCATION: parking_lot::Mutex<Option<String>> = parking_lot::const_mutex(None);
+/// `/dev/null`, opened once (close-on-exec) so that a child only `dup2`s it.
+fn dev_null() -> std::io::Result<&'static File> {
+    static NULL: OnceLock<File> = OnceLock::new();
+    if let Some(null) = NULL.get() {
+        return Ok(null);
+    }
+    let file = File::open("/dev/null")?;
+    Ok(NULL.get_or_init(|| file))
+}
+
+/// Where the last panic happened, and in which process (a forked child
+/// inherits its parent's value; the pid tells them apart).
+static PANIC_LOCATION: parking_lot::Mutex<Option<(libc::pid_t, String)>> =
+    parking_lot::const_mutex(None);
+
+/// Installs (once per process) a panic hook that records where a panic
+/// happened, for [`JoinError::Panicked`](crate::JoinError::Panicked), and
+/// then calls the hook that was there before. Installed in the parent, so
+/// that a child does not pay for it; a hook the program sets later replaces
+/// it, and panics then come back without a location.
+fn install_panic_hook() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            if let (Some(loc), Some(mut slot)) = (info.location(), PANIC_LOCATION.try_lock()) {
+                *slot = Some((sys::getpid(), loc.to_string()));
+            }
+            previous(info);
+        }));
+    });
+}
 
 /// The child side: set up, run `f`, send its outcome, exit. Never returns.
-fn run_child<F, T>(setup: ChildSetup, result: &std::os::fd::OwnedFd, f: F) -> !
+fn run_child<F, T>(setup: ChildSetup, result: &File, f: F) -> !
 where
     F: FnOnce() -> T,
     T: Serialize,
 {
-    children::reset_in_child();
     if setup.daemon {
         // If the parent died between fork and prctl, the signal will never
         // come: the getppid re-check catches that window.
@@ -270,21 +310,34 @@ where
             sys::exit_now(1);
         }
     }
-    if setup.stdin == Stdin::Null && sys::stdin_from_dev_null().is_err() {
-        sys::exit_now(1);
+    if let Some(null) = setup.null {
+        if sys::stdin_from_dev_null(null).is_err() {
+            sys::exit_now(1);
+        }
     }
     current::enter_child(setup.name, setup.path, setup.daemon, setup.parent);
-    let previous_hook = panic::take_hook();
-    panic::set_hook(Box::new(move |info| {
-        if let Some(loc) = info.location() {
-            *PANIC_LOCATION.lock() = Some(loc.to_string());
-        }
-        previous_hook(info);
-    }));
-    let (bytes, code) = match panic::catch_unwind(AssertUnwindSafe(f)) {
-        Ok(value) => match postcard::to_stdvec(&Outcome::Value(value)) {
+    let mut small = [0u8; 256];
+    let large;
+    let (bytes, code): (&[u8], i32) = match panic::catch_unwind(AssertUnwindSafe(f)) {
+        // Most results fit the stack buffer: no allocation in the child.
+        Ok(value) => match postcard::to_slice(&Outcome::Value(&value), &mut small) {
             Ok(bytes) => (bytes, 0),
-            Err(e) => (encode_failure(&e.to_string()), 1),
+            Err(postcard::Error::SerializeBufferFull) => {
+                match postcard::to_stdvec(&Outcome::Value(&value)) {
+                    Ok(bytes) => {
+                        large = bytes;
+                        (&large, 0)
+                    }
+                    Err(e) => {
+                        large = encode_failure(&e.to_string());
+                        (&large, 1)
+                    }
+                }
+            }
+            Err(e) => {
+                large = encode_failure(&e.to_string());
+                (&large, 1)
+            }
         },
         Err(payload) => {
             let message = if let Some(s) = payload.downcast_ref::<&str>() {
@@ -294,17 +347,23 @@ where
             } else {
                 "Box<dyn Any>".to_owned()
             };
-            let location = PANIC_LOCATION.lock().take();
+            let me = sys::getpid();
+            let location = PANIC_LOCATION
+                .lock()
+                .take()
+                .filter(|(pid, _)| *pid == me)
+                .map(|(_, l)| l);
             // Dropping a panic payload can itself panic: keep it from unwinding.
             std::mem::forget(payload);
-            let outcome = Outcome::<T>::Panicked { message, location };
-            let bytes = postcard::to_stdvec(&outcome).unwrap_or_default();
-            (bytes, 1)
+            let outcome = Outcome::<()>::Panicked { message, location };
+            large = postcard::to_stdvec(&outcome).unwrap_or_default();
+            (&large, 1)
         }
     };
-    // A failed write leaves the parent with an exit status and no value,
-    // which it reports as such.
-    let _ = sys::write_all(result, &bytes);
+    // At offset 0 whatever the shared file offset says. A failed write
+    // leaves the parent with an exit status and no value, which it reports
+    // as such.
+    let _ = result.write_all_at(bytes, 0);
     current::finish_child(code)
 }
 

@@ -51,10 +51,13 @@ impl Slot {
 }
 
 static TABLE: [Slot; SLOTS] = [const { Slot::new() }; SLOTS];
-/// One past the highest slot ever reserved: the scans stop there.
+/// One past the highest slot ever reserved: the scans stop there. Slots are
+/// taken lowest first, so this stays near the most children alive at once.
 static HIGH: AtomicUsize = AtomicUsize::new(0);
-/// Where the next reservation starts looking.
-static HINT: AtomicUsize = AtomicUsize::new(0);
+/// The process this table describes. A forked child inherits its parent's
+/// table; it resets it only when it starts children of its own, so that a
+/// child that does not write nothing here (and copies no page of it).
+static OWNER: AtomicI32 = AtomicI32::new(0);
 /// Names of the children, by slot, for `active_children`.
 static NAMES: parking_lot::Mutex<Vec<Option<String>>> = parking_lot::const_mutex(Vec::new());
 
@@ -78,17 +81,20 @@ extern "C" fn at_exit() {
 
 /// Reserves a slot for a child about to be forked.
 pub(crate) fn reserve() -> Option<SlotId> {
+    let me = sys::getpid();
+    if OWNER.load(Ordering::Relaxed) != me {
+        reset_inherited();
+        OWNER.store(me, Ordering::Relaxed);
+    }
     sweep();
-    let start = HINT.load(Ordering::Relaxed) % SLOTS;
-    for k in 0..SLOTS {
-        let i = (start + k) % SLOTS;
+    for (i, slot) in TABLE.iter().enumerate() {
         // SYNC: Acquire pairs with the Release stores that free a slot.
-        if TABLE[i]
-            .state
-            .compare_exchange(FREE, RESERVED, Ordering::Acquire, Ordering::Relaxed)
-            .is_ok()
+        if slot.state.load(Ordering::Relaxed) == FREE
+            && slot
+                .state
+                .compare_exchange(FREE, RESERVED, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
         {
-            HINT.store(i + 1, Ordering::Relaxed);
             HIGH.fetch_max(i + 1, Ordering::AcqRel);
             return Some(SlotId(i));
         }
@@ -102,24 +108,35 @@ pub(crate) fn unreserve(slot: SlotId) {
     TABLE[slot.0].state.store(FREE, Ordering::Release);
 }
 
+/// Names the child about to be forked into `slot` (before the fork, so that
+/// the parent's heap writes are not copy-on-write faults afterwards).
+pub(crate) fn name(slot: SlotId, name: &str) {
+    let mut names = NAMES.lock();
+    if names.len() <= slot.0 {
+        names.resize(slot.0 + 1, None);
+    }
+    names[slot.0] = Some(name.to_owned());
+}
+
 /// Records the forked child in its slot; its handle now owns the reaping.
-pub(crate) fn register(slot: SlotId, pid: libc::pid_t, daemon: bool, name: &str) {
+pub(crate) fn register(slot: SlotId, pid: libc::pid_t, daemon: bool) {
     let s = &TABLE[slot.0];
     s.pid.store(pid, Ordering::Relaxed);
     s.daemon.store(daemon, Ordering::Relaxed);
-    {
-        let mut names = NAMES.lock();
-        if names.len() <= slot.0 {
-            names.resize(slot.0 + 1, None);
-        }
-        names[slot.0] = Some(name.to_owned());
-    }
     // SYNC: Release publishes pid and daemon to the reaper's Acquire loads.
     s.state.store(OWNED, Ordering::Release);
 }
 
+/// Whether this process's own children are in the table (false in a
+/// forked child that has not started any).
+fn owned() -> bool {
+    OWNER.load(Ordering::Relaxed) == sys::getpid()
+}
+
 /// The owning handle reaped its child: the slot is free again.
 pub(crate) fn release(slot: SlotId) {
+    let name = NAMES.lock().get_mut(slot.0).and_then(Option::take);
+    drop(name);
     // SYNC: pairs with the Acquire in reserve().
     TABLE[slot.0].state.store(FREE, Ordering::Release);
 }
@@ -147,8 +164,7 @@ fn try_reap(i: usize) {
             Ok(_) => {}
             Err(REAPING) => {
                 // Someone else is looking; tell them to look once more.
-                if s
-                    .state
+                if s.state
                     .compare_exchange(REAPING, REAPING_AGAIN, Ordering::AcqRel, Ordering::Relaxed)
                     .is_err()
                 {
@@ -166,10 +182,12 @@ fn try_reap(i: usize) {
                 return;
             }
             Ok(Reap::Running) => {
-                match s
-                    .state
-                    .compare_exchange(REAPING, DETACHED, Ordering::AcqRel, Ordering::Relaxed)
-                {
+                match s.state.compare_exchange(
+                    REAPING,
+                    DETACHED,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                ) {
                     Ok(_) => return,
                     Err(_) => {
                         // REAPING_AGAIN: the child may have exited meanwhile.
@@ -185,25 +203,25 @@ fn try_reap(i: usize) {
 fn sweep() {
     // SYNC: pairs with the fetch_max in reserve().
     let high = HIGH.load(Ordering::Acquire);
-    for i in 0..high {
-        let st = TABLE[i].state.load(Ordering::Relaxed);
+    for (i, slot) in TABLE[..high].iter().enumerate() {
+        let st = slot.state.load(Ordering::Relaxed);
         if st == DETACHED || st == REAPING {
             try_reap(i);
         }
     }
 }
 
-/// Forgets the parent's children in a freshly forked child: they are not
-/// this process's children.
-pub(crate) fn reset_in_child() {
+/// Forgets the parent's children in a forked child that is about to start
+/// children of its own: they are not this process's children.
+fn reset_inherited() {
     let high = HIGH.load(Ordering::Relaxed);
     for slot in &TABLE[..high] {
         slot.state.store(FREE, Ordering::Relaxed);
     }
     HIGH.store(0, Ordering::Relaxed);
-    HINT.store(0, Ordering::Relaxed);
-    // Single-threaded right after fork: nothing else holds the lock.
-    NAMES.lock().clear();
+    // The parent's names are left allocated, not freed: freeing them would
+    // write to (and so copy) heap pages the child shares with its parent.
+    std::mem::forget(std::mem::take(&mut *NAMES.lock()));
 }
 
 /// A live child: its pid, name and daemon flag.
@@ -215,6 +233,9 @@ pub(crate) struct LiveChild {
 
 /// The children that are still running; reaps detached ones that ended.
 pub(crate) fn live() -> Vec<LiveChild> {
+    if !owned() {
+        return Vec::new();
+    }
     sweep();
     let high = HIGH.load(Ordering::Acquire);
     let names = NAMES.lock();
@@ -239,6 +260,9 @@ pub(crate) fn live() -> Vec<LiveChild> {
 /// What Python does at exit: terminate the daemon children, then wait for
 /// every child (daemon or not) to end.
 pub(crate) fn finish_children() {
+    if !owned() {
+        return;
+    }
     let high = HIGH.load(Ordering::Acquire);
     for s in &TABLE[..high] {
         let st = s.state.load(Ordering::Acquire);
@@ -258,8 +282,7 @@ pub(crate) fn finish_children() {
                     break;
                 }
                 DETACHED => {
-                    if s
-                        .state
+                    if s.state
                         .compare_exchange(DETACHED, REAPING, Ordering::Acquire, Ordering::Relaxed)
                         .is_ok()
                     {

@@ -275,8 +275,8 @@ pub fn exit(info: impl Into<ExitInfo>) -> ! {
 /// Ends a child started by `proc`: flushes stdio, terminates its daemon
 /// children and joins the others, then `_exit`s.
 pub(crate) fn finish_child(code: i32) -> ! {
+    // stderr is unbuffered; stdout keeps a partial line until flushed.
     let _ = std::io::stdout().flush();
-    let _ = std::io::stderr().flush();
     children::finish_children();
     sys::exit_now(code)
 }

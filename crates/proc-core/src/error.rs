@@ -23,6 +23,9 @@ pub enum SpawnError {
     /// More children are alive at once than the child table holds.
     #[error("too many live children: join or drop some handles first")]
     TooManyChildren,
+    /// `/dev/null` could not be opened for the child's standard input.
+    #[error("failed to open /dev/null for the child's stdin")]
+    Stdin(#[source] io::Error),
     /// Creating the file that carries the result back failed.
     #[error("failed to create the result channel")]
     ResultChannel(#[source] io::Error),

@@ -1,8 +1,10 @@
 //! [`JoinHandle`]: waiting for a child and taking its result.
 
 use std::fmt;
+use std::fs::File;
 use std::marker::PhantomData;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
@@ -42,7 +44,7 @@ use crate::sys::{self, Reap};
 pub struct JoinHandle<T> {
     pid: Pid,
     name: String,
-    result: OwnedFd,
+    result: File,
     slot: SlotId,
     status: Option<Reaped>,
     pidfd: Option<OwnedFd>,
@@ -66,7 +68,7 @@ impl<T> fmt::Debug for JoinHandle<T> {
 }
 
 impl<T> JoinHandle<T> {
-    pub(crate) fn new(pid: Pid, name: String, result: OwnedFd, slot: SlotId) -> Self {
+    pub(crate) fn new(pid: Pid, name: String, result: File, slot: SlotId) -> Self {
         JoinHandle {
             pid,
             name,
@@ -100,6 +102,16 @@ impl<T> JoinHandle<T> {
     /// Does not reap it: [`join`](Self::join) still gets the result.
     pub fn is_finished(&self) -> bool {
         self.status.is_some() || matches!(sys::has_exited(self.pid.raw()), Ok(true))
+    }
+
+    /// The exit status if the child has ended, without reaping it (so that
+    /// `&self` suffices); `None` while it runs.
+    pub(crate) fn peek_status(&self) -> Option<ExitStatus> {
+        match self.status {
+            Some(Reaped::Status(s)) => Some(s),
+            Some(Reaped::Lost) => None,
+            None => sys::peek_exit(self.pid.raw()).ok().flatten(),
+        }
     }
 
     /// Reaps the child if it has ended, without blocking
@@ -163,7 +175,10 @@ impl<T> JoinHandle<T> {
     }
 
     /// Waits until `deadline` (`None`: forever); `Ok(None)` on timeout.
-    fn wait_deadline(&mut self, deadline: Option<Instant>) -> Result<Option<ExitStatus>, JoinError> {
+    fn wait_deadline(
+        &mut self,
+        deadline: Option<Instant>,
+    ) -> Result<Option<ExitStatus>, JoinError> {
         loop {
             if let Some(reaped) = self.status {
                 return match reaped {
@@ -225,9 +240,19 @@ impl<T: DeserializeOwned> JoinHandle<T> {
     /// failed.
     pub fn join(mut self) -> Result<T, JoinError> {
         let status = self.wait()?;
-        let bytes = sys::read_whole(&self.result).map_err(JoinError::Io)?;
+        let bytes = read_result(&self.result).map_err(JoinError::Io)?;
         decode_outcome(status, &bytes)
     }
+}
+
+/// Reads the child's whole result file (from offset 0: the file offset is
+/// shared with the child).
+fn read_result(file: &File) -> std::io::Result<Vec<u8>> {
+    let len = usize::try_from(file.metadata()?.len())
+        .map_err(|_| std::io::Error::other("result too large for this platform"))?;
+    let mut bytes = vec![0u8; len];
+    file.read_exact_at(&mut bytes, 0)?;
+    Ok(bytes)
 }
 
 /// Turns the child's exit status and result bytes into `join`'s answer.
@@ -245,7 +270,9 @@ fn decode_outcome<T: DeserializeOwned>(status: ExitStatus, bytes: &[u8]) -> Resu
     match postcard::from_bytes::<Outcome<T>>(bytes) {
         Ok(Outcome::Value(value)) if code == 0 => Ok(value),
         Ok(Outcome::Value(_)) => Err(JoinError::Exited { code }),
-        Ok(Outcome::Panicked { message, location }) => Err(JoinError::Panicked { message, location }),
+        Ok(Outcome::Panicked { message, location }) => {
+            Err(JoinError::Panicked { message, location })
+        }
         Ok(Outcome::EncodeFailed(message)) => Err(JoinError::Encode(message)),
         Err(e) => Err(JoinError::Decode(DecodeError(e.to_string()))),
     }

@@ -247,7 +247,10 @@ impl Process {
         self.join_inner(Some(timeout))
     }
 
-    fn join_inner(&mut self, timeout: Option<Duration>) -> Result<Option<ExitStatus>, ProcessError> {
+    fn join_inner(
+        &mut self,
+        timeout: Option<Duration>,
+    ) -> Result<Option<ExitStatus>, ProcessError> {
         if let Some(status) = self.status {
             return Ok(Some(status));
         }
@@ -276,12 +279,13 @@ impl Process {
     }
 
     /// Whether the child has been started and has not ended yet (Python's
-    /// `is_alive()`); reaps it if it has ended.
-    pub fn is_alive(&mut self) -> bool {
-        match self.state {
+    /// `is_alive()`). Looks without reaping: `join()` (or dropping the
+    /// object) reaps.
+    pub fn is_alive(&self) -> bool {
+        match &self.state {
             State::Created => false,
             State::Current => true,
-            State::Started(_) => matches!(self.join_inner(Some(Duration::ZERO)), Ok(None)),
+            State::Started(handle) => self.status.is_none() && !handle.is_finished(),
         }
     }
 
@@ -297,11 +301,12 @@ impl Process {
     /// The exit code: `None` while running (or before start), the status
     /// code after a normal exit, and minus the signal number after a
     /// signal, as in Python (`-9` after `kill()`).
-    pub fn exitcode(&mut self) -> Option<i32> {
-        if self.status.is_none() && matches!(self.state, State::Started(_)) {
-            let _ = self.join_inner(Some(Duration::ZERO));
-        }
-        let status = self.status?;
+    pub fn exitcode(&self) -> Option<i32> {
+        let status = match (&self.status, &self.state) {
+            (Some(status), _) => *status,
+            (None, State::Started(handle)) => handle.peek_status()?,
+            (None, _) => return None,
+        };
         status.code().or_else(|| status.signal().map(|s| -s))
     }
 

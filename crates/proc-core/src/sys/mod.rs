@@ -31,11 +31,29 @@ impl ForkPermit {
     ///
     /// A second thread could only be started by this very thread, which is
     /// busy forking, so the answer holds until the fork.
+    ///
+    /// A thread that was just joined has left user space for good, but the
+    /// kernel counts it until its task is released, which on a busy machine
+    /// can take milliseconds. Such a thread has already dropped its address
+    /// space (its `vsize` in `/proc/self/task/<tid>/stat` is 0) and can
+    /// never run user code again, so when the quick count says more than 1,
+    /// the threads are counted one by one, ignoring those, for up to 2 ms.
     pub(crate) fn single_threaded() -> Result<ForkPermit, ThreadCheck> {
         match thread_count() {
-            Ok(1) => Ok(ForkPermit(())),
-            Ok(threads) => Err(ThreadCheck::Threaded(threads)),
-            Err(e) => Err(ThreadCheck::Unknown(e)),
+            Ok(1) => return Ok(ForkPermit(())),
+            Ok(_) => {}
+            Err(e) => return Err(ThreadCheck::Unknown(e)),
+        }
+        let since = std::time::Instant::now();
+        loop {
+            match threads_with_memory() {
+                Ok(1) => return Ok(ForkPermit(())),
+                Ok(threads) if since.elapsed() > Duration::from_millis(2) => {
+                    return Err(ThreadCheck::Threaded(threads))
+                }
+                Ok(_) => std::thread::yield_now(),
+                Err(e) => return Err(ThreadCheck::Unknown(e)),
+            }
         }
     }
 
@@ -75,27 +93,78 @@ pub(crate) fn fork(permit: ForkPermit) -> io::Result<Fork> {
     }
 }
 
-/// The number of threads of this process, read from `/proc/self/stat`.
+/// `/proc/self/task`, opened once per process: `self` is resolved at open
+/// time, so a forked child (another pid) opens its own.
+static TASK_DIR: parking_lot::Mutex<Option<(libc::pid_t, std::fs::File)>> =
+    parking_lot::const_mutex(None);
+
+/// The number of threads of this process.
+///
+/// procfs gives the `task` directory a link count of 2 + the number of
+/// threads (`proc_task_getattr`), so one `fstat` answers; where that count
+/// looks wrong, field 20 of `/proc/self/stat` does (slower: it takes the
+/// task list lock).
 fn thread_count() -> io::Result<usize> {
+    use std::os::unix::fs::MetadataExt;
+    let me = getpid();
+    let mut guard = TASK_DIR.lock();
+    let dir = match &*guard {
+        Some((pid, dir)) if *pid == me => dir,
+        _ => {
+            &guard
+                .insert((me, std::fs::File::open("/proc/self/task")?))
+                .1
+        }
+    };
+    let links = dir.metadata()?.nlink();
+    if links >= 3 {
+        return Ok((links - 2) as usize);
+    }
     let stat = std::fs::read("/proc/self/stat")?;
+    parse_thread_count(&stat)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc/self/stat"))
+}
+
+/// The threads of this process that still have an address space (that can
+/// still run user code), counted one by one in `/proc/self/task`.
+fn threads_with_memory() -> io::Result<usize> {
+    let mut count = 0;
+    for entry in std::fs::read_dir("/proc/self/task")? {
+        let mut path = entry?.path();
+        path.push("stat");
+        // A thread that ended between the listing and the read is gone.
+        let Ok(stat) = std::fs::read(&path) else {
+            continue;
+        };
+        if stat_field(&stat, 23).is_some_and(|vsize| vsize != 0) {
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
+/// Field `n` (1-based, as in proc(5)) of a `/proc/<pid>/stat` line, for
+/// fields after the command name.
+fn stat_field(stat: &[u8], n: usize) -> Option<u64> {
     // The command name (field 2) is in parentheses and may hold spaces or
     // parentheses itself: fields are counted from the last ')'.
-    let close = stat
-        .iter()
-        .rposition(|&b| b == b')')
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc/self/stat"))?;
-    let rest = std::str::from_utf8(&stat[close + 1..])
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    // After the name come field 3 (state) .. ; num_threads is field 20.
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
+    // After the name come field 3 (state), 4, ...
     rest.split_ascii_whitespace()
-        .nth(20 - 3)
-        .and_then(|f| f.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc/self/stat"))
+        .nth(n.checked_sub(3)?)?
+        .parse()
+        .ok()
+}
+
+/// Field 20 (`num_threads`) of a `/proc/<pid>/stat` line.
+fn parse_thread_count(stat: &[u8]) -> Option<usize> {
+    stat_field(stat, 20).and_then(|n| usize::try_from(n).ok())
 }
 
 /// Creates an anonymous in-memory file (close-on-exec) that carries a
 /// child's result back to its parent.
-pub(crate) fn memfd(name: &CStr) -> io::Result<OwnedFd> {
+pub(crate) fn memfd(name: &CStr) -> io::Result<std::fs::File> {
     // SAFETY: `name` is a valid NUL-terminated string for the duration of
     // the call; the flags are valid for memfd_create.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
@@ -103,63 +172,7 @@ pub(crate) fn memfd(name: &CStr) -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: memfd_create returned a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Writes all of `bytes` to `fd` at its current offset, retrying on EINTR.
-pub(crate) fn write_all(fd: &OwnedFd, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        // SAFETY: `bytes` is a valid readable buffer of the given length and
-        // `fd` is an open descriptor borrowed for the call.
-        let n = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        bytes = &bytes[n as usize..];
-    }
-    Ok(())
-}
-
-/// Reads the whole content of a file descriptor from offset 0 with `pread`
-/// (the offset it shares with the child is left alone).
-pub(crate) fn read_whole(fd: &OwnedFd) -> io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut chunk = vec![0u8; 64 * 1024];
-    loop {
-        // SAFETY: `chunk` is a valid writable buffer of its length and `fd`
-        // is an open descriptor borrowed for the call.
-        let n = unsafe {
-            libc::pread(
-                fd.as_raw_fd(),
-                chunk.as_mut_ptr().cast(),
-                chunk.len(),
-                out.len() as libc::off_t,
-            )
-        };
-        match n {
-            0 => return Ok(out),
-            n if n < 0 => {
-                let err = io::Error::last_os_error();
-                if err.kind() != io::ErrorKind::Interrupted {
-                    return Err(err);
-                }
-            }
-            n => {
-                out.extend_from_slice(&chunk[..n as usize]);
-                if chunk.len() < 8 * 1024 * 1024 {
-                    let grown = chunk.len() * 2;
-                    chunk.resize(grown, 0);
-                }
-            }
-        }
-    }
+    Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
 fn status_from_raw(raw: libc::c_int) -> ExitStatus {
@@ -215,9 +228,10 @@ pub(crate) fn waitpid_blocking(pid: libc::pid_t) -> io::Result<Reap> {
     }
 }
 
-/// Whether the child `pid` has exited, without reaping it
-/// (`waitid(P_PID, WEXITED | WNOHANG | WNOWAIT)`).
-pub(crate) fn has_exited(pid: libc::pid_t) -> io::Result<bool> {
+/// The exit status of the child `pid` if it has exited, without reaping it
+/// (`waitid(P_PID, WEXITED | WNOHANG | WNOWAIT)`); `Ok(None)` while it
+/// runs. `Err` with `ECHILD` if there is no such child.
+pub(crate) fn peek_exit(pid: libc::pid_t) -> io::Result<Option<ExitStatus>> {
     loop {
         // SAFETY: an all-zero siginfo_t is a valid value of this plain C struct.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
@@ -230,16 +244,36 @@ pub(crate) fn has_exited(pid: libc::pid_t) -> io::Result<bool> {
                 libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
             )
         };
-        if r == 0 {
-            // SAFETY: waitid filled `info`; si_pid is 0 when no child changed state.
-            return Ok(unsafe { info.si_pid() } != 0);
+        if r != 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
         }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::ECHILD) => return Ok(true),
-            _ => return Err(err),
+        // SAFETY: waitid filled `info`; si_pid is 0 when no child changed state.
+        if unsafe { info.si_pid() } == 0 {
+            return Ok(None);
         }
+        // SAFETY: for a child that exited, si_status holds its exit code or
+        // the signal that ended it, as si_code says.
+        let value = unsafe { info.si_status() };
+        let raw = match info.si_code {
+            libc::CLD_EXITED => (value & 0xff) << 8,
+            libc::CLD_DUMPED => value | 0x80,
+            _ => value,
+        };
+        return Ok(Some(status_from_raw(raw)));
+    }
+}
+
+/// Whether the child `pid` has exited (or is no longer ours), without
+/// reaping it.
+pub(crate) fn has_exited(pid: libc::pid_t) -> io::Result<bool> {
+    match peek_exit(pid) {
+        Ok(status) => Ok(status.is_some()),
+        Err(e) if e.raw_os_error() == Some(libc::ECHILD) => Ok(true),
+        Err(e) => Err(e),
     }
 }
 
@@ -316,10 +350,9 @@ pub(crate) fn set_parent_death_signal(signal: libc::c_int) -> io::Result<()> {
     }
 }
 
-/// Points standard input at `/dev/null` (a child gets no terminal input,
-/// as in Python).
-pub(crate) fn stdin_from_dev_null() -> io::Result<()> {
-    let null = std::fs::File::open("/dev/null")?;
+/// Points standard input at `null`, an open `/dev/null` (a child gets no
+/// terminal input, as in Python).
+pub(crate) fn stdin_from_dev_null(null: &std::fs::File) -> io::Result<()> {
     // SAFETY: both descriptors are open; dup2 replaces fd 0 atomically.
     if unsafe { libc::dup2(null.as_raw_fd(), libc::STDIN_FILENO) } < 0 {
         return Err(io::Error::last_os_error());
@@ -422,4 +455,27 @@ pub(crate) fn install_sigchld_reaper(reap: fn()) -> io::Result<()> {
     }
     SIGCHLD_INSTALLED.store(true, Ordering::Relaxed);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_are_counted_after_the_last_paren() {
+        let line =
+            b"42 (a (weird) name) S 1 42 42 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 3 0 100 123456 7";
+        assert_eq!(stat_field(line, 4), Some(1));
+        assert_eq!(parse_thread_count(line), Some(3));
+        assert_eq!(stat_field(line, 23), Some(123456));
+        assert_eq!(stat_field(b"garbage", 20), None);
+        assert_eq!(stat_field(b"1 (x) S", 20), None);
+    }
+
+    #[test]
+    fn this_process_counts_its_threads() {
+        // libtest runs this on a thread of its own: at least 2.
+        assert!(thread_count().expect("thread count") >= 2);
+        assert!(threads_with_memory().expect("threads") >= 2);
+    }
 }

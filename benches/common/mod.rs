@@ -1,0 +1,81 @@
+//! Shared pieces of the bench-card targets: quick mode, medians, the
+//! `RESULT` output contract of `shared/bench/WORKLOADS.md`, and running the
+//! Python side by side.
+#![allow(dead_code)]
+
+use std::process::Command;
+
+/// Whether `PROC_BENCH_QUICK=1` asks for a smaller N and one round.
+pub fn quick() -> bool {
+    std::env::var("PROC_BENCH_QUICK").is_ok_and(|v| v == "1")
+}
+
+/// How many interleaved rounds to run (the median of them is reported).
+pub fn rounds() -> usize {
+    if quick() {
+        1
+    } else {
+        std::env::var("PROC_BENCH_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3)
+    }
+}
+
+/// The median of `xs` (the mean of the middle two for an even count).
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Prints the contract line `RESULT <workload> <system> <figure> <unit>`,
+/// plus the min–max over the rounds.
+pub fn result(workload: &str, system: &str, samples: &[f64], unit: &str) {
+    let min = samples.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    println!("RESULT {workload} {system} {:.2} {unit}", median(samples));
+    println!(
+        "  ({system}: {} rounds, min {min:.2}, max {max:.2})",
+        samples.len()
+    );
+}
+
+/// Runs `python3 benches/python/<script> <args>` and returns the figure it
+/// prints on its last line, or `None` (with a note) when python3 is absent
+/// or fails.
+pub fn python(script: &str, args: &[String]) -> Option<f64> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/python/");
+    let out = match Command::new("python3")
+        .arg(format!("{path}{script}"))
+        .args(args)
+        .output()
+    {
+        Ok(out) => out,
+        Err(_) => {
+            println!("  (python: python3 not found)");
+            return None;
+        }
+    };
+    if !out.status.success() {
+        println!(
+            "  (python: failed: {})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()?
+        .trim()
+        .parse()
+        .ok()
+}

@@ -1,0 +1,118 @@
+//! A guided tour of `proc`: each section of the seed (Python's
+//! multiprocessing summary) in turn, printing what happens.
+//!
+//! Run: `cargo run --release --example tour`
+
+use std::time::{Duration, Instant};
+
+use proc::{Process, ProcessClass};
+
+fn section(title: &str) {
+    println!("\n== {title} ==");
+}
+
+struct Greeter {
+    base: Process,
+    greeting: String,
+}
+
+impl ProcessClass for Greeter {
+    fn process(&self) -> &Process {
+        &self.base
+    }
+    fn process_mut(&mut self) -> &mut Process {
+        &mut self.base
+    }
+    fn run(&mut self) {
+        println!(
+            "  {} says {:?} from pid {}",
+            self.name(),
+            self.greeting,
+            proc::getpid()
+        );
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    section("1. creation flow: function -> Process -> attributes -> start -> join");
+    let mut p = Process::new(|| println!("  hello from the child, pid {}", proc::getpid()));
+    p.set_name("hello")?;
+    p.start()?;
+    p.join()?;
+    println!("  {} ended with exitcode {:?}", p.name(), p.exitcode());
+
+    section("2. every child has its own copy of memory, and no stdin");
+    let mut data = vec![1, 2, 3];
+    let child = proc::spawn(|| {
+        data.push(4);
+        data.len()
+    })?;
+    println!(
+        "  child saw {} items; parent still has {:?}",
+        child.join()?,
+        data
+    );
+
+    section("3. attributes: name, pid, is_alive, daemon");
+    let mut s = Process::new(|| std::thread::sleep(Duration::from_millis(200)));
+    println!(
+        "  before start: name={} pid={:?} alive={}",
+        s.name(),
+        s.pid(),
+        s.is_alive()
+    );
+    s.start()?;
+    println!("  running:      pid={:?} alive={}", s.pid(), s.is_alive());
+    s.join()?;
+    println!(
+        "  joined:       alive={} exitcode={:?}",
+        s.is_alive(),
+        s.exitcode()
+    );
+    println!(
+        "  set_daemon after start: {}",
+        s.set_daemon(true).unwrap_err()
+    );
+
+    section("4. functions: getpid, getppid, exit(info)");
+    let child = proc::spawn(|| (proc::getpid(), proc::getppid()))?;
+    let (pid, ppid) = child.join()?;
+    println!(
+        "  child pid {pid}, its parent {ppid} (this process is {})",
+        proc::getpid()
+    );
+    let mut e = Process::new(|| proc::exit("  (child printed this to stderr and exited with 1)"));
+    e.start()?;
+    e.join()?;
+    println!("  exitcode after exit(message): {:?}", e.exitcode());
+
+    section("5. process class: a struct with `run`");
+    let mut g = Greeter {
+        base: Process::default(),
+        greeting: "good morning".into(),
+    };
+    g.start()?;
+    g.join()?;
+    println!("  {} exitcode {:?}", g.name(), g.exitcode());
+
+    section("6. typed results and failures come back to the parent");
+    let ok = proc::spawn(|| (1..=10u64).sum::<u64>())?;
+    println!("  sum 1..=10 = {}", ok.join()?);
+    let bad = proc::spawn(|| -> u64 { panic!("division by zero") })?;
+    println!("  panicking child: {}", bad.join().unwrap_err());
+    let killed = proc::spawn(|| std::thread::sleep(Duration::from_secs(60)))?;
+    killed.kill()?;
+    println!("  killed child: {}", killed.join().unwrap_err());
+
+    section("7. start+join cost");
+    let n = 100;
+    let t = Instant::now();
+    for _ in 0..n {
+        proc::spawn(|| ())?.join()?;
+    }
+    println!(
+        "  {:.0} µs per start+join ({n} runs)",
+        t.elapsed().as_secs_f64() / n as f64 * 1e6
+    );
+    Ok(())
+}
