@@ -12,6 +12,10 @@
 //! | `p.terminate()`, `p.kill()` | [`Process::terminate`], [`Process::kill`] |
 //! | a target's return value (not in Python) | [`spawn`] → [`JoinHandle::join`] |
 //! | `class P(Process): def run(self)` | `impl` [`ProcessClass`] `for P` |
+//! | `Queue(maxsize)`, `put`, `get`, `put_nowait`, `get_nowait` | [`Queue::with_maxsize`], [`Queue::put`], [`Queue::get`], [`Queue::try_put`], [`Queue::try_get`] |
+//! | `q.put(x, timeout=t)`, `q.get(timeout=t)` | [`Queue::put_timeout`], [`Queue::get_timeout`] |
+//! | `qsize()`, `empty()`, `full()`, `close()` | [`Queue::qsize`], [`Queue::empty`], [`Queue::full`], [`Queue::close`] |
+//! | `JoinableQueue`, `SimpleQueue` | [`JoinableQueue`], [`SimpleQueue`] |
 //! | `os.getpid()`, `os.getppid()`, `sys.exit(info)` | [`getpid`], [`getppid`], [`exit`] |
 //! | `current_process()`, `parent_process()`, `active_children()`, `cpu_count()` | [`current_process`], [`parent_process`], [`active_children`], [`cpu_count`] |
 //!
@@ -33,9 +37,13 @@ pub use proc_core::{
     Builder, DecodeError, ExitInfo, JoinError, JoinHandle, Pid, Process, ProcessError, ProcessInfo,
     SpawnError, Stdin,
 };
+pub use proc_queue::{
+    GetError, JoinableQueue, PutError, Queue, QueueBuilder, QueueError, SimpleQueue,
+};
 
 /// The names most programs need: `use proc::prelude::*;`.
 pub mod prelude {
     pub use proc_class::ProcessClass;
     pub use proc_core::{spawn, Builder, JoinHandle, Process};
+    pub use proc_queue::{JoinableQueue, Queue, SimpleQueue};
 }

@@ -1,0 +1,715 @@
+//! [`Queue`], [`JoinableQueue`], [`SimpleQueue`]: Python's queues over the
+//! shared-memory ring.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::marker::PhantomData;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::{GetError, PutError, QueueError};
+use crate::protocol::{self, COUNT_MOD};
+use crate::ring::{Payload, PopError, PushError, Ring, MAX_CAPACITY, MIN_CAPACITY};
+use crate::shm::Segment;
+use crate::wait::{self, Waited};
+
+/// The ring size of `Queue::new()`: messages up to half of it travel as one
+/// record; larger ones stream through in fragments.
+pub const DEFAULT_CAPACITY: usize = 2 << 20;
+
+thread_local! {
+    /// Where `put` serializes an item before copying it into the ring.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; 256]);
+}
+
+/// Configures a queue: the message bound (Python's `maxsize`) and the ring's
+/// size in bytes.
+///
+/// # Examples
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let q = proc_queue::Queue::<u32>::builder().maxsize(10).capacity(64 * 1024).build()?;
+/// assert_eq!(q.maxsize(), Some(10));
+/// assert_eq!(q.capacity(), 64 * 1024);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct QueueBuilder<T> {
+    maxsize: usize,
+    capacity: usize,
+    _t: PhantomData<fn(T) -> T>,
+}
+
+impl<T: Serialize + DeserializeOwned> QueueBuilder<T> {
+    /// At most `n` messages at once (0: no bound, as Python's `maxsize <= 0`);
+    /// at most 2^24 - 1.
+    pub fn maxsize(mut self, n: usize) -> Self {
+        self.maxsize = n;
+        self
+    }
+
+    /// The ring's size in bytes, rounded up to a power of two between 4 KiB
+    /// and 128 MiB (default [`DEFAULT_CAPACITY`]).
+    pub fn capacity(mut self, bytes: usize) -> Self {
+        self.capacity = bytes;
+        self
+    }
+
+    /// Creates the queue.
+    ///
+    /// # Errors
+    ///
+    /// [`QueueError::InvalidSetting`] for a bound or size out of range,
+    /// [`QueueError::Io`] if the shared memory cannot be created.
+    pub fn build(self) -> Result<Queue<T>, QueueError> {
+        if self.maxsize >= COUNT_MOD as usize {
+            return Err(QueueError::InvalidSetting(format!(
+                "maxsize {} is above the limit {}",
+                self.maxsize,
+                COUNT_MOD - 1
+            )));
+        }
+        if self.capacity > MAX_CAPACITY {
+            return Err(QueueError::InvalidSetting(format!(
+                "capacity {} is above the limit {MAX_CAPACITY}",
+                self.capacity
+            )));
+        }
+        let capacity = self.capacity.max(MIN_CAPACITY).next_power_of_two();
+        let segment = Segment::create(capacity, self.maxsize as u64)?;
+        Ok(Queue {
+            ring: Arc::new(Ring::new(segment)),
+            _t: PhantomData,
+        })
+    }
+}
+
+/// A multi-producer, multi-consumer FIFO queue between processes (Python's
+/// `multiprocessing.Queue`), on a ring buffer in shared memory.
+///
+/// Create it before forking: parent and children then share it (it lives in
+/// a `memfd` mapped `MAP_SHARED`). Clone it freely; every clone, in every
+/// process and thread, is the same queue. Items are serialized with
+/// postcard; `Vec<u8>` payloads have a one-copy path in
+/// [`put_bytes`](Queue::put_bytes) / [`get_bytes`](Queue::get_bytes).
+///
+/// A process killed at any point inside `put` or `get` leaves the queue
+/// working for everyone else: a message whose put did not finish is never
+/// delivered, a message whose get did not finish is delivered to the next
+/// consumer (for messages up to half the ring; a larger message streams
+/// through, and if its consumer dies midway the rest of it is discarded and
+/// it counts as taken), and the counters stay exact.
+///
+/// # Examples
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use proc_queue::Queue;
+///
+/// let q = Queue::new()?;
+/// q.put("hello".to_owned())?;
+/// assert_eq!(q.qsize(), 1);
+/// assert_eq!(q.get()?, "hello");
+/// assert!(q.empty());
+/// # Ok(()) }
+/// ```
+pub struct Queue<T> {
+    ring: Arc<Ring>,
+    _t: PhantomData<fn(T) -> T>,
+}
+
+impl<T> Clone for Queue<T> {
+    fn clone(&self) -> Self {
+        Queue {
+            ring: Arc::clone(&self.ring),
+            _t: PhantomData,
+        }
+    }
+}
+
+impl<T> fmt::Debug for Queue<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Queue")
+            .field("qsize", &self.ring.len())
+            .field("maxsize", &self.ring.segment().maxsize())
+            .field("capacity", &self.ring.capacity())
+            .field("closed", &self.ring.is_closed())
+            .finish()
+    }
+}
+
+impl<T> AsRawFd for Queue<T> {
+    /// The shared segment's file descriptor (a `memfd`).
+    fn as_raw_fd(&self) -> RawFd {
+        self.ring.segment().raw_fd()
+    }
+}
+
+fn deadline_after(timeout: Duration) -> Option<Instant> {
+    // A timeout too large to represent is no timeout at all.
+    Instant::now().checked_add(timeout)
+}
+
+impl<T: Serialize + DeserializeOwned> Queue<T> {
+    /// A queue without a message bound and a ring of [`DEFAULT_CAPACITY`]
+    /// bytes (Python's `Queue()`).
+    ///
+    /// # Errors
+    ///
+    /// [`QueueError::Io`] if the shared memory cannot be created.
+    pub fn new() -> Result<Self, QueueError> {
+        Self::builder().build()
+    }
+
+    /// A queue holding at most `maxsize` messages (Python's
+    /// `Queue(maxsize)`; 0 means no bound).
+    ///
+    /// # Errors
+    ///
+    /// As [`QueueBuilder::build`].
+    pub fn with_maxsize(maxsize: usize) -> Result<Self, QueueError> {
+        Self::builder().maxsize(maxsize).build()
+    }
+
+    /// A builder for the message bound and the ring size.
+    pub fn builder() -> QueueBuilder<T> {
+        QueueBuilder {
+            maxsize: 0,
+            capacity: DEFAULT_CAPACITY,
+            _t: PhantomData,
+        }
+    }
+
+    /// Puts `item`, waiting while the queue is full (Python's
+    /// `put(item)`).
+    ///
+    /// # Errors
+    ///
+    /// [`PutError::Closed`] if the queue is closed, [`PutError::Failed`] if
+    /// the item does not serialize or the segment is broken; the item comes
+    /// back in each.
+    pub fn put(&self, item: T) -> Result<(), PutError<T>> {
+        self.put_deadline(item, None, false)
+    }
+
+    /// Puts `item`, waiting at most `timeout` for room (Python's
+    /// `put(item, timeout=t)`). Never gives up before `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`PutError::Timeout`] if the queue stayed full; otherwise as
+    /// [`put`](Queue::put).
+    pub fn put_timeout(&self, item: T, timeout: Duration) -> Result<(), PutError<T>> {
+        self.put_deadline(item, deadline_after(timeout), false)
+    }
+
+    /// Puts `item` only if there is room now (Python's `put_nowait`).
+    ///
+    /// # Errors
+    ///
+    /// [`PutError::Full`] if there is no room; otherwise as
+    /// [`put`](Queue::put).
+    #[doc(alias = "put_nowait")]
+    pub fn try_put(&self, item: T) -> Result<(), PutError<T>> {
+        self.put_deadline(item, Some(Instant::now()), true)
+    }
+
+    fn put_deadline(
+        &self,
+        item: T,
+        deadline: Option<Instant>,
+        nowait: bool,
+    ) -> Result<(), PutError<T>> {
+        let pushed = SCRATCH.with(|scratch| {
+            let mut buf = scratch.borrow_mut();
+            let len = loop {
+                match postcard::to_slice(&item, &mut buf[..]) {
+                    Ok(out) => break out.len(),
+                    Err(postcard::Error::SerializeBufferFull) => {
+                        let grown = buf.len() * 2;
+                        buf.resize(grown, 0);
+                    }
+                    Err(e) => return Err(PushError::Failed(QueueError::Encode(e.to_string()))),
+                }
+            };
+            self.ring.push(&[&buf[..len]], false, deadline)
+        });
+        match pushed {
+            Ok(()) => Ok(()),
+            Err(PushError::Full) if nowait => Err(PutError::Full(item)),
+            Err(PushError::Full) => Err(PutError::Timeout(item)),
+            Err(PushError::Closed) => Err(PutError::Closed(item)),
+            Err(PushError::Failed(e)) => Err(PutError::Failed(item, e)),
+        }
+    }
+
+    /// Takes the oldest item, waiting while the queue is empty (Python's
+    /// `get()`).
+    ///
+    /// # Errors
+    ///
+    /// [`GetError::Closed`] once the queue is closed and drained (instead
+    /// of waiting forever); [`GetError::Failed`] if the message does not
+    /// decode as `T` (it is consumed; the queue keeps working) or the
+    /// segment is broken.
+    pub fn get(&self) -> Result<T, GetError> {
+        self.get_deadline(None, false)
+    }
+
+    /// Takes the oldest item, waiting at most `timeout` (Python's
+    /// `get(timeout=t)`). Never gives up before `timeout`; may return later
+    /// when a message larger than half the ring is already streaming in.
+    ///
+    /// # Errors
+    ///
+    /// [`GetError::Timeout`] if nothing arrived; otherwise as
+    /// [`get`](Queue::get).
+    pub fn get_timeout(&self, timeout: Duration) -> Result<T, GetError> {
+        self.get_deadline(deadline_after(timeout), false)
+    }
+
+    /// Takes the oldest item if there is one now (Python's `get_nowait`).
+    ///
+    /// # Errors
+    ///
+    /// [`GetError::Empty`] if there is none; otherwise as
+    /// [`get`](Queue::get).
+    #[doc(alias = "get_nowait")]
+    pub fn try_get(&self) -> Result<T, GetError> {
+        self.get_deadline(Some(Instant::now()), true)
+    }
+
+    fn get_deadline(&self, deadline: Option<Instant>, nowait: bool) -> Result<T, GetError> {
+        let popped = self.ring.pop(deadline, |p: Payload<'_>| {
+            if p.raw {
+                // A byte string put with put_bytes: give postcard its length
+                // prefix back.
+                let mut bytes = Vec::with_capacity(p.bytes.len() + 10);
+                encode_varint(p.bytes.len() as u64, &mut bytes);
+                bytes.extend_from_slice(p.bytes);
+                postcard::from_bytes::<T>(&bytes)
+            } else {
+                postcard::from_bytes::<T>(p.bytes)
+            }
+        });
+        finish_get(popped, nowait)?.map_err(|e| GetError::Failed(QueueError::Decode(e.to_string())))
+    }
+}
+
+fn finish_get<R>(popped: Result<R, PopError>, nowait: bool) -> Result<R, GetError> {
+    match popped {
+        Ok(r) => Ok(r),
+        Err(PopError::Empty) if nowait => Err(GetError::Empty),
+        Err(PopError::Empty) => Err(GetError::Timeout),
+        Err(PopError::Closed) => Err(GetError::Closed),
+        Err(PopError::Failed(e)) => Err(GetError::Failed(e)),
+    }
+}
+
+impl<T> Queue<T> {
+    /// How many messages are in the queue now: completed puts minus
+    /// completed gets, exact at the instant it is read (Python's `qsize()`,
+    /// which raises `NotImplementedError` on macOS).
+    pub fn qsize(&self) -> usize {
+        self.ring.len()
+    }
+
+    /// Whether the queue holds no message now (Python's `empty()`).
+    pub fn empty(&self) -> bool {
+        self.qsize() == 0
+    }
+
+    /// Whether the queue holds `maxsize` messages now (Python's `full()`;
+    /// always false without a bound).
+    pub fn full(&self) -> bool {
+        match self.maxsize() {
+            Some(max) => self.qsize() >= max,
+            None => false,
+        }
+    }
+
+    /// The message bound, `None` when there is none.
+    pub fn maxsize(&self) -> Option<usize> {
+        match self.ring.segment().maxsize() {
+            0 => None,
+            n => Some(n as usize),
+        }
+    }
+
+    /// The ring's size in bytes.
+    pub fn capacity(&self) -> usize {
+        self.ring.capacity()
+    }
+
+    /// Closes the queue for every handle in every process: further puts
+    /// fail with `Closed`, blocked puts wake up with `Closed`, and consumers
+    /// take what is left, then get `Closed` instead of waiting forever.
+    pub fn close(&self) {
+        self.ring.close();
+    }
+
+    /// Whether [`close`](Queue::close) was called (through any handle).
+    pub fn is_closed(&self) -> bool {
+        self.ring.is_closed()
+    }
+
+    /// Puts a byte string with one copy into the ring, 16-byte aligned. It
+    /// arrives as a `Vec<u8>` from [`get_bytes`](Queue::get_bytes), or from
+    /// `get` on a `Queue<Vec<u8>>` (or `serde_bytes::ByteBuf`).
+    ///
+    /// # Errors
+    ///
+    /// As [`put`](Queue::put); the error carries `()`.
+    pub fn put_bytes(&self, bytes: &[u8]) -> Result<(), PutError<()>> {
+        self.put_bytes_deadline(bytes, None, false)
+    }
+
+    /// [`put_bytes`](Queue::put_bytes) waiting at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// As [`put_timeout`](Queue::put_timeout).
+    pub fn put_bytes_timeout(&self, bytes: &[u8], timeout: Duration) -> Result<(), PutError<()>> {
+        self.put_bytes_deadline(bytes, deadline_after(timeout), false)
+    }
+
+    /// [`put_bytes`](Queue::put_bytes) only if there is room now.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_put`](Queue::try_put).
+    pub fn try_put_bytes(&self, bytes: &[u8]) -> Result<(), PutError<()>> {
+        self.put_bytes_deadline(bytes, Some(Instant::now()), true)
+    }
+
+    fn put_bytes_deadline(
+        &self,
+        bytes: &[u8],
+        deadline: Option<Instant>,
+        nowait: bool,
+    ) -> Result<(), PutError<()>> {
+        // A 16-byte block ending with postcard's length prefix, so that the
+        // record is also a valid postcard `Vec<u8>` and the bytes start
+        // 16-byte aligned.
+        let mut prefix = Vec::with_capacity(10);
+        encode_varint(bytes.len() as u64, &mut prefix);
+        let mut block = [0u8; 16];
+        block[16 - prefix.len()..].copy_from_slice(&prefix);
+        match self.ring.push(&[&block, bytes], true, deadline) {
+            Ok(()) => Ok(()),
+            Err(PushError::Full) if nowait => Err(PutError::Full(())),
+            Err(PushError::Full) => Err(PutError::Timeout(())),
+            Err(PushError::Closed) => Err(PutError::Closed(())),
+            Err(PushError::Failed(e)) => Err(PutError::Failed((), e)),
+        }
+    }
+
+    /// Takes the oldest message as a byte string, with one copy out of the
+    /// ring (for messages put by [`put_bytes`](Queue::put_bytes), or any
+    /// postcard byte string such as a `Vec<u8>` item).
+    ///
+    /// # Errors
+    ///
+    /// As [`get`](Queue::get); a message that is not a byte string is a
+    /// [`QueueError::Decode`] failure.
+    pub fn get_bytes(&self) -> Result<Vec<u8>, GetError> {
+        self.get_bytes_deadline(None, false)
+    }
+
+    /// [`get_bytes`](Queue::get_bytes) waiting at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// As [`get_timeout`](Queue::get_timeout).
+    pub fn get_bytes_timeout(&self, timeout: Duration) -> Result<Vec<u8>, GetError> {
+        self.get_bytes_deadline(deadline_after(timeout), false)
+    }
+
+    /// [`get_bytes`](Queue::get_bytes) only if a message is there now.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_get`](Queue::try_get).
+    pub fn try_get_bytes(&self) -> Result<Vec<u8>, GetError> {
+        self.get_bytes_deadline(Some(Instant::now()), true)
+    }
+
+    fn get_bytes_deadline(
+        &self,
+        deadline: Option<Instant>,
+        nowait: bool,
+    ) -> Result<Vec<u8>, GetError> {
+        let popped = self.ring.pop(deadline, |p: Payload<'_>| {
+            if p.raw {
+                return Ok(p.bytes.to_vec());
+            }
+            match decode_varint(p.bytes) {
+                Some((len, used)) if p.bytes.len() - used == len as usize => {
+                    Ok(p.bytes[used..].to_vec())
+                }
+                _ => Err(QueueError::Decode("message is not a byte string".into())),
+            }
+        });
+        finish_get(popped, nowait)?.map_err(GetError::Failed)
+    }
+}
+
+fn encode_varint(mut v: u64, out: &mut Vec<u8>) {
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+fn decode_varint(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, &b) in bytes.iter().enumerate().take(10) {
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+/// A [`Queue`] whose consumers report each item done, so that producers can
+/// wait for all work to finish (Python's `JoinableQueue`).
+///
+/// # Examples
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let q = proc_queue::JoinableQueue::new()?;
+/// q.put(1u32)?;
+/// let worker = q.clone();
+/// let child = proc_core::spawn(move || {
+///     let item = worker.get().expect("item");
+///     worker.task_done().expect("task_done");
+///     item
+/// })?;
+/// q.join(); // returns once the child called task_done
+/// assert_eq!(child.join()?, 1);
+/// assert!(q.task_done().is_err()); // one too many
+/// # Ok(()) }
+/// ```
+pub struct JoinableQueue<T> {
+    queue: Queue<T>,
+}
+
+impl<T> Clone for JoinableQueue<T> {
+    fn clone(&self) -> Self {
+        JoinableQueue {
+            queue: self.queue.clone(),
+        }
+    }
+}
+
+impl<T> fmt::Debug for JoinableQueue<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JoinableQueue")
+            .field("queue", &self.queue)
+            .field("unfinished_tasks", &self.unfinished_tasks())
+            .finish()
+    }
+}
+
+impl<T> std::ops::Deref for JoinableQueue<T> {
+    type Target = Queue<T>;
+
+    /// Every `Queue` method (`put`, `get`, `qsize`, `close`, …).
+    fn deref(&self) -> &Queue<T> {
+        &self.queue
+    }
+}
+
+impl<T: Serialize + DeserializeOwned> JoinableQueue<T> {
+    /// An unbounded joinable queue (Python's `JoinableQueue()`).
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::new`].
+    pub fn new() -> Result<Self, QueueError> {
+        Ok(JoinableQueue {
+            queue: Queue::new()?,
+        })
+    }
+
+    /// A joinable queue over a queue built with [`Queue::builder`]. The
+    /// queue must be fresh (nothing put yet): every put counts as a task.
+    pub fn from_queue(queue: Queue<T>) -> Self {
+        JoinableQueue { queue }
+    }
+}
+
+impl<T> JoinableQueue<T> {
+    /// Items put and not yet marked done.
+    pub fn unfinished_tasks(&self) -> usize {
+        let done = self
+            .queue
+            .ring
+            .segment()
+            .header()
+            .signals
+            .0
+            .done
+            .load(Ordering::Acquire);
+        protocol::count_distance(self.queue.ring.puts(), done) as usize
+    }
+
+    /// Marks one item taken with `get` as processed (Python's
+    /// `task_done()`).
+    ///
+    /// # Errors
+    ///
+    /// [`QueueError::TaskDoneTooManyTimes`] if every item put is already
+    /// done (Python's `ValueError`).
+    pub fn task_done(&self) -> Result<(), QueueError> {
+        let done = &self.queue.ring.segment().header().signals.0.done;
+        let mut current = done.load(Ordering::Acquire);
+        loop {
+            let puts = self.queue.ring.puts();
+            if protocol::count_distance(puts, current) == 0 {
+                return Err(QueueError::TaskDoneTooManyTimes);
+            }
+            let next = (current + 1) % COUNT_MOD;
+            // SYNC: AcqRel pairs with join()'s Acquire load of `done`.
+            match done.compare_exchange(current, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    if protocol::count_distance(self.queue.ring.puts(), next) == 0 {
+                        wait::notify(&self.queue.ring.join_signal());
+                    }
+                    return Ok(());
+                }
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Waits until every item put has been marked done (Python's `join()`).
+    pub fn join(&self) {
+        let _ = self.join_deadline(None);
+    }
+
+    /// Waits at most `timeout` for every item to be done; whether they were.
+    pub fn join_timeout(&self, timeout: Duration) -> bool {
+        self.join_deadline(deadline_after(timeout))
+    }
+
+    fn join_deadline(&self, deadline: Option<Instant>) -> bool {
+        wait::wait_for(&self.queue.ring.join_signal(), deadline, None, || {
+            self.unfinished_tasks() == 0
+        }) == Waited::Ready
+    }
+}
+
+/// The plain queue of Python's `SimpleQueue`: `put`, `get`, `empty`,
+/// `close`, no bound and no timeouts.
+///
+/// # Examples
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let q = proc_queue::SimpleQueue::new()?;
+/// q.put(vec![1, 2, 3])?;
+/// assert!(!q.empty());
+/// assert_eq!(q.get()?, vec![1, 2, 3]);
+/// # Ok(()) }
+/// ```
+pub struct SimpleQueue<T> {
+    queue: Queue<T>,
+}
+
+impl<T> Clone for SimpleQueue<T> {
+    fn clone(&self) -> Self {
+        SimpleQueue {
+            queue: self.queue.clone(),
+        }
+    }
+}
+
+impl<T> fmt::Debug for SimpleQueue<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimpleQueue")
+            .field("queue", &self.queue)
+            .finish()
+    }
+}
+
+impl<T: Serialize + DeserializeOwned> SimpleQueue<T> {
+    /// A new, empty queue.
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::new`].
+    pub fn new() -> Result<Self, QueueError> {
+        Ok(SimpleQueue {
+            queue: Queue::new()?,
+        })
+    }
+
+    /// Puts `item`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::put`].
+    pub fn put(&self, item: T) -> Result<(), PutError<T>> {
+        self.queue.put(item)
+    }
+
+    /// Takes the oldest item, waiting while there is none.
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::get`].
+    pub fn get(&self) -> Result<T, GetError> {
+        self.queue.get()
+    }
+
+    /// Whether the queue is empty now.
+    pub fn empty(&self) -> bool {
+        self.queue.empty()
+    }
+
+    /// Closes the queue (see [`Queue::close`]).
+    pub fn close(&self) {
+        self.queue.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varints_round_trip() {
+        for v in [
+            0u64,
+            1,
+            127,
+            128,
+            300,
+            65_536,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
+            let mut out = Vec::new();
+            encode_varint(v, &mut out);
+            assert_eq!(decode_varint(&out), Some((v, out.len())));
+            // postcard agrees.
+            assert_eq!(postcard::to_stdvec(&v).expect("postcard"), out);
+        }
+        assert_eq!(decode_varint(&[0x80; 11]), None);
+    }
+}

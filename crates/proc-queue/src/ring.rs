@@ -1,0 +1,600 @@
+//! The ring: variable-size records in the shared segment, written by one
+//! producer at a time and read by one consumer at a time (each side holds
+//! its robust mutex), committed with the position words of `protocol`.
+//!
+//! A record is a 16-byte header and its payload, padded to 16 bytes, so
+//! every payload starts 16-byte aligned (glibc's memcpy is ~15x slower when
+//! source and destination differ by 1–15 bytes modulo 4096):
+//!
+//! ```text
+//! len: u32 | flags: u8 | 0: u8 | 0: u16 | seq: u32 | check: u32 | payload…
+//! ```
+//!
+//! `PAD` fills the end of the ring when a record does not fit there. A
+//! message up to half the ring is one record (`FIRST | LAST`); a larger one
+//! streams through as fragments (`FIRST`, …, `LAST`), the first starting
+//! with a 16-byte block holding the total length. Positions and message
+//! counts only move at commits, so a process killed anywhere leaves nothing
+//! half-visible: an uncommitted record is overwritten later, a record a
+//! consumer was reading stays for the next consumer.
+
+use std::time::{Duration, Instant};
+
+use crate::error::QueueError;
+use crate::protocol::{self, Signal, COUNT_MOD};
+use crate::shm::{Guard, LockError, Segment};
+use crate::wait::{self, Waited};
+
+const HDR: usize = 16;
+const FIRST: u8 = 1;
+const LAST: u8 = 2;
+const PAD: u8 = 4;
+/// The payload starts with a 16-byte block whose last bytes are a postcard
+/// length prefix: the bytes after it are a raw byte string, 16-aligned.
+pub(crate) const RAW: u8 = 8;
+const KNOWN_FLAGS: u8 = FIRST | LAST | PAD | RAW;
+
+/// The largest ring: message counts are kept modulo 2^24, and a ring must
+/// never hold that many records (the smallest record is 16 bytes).
+pub(crate) const MAX_CAPACITY: usize = 128 << 20;
+/// The smallest ring.
+pub(crate) const MIN_CAPACITY: usize = 4096;
+
+/// How often a consumer waiting for the rest of a streamed message checks
+/// that its producer is still alive.
+const LIVENESS_SLICE: Duration = Duration::from_millis(20);
+
+fn round16(n: usize) -> usize {
+    (n + 15) & !15
+}
+
+fn check_word(len: u32, flags: u8, seq: u32) -> u32 {
+    (len ^ (u32::from(flags) << 24) ^ seq.rotate_left(7)).wrapping_mul(0x9E37_79B1) ^ 0x5EED_C0DE
+}
+
+/// A record header as read from the ring (validated).
+#[derive(Debug, Clone, Copy)]
+struct Record {
+    len: usize,
+    flags: u8,
+    seq: u32,
+}
+
+/// Why a push did not happen.
+pub(crate) enum PushError {
+    /// No room (or the message bound is reached) and the deadline passed.
+    Full,
+    /// The queue is closed.
+    Closed,
+    /// The segment is broken.
+    Failed(QueueError),
+}
+
+/// Why a pop did not happen.
+pub(crate) enum PopError {
+    /// Nothing arrived before the deadline.
+    Empty,
+    /// The queue is closed and drained.
+    Closed,
+    /// The segment is broken.
+    Failed(QueueError),
+}
+
+/// A message's payload handed to the consumer's decoder: contiguous bytes
+/// (in the ring, or reassembled). For a raw message, `bytes` is the byte
+/// string itself (its prefix block already skipped); otherwise postcard.
+pub(crate) struct Payload<'a> {
+    pub(crate) bytes: &'a [u8],
+    pub(crate) raw: bool,
+}
+
+/// The ring over one segment.
+pub(crate) struct Ring {
+    seg: Segment,
+    cap: usize,
+    /// Largest message written as one record.
+    max_single: usize,
+    /// Largest fragment payload of a streamed message.
+    max_fragment: usize,
+}
+
+impl Ring {
+    pub(crate) fn new(seg: Segment) -> Ring {
+        let cap = seg.capacity();
+        Ring {
+            seg,
+            cap,
+            max_single: cap / 2 - HDR,
+            max_fragment: cap / 4,
+        }
+    }
+
+    pub(crate) fn segment(&self) -> &Segment {
+        &self.seg
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    fn data_signal(&self) -> Signal<'_> {
+        let s = &self.seg.header().signals.0;
+        Signal {
+            seq: &s.data_seq,
+            waiters: &s.data_waiters,
+        }
+    }
+
+    fn space_signal(&self) -> Signal<'_> {
+        let s = &self.seg.header().signals.0;
+        Signal {
+            seq: &s.space_seq,
+            waiters: &s.space_waiters,
+        }
+    }
+
+    pub(crate) fn join_signal(&self) -> Signal<'_> {
+        let s = &self.seg.header().signals.0;
+        Signal {
+            seq: &s.join_seq,
+            waiters: &s.join_waiters,
+        }
+    }
+
+    /// Whether `close()` was called on any handle.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.seg
+            .header()
+            .signals
+            .0
+            .closed
+            .load(std::sync::atomic::Ordering::Acquire)
+            != 0
+    }
+
+    /// Closes the queue and wakes every waiter.
+    pub(crate) fn close(&self) {
+        let s = &self.seg.header().signals.0;
+        s.closed.store(1, std::sync::atomic::Ordering::Release);
+        // Wake unconditionally: the waiters re-check `closed`.
+        for sig in [&s.data_seq, &s.space_seq] {
+            sig.fetch_add(1, std::sync::atomic::Ordering::Release);
+            crate::shm::futex_wake_all(sig);
+        }
+    }
+
+    /// Messages in the queue now: completed puts minus completed gets.
+    pub(crate) fn len(&self) -> usize {
+        let h = self.seg.header();
+        let head = protocol::observe(&h.consumer.0.head);
+        let tail = protocol::observe(&h.producer.0.tail);
+        protocol::count_distance(protocol::count(tail), protocol::count(head)) as usize
+    }
+
+    /// Completed puts so far (modulo 2^24).
+    pub(crate) fn puts(&self) -> u32 {
+        protocol::count(protocol::observe(&self.seg.header().producer.0.tail))
+    }
+
+    fn lock_err(e: LockError) -> QueueError {
+        match e {
+            LockError::Broken(e) => QueueError::Corrupted(format!("queue lock unusable: {e}")),
+            LockError::Busy => QueueError::Corrupted("queue lock busy".into()),
+        }
+    }
+
+    // ----- producer side -----
+
+    /// Writes one message made of `parts` (concatenated). `raw` marks a
+    /// payload whose first part is the 16-byte raw prefix block.
+    pub(crate) fn push(
+        &self,
+        parts: &[&[u8]],
+        raw: bool,
+        deadline: Option<Instant>,
+    ) -> Result<(), PushError> {
+        let h = self.seg.header();
+        let _guard: Guard<'_> = match h.producer_lock.lock(deadline) {
+            Ok(g) => g,
+            Err(LockError::Busy) => return Err(PushError::Full),
+            Err(e) => return Err(PushError::Failed(Self::lock_err(e))),
+        };
+        if self.is_closed() {
+            return Err(PushError::Closed);
+        }
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let maxsize = self.seg.maxsize();
+        // The message bound: wait while the queue holds `maxsize` messages.
+        if maxsize > 0 {
+            let waited = wait::wait_for(&self.space_signal(), deadline, None, || {
+                self.len() < maxsize as usize || self.is_closed()
+            });
+            if self.is_closed() {
+                return Err(PushError::Closed);
+            }
+            if waited == Waited::TimedOut {
+                return Err(PushError::Full);
+            }
+        }
+        let raw_flag = if raw { RAW } else { 0 };
+        if total <= self.max_single {
+            let mut w = Writer::new(parts);
+            self.write_record(true, FIRST | LAST | raw_flag, total, &mut w, true, deadline)
+        } else {
+            // Stream: a 16-byte total block, then the parts, in fragments.
+            let mut total_block = [0u8; 16];
+            total_block[..8].copy_from_slice(&(total as u64).to_le_bytes());
+            let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
+            all.push(&total_block);
+            all.extend_from_slice(parts);
+            let mut w = Writer::new(&all);
+            let mut remaining = total + 16;
+            let mut first = true;
+            while remaining > 0 {
+                let n = remaining.min(self.max_fragment);
+                remaining -= n;
+                let mut flags = raw_flag;
+                if first {
+                    flags |= FIRST;
+                }
+                if remaining == 0 {
+                    flags |= LAST;
+                }
+                // Only the wait for the first fragment may time out: once a
+                // fragment is published the message must be finished.
+                let dl = if first { deadline } else { None };
+                self.write_record(first, flags, n, &mut w, remaining == 0, dl)?;
+                first = false;
+            }
+            Ok(())
+        }
+    }
+
+    /// Waits for room, then writes and commits one record of `len` payload
+    /// bytes taken from `w`. `completes` says whether it ends a message.
+    fn write_record(
+        &self,
+        first: bool,
+        flags: u8,
+        len: usize,
+        w: &mut Writer<'_>,
+        completes: bool,
+        deadline: Option<Instant>,
+    ) -> Result<(), PushError> {
+        let h = self.seg.header();
+        let prod = &h.producer.0;
+        let rec = HDR + round16(len);
+        loop {
+            let tail_word = prod.tail.load(std::sync::atomic::Ordering::Relaxed);
+            let tail = protocol::pos(tail_word);
+            let off = (tail as usize) & (self.cap - 1);
+            let room_to_end = self.cap - off;
+            let need = if rec > room_to_end { room_to_end } else { rec };
+            if !self.wait_room(tail, need, deadline, first)? {
+                return Err(PushError::Full);
+            }
+            if rec > room_to_end {
+                // Fill the end of the ring with a PAD record and wrap.
+                self.write_header(off, (room_to_end - HDR) as u32, PAD, 0);
+                protocol::commit(
+                    &prod.tail,
+                    protocol::pack(tail + room_to_end as u64, protocol::count(tail_word)),
+                );
+                wait::notify(&self.data_signal());
+                continue;
+            }
+            let seq = protocol::count(tail_word);
+            self.write_header(off, len as u32, flags, seq);
+            w.copy_into(&self.seg, off + HDR, len);
+            let count = protocol::count(tail_word) + u32::from(completes);
+            protocol::commit(
+                &prod.tail,
+                protocol::pack(tail + rec as u64, count % COUNT_MOD),
+            );
+            wait::notify(&self.data_signal());
+            return Ok(());
+        }
+    }
+
+    /// Waits until `need` bytes after `tail` are free; false on timeout.
+    /// Before a message's first record is out (`first`), a close ends the
+    /// wait with `Closed`; afterwards the message is finished regardless.
+    fn wait_room(
+        &self,
+        tail: u64,
+        need: usize,
+        deadline: Option<Instant>,
+        first: bool,
+    ) -> Result<bool, PushError> {
+        let h = self.seg.header();
+        let prod = &h.producer.0;
+        let free = |head: u64| -> Result<usize, PushError> {
+            let used = protocol::distance(tail, head) as usize;
+            if used > self.cap {
+                return Err(PushError::Failed(QueueError::Corrupted(format!(
+                    "ring positions out of range (tail {tail}, head {head})"
+                ))));
+            }
+            Ok(self.cap - used)
+        };
+        let cached = prod.cached_head.load(std::sync::atomic::Ordering::Relaxed);
+        if free(cached)? >= need {
+            return Ok(true);
+        }
+        let mut error = None;
+        let waited = wait::wait_for(&self.space_signal(), deadline, None, || {
+            if first && self.is_closed() {
+                error = Some(PushError::Closed);
+                return true;
+            }
+            let head = protocol::pos(protocol::observe(&h.consumer.0.head));
+            match free(head) {
+                Ok(f) if f >= need => {
+                    prod.cached_head
+                        .store(head, std::sync::atomic::Ordering::Relaxed);
+                    true
+                }
+                Ok(_) => false,
+                Err(e) => {
+                    error = Some(e);
+                    true
+                }
+            }
+        });
+        if let Some(e) = error {
+            return Err(e);
+        }
+        Ok(waited == Waited::Ready)
+    }
+
+    fn write_header(&self, off: usize, len: u32, flags: u8, seq: u32) {
+        let a = u64::from(len) | (u64::from(flags) << 32);
+        let b = u64::from(seq) | (u64::from(check_word(len, flags, seq)) << 32);
+        self.seg.write_u64(off, a);
+        self.seg.write_u64(off + 8, b);
+    }
+
+    // ----- consumer side -----
+
+    fn read_header(&self, off: usize, available: usize) -> Result<Record, QueueError> {
+        let a = self.seg.read_u64(off);
+        let b = self.seg.read_u64(off + 8);
+        let len = a as u32;
+        let flags = (a >> 32) as u8;
+        let seq = b as u32;
+        let corrupt =
+            |what: &str| QueueError::Corrupted(format!("record at ring offset {off}: {what}"));
+        if (a >> 40) != 0 || (b >> 32) as u32 != check_word(len, flags, seq) {
+            return Err(corrupt("header checksum mismatch"));
+        }
+        if flags & !KNOWN_FLAGS != 0 {
+            return Err(corrupt("unknown flags"));
+        }
+        let len = len as usize;
+        let rec = HDR + round16(len);
+        if rec > self.cap - off || rec > available {
+            return Err(corrupt("length runs past the published data"));
+        }
+        Ok(Record { len, flags, seq })
+    }
+
+    /// Reads one message and hands its payload to `decode`; the message is
+    /// retired only after `decode` returns (a consumer killed inside leaves
+    /// it for the next one).
+    pub(crate) fn pop<R>(
+        &self,
+        deadline: Option<Instant>,
+        mut decode: impl FnMut(Payload<'_>) -> R,
+    ) -> Result<R, PopError> {
+        let h = self.seg.header();
+        let _guard = match h.consumer_lock.lock(deadline) {
+            Ok(g) => g,
+            Err(LockError::Busy) => return Err(PopError::Empty),
+            Err(e) => return Err(PopError::Failed(Self::lock_err(e))),
+        };
+        let cons = &h.consumer.0;
+        // A streamed message being put together: (seq, bytes, total).
+        let mut assembly: Option<(u32, Vec<u8>, usize, bool)> = None;
+        loop {
+            let head_word = cons.head.load(std::sync::atomic::Ordering::Relaxed);
+            let head = protocol::pos(head_word);
+            let hcount = protocol::count(head_word);
+            let available = match self.available(head) {
+                Ok(a) => a,
+                Err(e) => return Err(PopError::Failed(e)),
+            };
+            if available == 0 {
+                if assembly.is_some() {
+                    // The rest of a streamed message: wait (no deadline, the
+                    // message is half taken), checking its producer lives.
+                    if self.wait_data(head, None, Some(LIVENESS_SLICE), false) == Waited::TimedOut
+                        && self.producer_gone(head)
+                    {
+                        // Its producer died mid-message: drop the part.
+                        assembly = None;
+                    }
+                    continue;
+                }
+                if self.is_closed() && self.available(head).unwrap_or(0) == 0 {
+                    return Err(PopError::Closed);
+                }
+                if self.wait_data(head, deadline, None, true) == Waited::TimedOut {
+                    return Err(PopError::Empty);
+                }
+                continue;
+            }
+            let off = (head as usize) & (self.cap - 1);
+            let r = self.read_header(off, available).map_err(PopError::Failed)?;
+            let rec = HDR + round16(r.len);
+            let next = head + rec as u64;
+            let retire = |count: u32| {
+                protocol::commit(&cons.head, protocol::pack(next, count % COUNT_MOD));
+                wait::notify(&self.space_signal());
+            };
+            if r.flags & PAD != 0 {
+                retire(hcount);
+                continue;
+            }
+            let payload = self.seg.bytes(off + HDR, r.len);
+            match (r.flags & FIRST != 0, r.flags & LAST != 0) {
+                (true, true) => {
+                    // The common case: decode straight from the ring.
+                    let raw = r.flags & RAW != 0;
+                    let bytes = if raw {
+                        payload.get(16..).ok_or_else(|| {
+                            PopError::Failed(QueueError::Corrupted(
+                                "raw message without its prefix block".into(),
+                            ))
+                        })?
+                    } else {
+                        payload
+                    };
+                    let out = decode(Payload { bytes, raw });
+                    retire(hcount + 1);
+                    return Ok(out);
+                }
+                (true, false) => {
+                    // A streamed message starts (any earlier part was
+                    // abandoned by a dead producer).
+                    // Payload: [total: u64, 8 zero bytes], then for a raw
+                    // message its 16-byte prefix block, then the bytes.
+                    let raw = r.flags & RAW != 0;
+                    let skip = if raw { 32 } else { 16 };
+                    let corrupt =
+                        |what: &str| PopError::Failed(QueueError::Corrupted(what.to_owned()));
+                    if r.len < skip {
+                        return Err(corrupt("streamed message without its length block"));
+                    }
+                    let mut total_bytes = [0u8; 8];
+                    total_bytes.copy_from_slice(&payload[..8]);
+                    let total = u64::from_le_bytes(total_bytes);
+                    // `total` counts what follows the length block.
+                    let body = usize::try_from(total)
+                        .ok()
+                        .and_then(|t| t.checked_sub(skip - 16))
+                        .ok_or(PopError::Failed(QueueError::TooLarge(total)))?;
+                    let mut buf = Vec::new();
+                    buf.try_reserve_exact(body)
+                        .map_err(|_| PopError::Failed(QueueError::TooLarge(total)))?;
+                    if r.len - skip > body {
+                        return Err(corrupt("fragment longer than its message"));
+                    }
+                    buf.extend_from_slice(&payload[skip..]);
+                    assembly = Some((r.seq, buf, body, raw));
+                    retire(hcount);
+                }
+                (false, last) => {
+                    match &mut assembly {
+                        Some((seq, buf, total, raw)) if *seq == r.seq => {
+                            if buf.len() + r.len > *total {
+                                return Err(PopError::Failed(QueueError::Corrupted(
+                                    "fragments longer than their message".into(),
+                                )));
+                            }
+                            buf.extend_from_slice(payload);
+                            if last {
+                                if buf.len() != *total {
+                                    return Err(PopError::Failed(QueueError::Corrupted(
+                                        "streamed message shorter than announced".into(),
+                                    )));
+                                }
+                                let out = decode(Payload {
+                                    bytes: buf,
+                                    raw: *raw,
+                                });
+                                retire(hcount + 1);
+                                return Ok(out);
+                            }
+                            retire(hcount);
+                        }
+                        _ => {
+                            // The rest of a message whose consumer died after
+                            // taking its first part: it cannot be delivered
+                            // whole any more. Skip it; its last fragment
+                            // still counts the message as taken.
+                            retire(hcount + u32::from(last));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Published bytes after `head` (validated against the capacity).
+    fn available(&self, head: u64) -> Result<usize, QueueError> {
+        let h = self.seg.header();
+        let cons = &h.consumer.0;
+        let cached = cons.cached_tail.load(std::sync::atomic::Ordering::Relaxed);
+        let mut avail = protocol::distance(cached, head);
+        if avail == 0 || avail > self.cap as u64 {
+            let tail = protocol::pos(protocol::observe(&h.producer.0.tail));
+            cons.cached_tail
+                .store(tail, std::sync::atomic::Ordering::Relaxed);
+            avail = protocol::distance(tail, head);
+        }
+        if avail > self.cap as u64 {
+            return Err(QueueError::Corrupted(format!(
+                "ring positions out of range ({avail} bytes published)"
+            )));
+        }
+        Ok(avail as usize)
+    }
+
+    /// Waits for data after `head`; `until_closed` also ends the wait when
+    /// the queue is closed.
+    fn wait_data(
+        &self,
+        head: u64,
+        deadline: Option<Instant>,
+        slice: Option<Duration>,
+        until_closed: bool,
+    ) -> Waited {
+        wait::wait_for(&self.data_signal(), deadline, slice, || {
+            self.available(head).map_or(true, |a| a > 0) || (until_closed && self.is_closed())
+        })
+    }
+
+    /// While a consumer waits for the rest of a streamed message: whether
+    /// its producer is gone (the producer lock is free, or its owner died,
+    /// and still nothing new was published).
+    fn producer_gone(&self, head: u64) -> bool {
+        let h = self.seg.header();
+        match h.producer_lock.lock(Some(Instant::now())) {
+            Ok(_guard) => self.available(head).is_ok_and(|a| a == 0),
+            Err(_) => false,
+        }
+    }
+}
+
+/// Copies a message's parts into the ring, fragment by fragment.
+struct Writer<'a> {
+    parts: &'a [&'a [u8]],
+    part: usize,
+    at: usize,
+}
+
+impl<'a> Writer<'a> {
+    fn new(parts: &'a [&'a [u8]]) -> Self {
+        Writer {
+            parts,
+            part: 0,
+            at: 0,
+        }
+    }
+
+    /// Copies the next `len` bytes into the ring at `off`.
+    fn copy_into(&mut self, seg: &Segment, mut off: usize, mut len: usize) {
+        while len > 0 && self.part < self.parts.len() {
+            let p = self.parts[self.part];
+            let n = (p.len() - self.at).min(len);
+            seg.write(off, &p[self.at..self.at + n]);
+            off += n;
+            len -= n;
+            self.at += n;
+            if self.at == p.len() {
+                self.part += 1;
+                self.at = 0;
+            }
+        }
+    }
+}

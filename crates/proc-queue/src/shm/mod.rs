@@ -1,0 +1,367 @@
+//! Every `unsafe` block of `proc-queue`: the shared segment (a `memfd`
+//! mapped `MAP_SHARED`, so a forked child shares it rather than copying it),
+//! its header, robust process-shared mutexes, futexes, and the raw copies
+//! in and out of the ring.
+//!
+//! Every byte here may have been written by a crashed, buggy or hostile
+//! peer: this module only hands out bounds-checked views; the ring validates
+//! every length and position it reads before it asks for one.
+
+use std::cell::UnsafeCell;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use memmap2::MmapRaw;
+
+/// Identifies a `proc-queue` segment.
+const MAGIC: u64 = u64::from_le_bytes(*b"procQ\0\x01\0");
+/// The layout version.
+const VERSION: u32 = 1;
+/// Where the ring's bytes start: one page for the header.
+pub(crate) const DATA_OFFSET: usize = 4096;
+
+/// A cache-line-aligned (128 bytes: the adjacent-line prefetcher pairs
+/// lines) cell, so that the producer's and the consumer's hot words never
+/// share a line.
+#[repr(C, align(128))]
+pub(crate) struct Line<T>(pub(crate) T);
+
+/// A robust, process-shared mutex living in the segment.
+#[repr(C, align(128))]
+pub(crate) struct RobustMutex(UnsafeCell<libc::pthread_mutex_t>);
+
+/// What the producers share.
+#[repr(C)]
+pub(crate) struct ProducerSide {
+    /// Position word (see `protocol`): where the next record goes.
+    pub(crate) tail: AtomicU64,
+    /// The last head position a producer saw (so it rarely reads the
+    /// consumers' line).
+    pub(crate) cached_head: AtomicU64,
+}
+
+/// What the consumers share.
+#[repr(C)]
+pub(crate) struct ConsumerSide {
+    /// Position word: where the next record to read starts.
+    pub(crate) head: AtomicU64,
+    /// The last tail position a consumer saw.
+    pub(crate) cached_tail: AtomicU64,
+}
+
+/// Flags and wake-up words, written rarely.
+#[repr(C)]
+pub(crate) struct Signals {
+    pub(crate) closed: AtomicU32,
+    pub(crate) data_seq: AtomicU32,
+    pub(crate) data_waiters: AtomicU32,
+    pub(crate) space_seq: AtomicU32,
+    pub(crate) space_waiters: AtomicU32,
+    pub(crate) join_seq: AtomicU32,
+    pub(crate) join_waiters: AtomicU32,
+    /// `JoinableQueue`: how many messages were marked done (modulo 2^24).
+    pub(crate) done: AtomicU32,
+}
+
+/// The segment header: one page before the ring bytes.
+#[repr(C)]
+pub(crate) struct Header {
+    magic: u64,
+    version: u32,
+    _reserved: u32,
+    capacity: u64,
+    maxsize: u64,
+    pub(crate) producer_lock: RobustMutex,
+    pub(crate) consumer_lock: RobustMutex,
+    pub(crate) producer: Line<ProducerSide>,
+    pub(crate) consumer: Line<ConsumerSide>,
+    pub(crate) signals: Line<Signals>,
+}
+
+const _: () = assert!(std::mem::size_of::<Header>() <= DATA_OFFSET);
+
+/// A mapped queue segment.
+pub(crate) struct Segment {
+    map: MmapRaw,
+    file: File,
+    capacity: usize,
+    maxsize: u64,
+}
+
+// SAFETY: the segment is plain shared memory; every access to it goes
+// through atomics, the robust mutexes, or copies whose exclusivity the ring
+// protocol guarantees (the lock-holding side owns the bytes it touches).
+unsafe impl Send for Segment {}
+// SAFETY: as above.
+unsafe impl Sync for Segment {}
+
+impl Segment {
+    /// Creates a segment with a ring of `capacity` bytes (a power of two,
+    /// a multiple of the page size) and the given message bound.
+    pub(crate) fn create(capacity: usize, maxsize: u64) -> io::Result<Segment> {
+        // SAFETY: the name is a valid C string; MFD_CLOEXEC is a valid flag.
+        let fd = unsafe { libc::memfd_create(c"proc-queue".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: memfd_create returned a fresh descriptor nothing else owns.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        file.set_len((DATA_OFFSET + capacity) as u64)?;
+        let map = MmapRaw::map_raw(&file)?;
+        let segment = Segment {
+            map,
+            file,
+            capacity,
+            maxsize,
+        };
+        let header = segment.map.as_mut_ptr().cast::<Header>();
+        // SAFETY: the mapping is fresh, private to this process until the
+        // segment is shared, page-aligned and at least a page long, so it
+        // holds a Header; the memfd starts zeroed, which is a valid state for
+        // every atomic in it.
+        unsafe {
+            std::ptr::addr_of_mut!((*header).magic).write(MAGIC);
+            std::ptr::addr_of_mut!((*header).version).write(VERSION);
+            std::ptr::addr_of_mut!((*header).capacity).write(capacity as u64);
+            std::ptr::addr_of_mut!((*header).maxsize).write(maxsize);
+            init_robust_mutex(std::ptr::addr_of_mut!((*header).producer_lock))?;
+            init_robust_mutex(std::ptr::addr_of_mut!((*header).consumer_lock))?;
+        }
+        Ok(segment)
+    }
+
+    /// The ring's size in bytes.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The message bound (0: none).
+    pub(crate) fn maxsize(&self) -> u64 {
+        self.maxsize
+    }
+
+    /// The segment's file descriptor (for passing to another process).
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// The shared header.
+    pub(crate) fn header(&self) -> &Header {
+        // SAFETY: the mapping starts with a Header (created or validated);
+        // its mutable parts are atomics and UnsafeCells, so a shared
+        // reference is sound while peers change them.
+        unsafe { &*self.map.as_ptr().cast::<Header>() }
+    }
+
+    fn data(&self) -> *mut u8 {
+        // SAFETY: DATA_OFFSET is inside the mapping (it is DATA_OFFSET +
+        // capacity bytes long).
+        unsafe { self.map.as_mut_ptr().add(DATA_OFFSET) }
+    }
+
+    fn check(&self, offset: usize, len: usize) {
+        // The ring computes offsets from validated positions; a failure here
+        // is a bug in this crate, never a peer's doing.
+        assert!(
+            offset <= self.capacity && len <= self.capacity - offset,
+            "ring access out of bounds"
+        );
+    }
+
+    /// Copies `bytes` into the ring at `offset`.
+    pub(crate) fn write(&self, offset: usize, bytes: &[u8]) {
+        self.check(offset, bytes.len());
+        // SAFETY: in bounds (checked); the caller holds the producer lock
+        // and writes only between tail and head, bytes no consumer reads.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.data().add(offset), bytes.len())
+        };
+    }
+
+    /// Writes one little-endian `u64` into the ring at `offset`.
+    pub(crate) fn write_u64(&self, offset: usize, value: u64) {
+        self.write(offset, &value.to_le_bytes());
+    }
+
+    /// Reads one little-endian `u64` from the ring at `offset`.
+    pub(crate) fn read_u64(&self, offset: usize) -> u64 {
+        self.check(offset, 8);
+        // SAFETY: in bounds (checked); an unaligned volatile read of plain
+        // bytes: a peer writing concurrently can only make the value wrong,
+        // which the ring validates.
+        let v = unsafe { self.data().add(offset).cast::<u64>().read_unaligned() };
+        u64::from_le(v)
+    }
+
+    /// A view of `len` ring bytes at `offset`.
+    ///
+    /// The bytes are published and, by protocol, no producer writes them
+    /// until the consumer holding the lock moves past them.
+    pub(crate) fn bytes(&self, offset: usize, len: usize) -> &[u8] {
+        self.check(offset, len);
+        // SAFETY: in bounds (checked); the caller holds the consumer lock
+        // and the bytes lie between head and tail, which producers leave
+        // alone. A peer that breaks the protocol can change what is read,
+        // not where: the view stays inside the mapping.
+        unsafe { std::slice::from_raw_parts(self.data().add(offset), len) }
+    }
+}
+
+/// Initialises a robust, process-shared mutex in place.
+///
+/// # Safety
+///
+/// `m` points to writable memory for a `RobustMutex` that no other process
+/// or thread uses yet.
+unsafe fn init_robust_mutex(m: *mut RobustMutex) -> io::Result<()> {
+    let mut attr = std::mem::MaybeUninit::<libc::pthread_mutexattr_t>::uninit();
+    // SAFETY: attr is valid storage; the calls follow POSIX's order
+    // (init, set, use, destroy); `m` is valid per this function's contract.
+    unsafe {
+        check(libc::pthread_mutexattr_init(attr.as_mut_ptr()))?;
+        let r = (|| {
+            check(libc::pthread_mutexattr_setpshared(
+                attr.as_mut_ptr(),
+                libc::PTHREAD_PROCESS_SHARED,
+            ))?;
+            check(libc::pthread_mutexattr_setrobust(
+                attr.as_mut_ptr(),
+                libc::PTHREAD_MUTEX_ROBUST,
+            ))?;
+            check(libc::pthread_mutex_init(
+                UnsafeCell::raw_get(std::ptr::addr_of!((*m).0)),
+                attr.as_ptr(),
+            ))
+        })();
+        libc::pthread_mutexattr_destroy(attr.as_mut_ptr());
+        r
+    }
+}
+
+fn check(code: libc::c_int) -> io::Result<()> {
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(code))
+    }
+}
+
+/// Why a lock was not taken.
+pub(crate) enum LockError {
+    /// The deadline passed (or, for `try_lock`, the lock is held).
+    Busy,
+    /// The mutex is unusable (a peer left it inconsistent, or the bytes were
+    /// corrupted).
+    Broken(io::Error),
+}
+
+/// A held robust mutex; unlocks on drop.
+///
+/// When the previous owner died holding it, `lock` has already made it
+/// consistent again: the ring needs no repair, because its state only
+/// changes at single-word commits.
+pub(crate) struct Guard<'a> {
+    mutex: &'a RobustMutex,
+}
+
+impl RobustMutex {
+    fn raw(&self) -> *mut libc::pthread_mutex_t {
+        self.0.get()
+    }
+
+    /// Locks, waiting until `deadline` (`None`: forever, `Some(now)`: try).
+    pub(crate) fn lock(&self, deadline: Option<Instant>) -> Result<Guard<'_>, LockError> {
+        loop {
+            let code = match deadline {
+                // SAFETY: the mutex was initialised as robust and shared.
+                None => unsafe { libc::pthread_mutex_lock(self.raw()) },
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        // SAFETY: as above.
+                        unsafe { libc::pthread_mutex_trylock(self.raw()) }
+                    } else {
+                        // pthread's deadline is on CLOCK_REALTIME; a clock
+                        // jump only shortens one slice: the loop re-checks
+                        // the monotonic deadline.
+                        let abs = realtime_after(d - now);
+                        // SAFETY: as above; `abs` is a valid timespec.
+                        unsafe { libc::pthread_mutex_timedlock(self.raw(), &abs) }
+                    }
+                }
+            };
+            match code {
+                0 => return Ok(Guard { mutex: self }),
+                libc::EOWNERDEAD => {
+                    // SAFETY: we own the mutex now; marking it consistent is
+                    // what EOWNERDEAD asks of the new owner.
+                    let r = unsafe { libc::pthread_mutex_consistent(self.raw()) };
+                    let guard = Guard { mutex: self };
+                    check(r).map_err(LockError::Broken)?;
+                    return Ok(guard);
+                }
+                libc::EBUSY => return Err(LockError::Busy),
+                libc::ETIMEDOUT => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(LockError::Busy);
+                    }
+                }
+                libc::EINTR | libc::EAGAIN => {}
+                other => return Err(LockError::Broken(io::Error::from_raw_os_error(other))),
+            }
+        }
+    }
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        // SAFETY: this guard owns the lock.
+        unsafe { libc::pthread_mutex_unlock(self.mutex.raw()) };
+    }
+}
+
+fn realtime_after(d: Duration) -> libc::timespec {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        + d;
+    libc::timespec {
+        tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
+    }
+}
+
+/// Sleeps while `*word == expected`, for at most `timeout` (shared futex:
+/// works across processes mapping the same file).
+pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
+    });
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `word` is a valid, aligned u32 for the call; FUTEX_WAIT reads
+    // it and sleeps; the timeout pointer is null or valid. Errors (EAGAIN:
+    // the value changed; EINTR; ETIMEDOUT) all mean "re-check".
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            ts_ptr,
+        );
+    }
+}
+
+/// Wakes every sleeper on `word`.
+pub(crate) fn futex_wake_all(word: &AtomicU32) {
+    // SAFETY: `word` is a valid, aligned u32; FUTEX_WAKE only reads its address.
+    unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
+    }
+}

@@ -1,0 +1,392 @@
+//! `Queue`, `JoinableQueue`, `SimpleQueue` across processes: order, types,
+//! bounds, timeouts, close, messages larger than the ring, decode errors.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use proc::{GetError, JoinableQueue, PutError, Queue, QueueError, SimpleQueue};
+use serde::{Deserialize, Serialize};
+
+fn main() {
+    common::run(&[
+        ("fifo_across_fork", 20, fifo_across_fork),
+        ("typed_messages", 10, typed_messages),
+        ("bound_full_empty_qsize", 10, bound_full_empty_qsize),
+        ("timeouts_are_never_early", 10, timeouts_are_never_early),
+        ("close_ends_the_stream", 10, close_ends_the_stream),
+        (
+            "close_wakes_blocked_putters_and_getters",
+            10,
+            close_wakes_blocked,
+        ),
+        ("messages_of_every_size", 60, messages_of_every_size),
+        ("bytes_round_trip_with_typed_view", 20, bytes_round_trip),
+        (
+            "decode_error_keeps_queue_working",
+            10,
+            decode_error_keeps_queue_working,
+        ),
+        ("joinable_queue", 20, joinable_queue),
+        ("simple_queue", 10, simple_queue),
+        (
+            "many_producers_many_consumers",
+            60,
+            many_producers_many_consumers,
+        ),
+    ]);
+}
+
+fn fifo_across_fork() {
+    let q: Queue<u64> = Queue::new().expect("queue");
+    let producer = q.clone();
+    let child = proc::spawn(move || {
+        for i in 0..100_000u64 {
+            producer.put(i).expect("put");
+        }
+    })
+    .expect("spawn");
+    for i in 0..100_000u64 {
+        assert_eq!(q.get().expect("get"), i);
+    }
+    child.join().expect("child");
+    assert!(q.empty());
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum Job {
+    Resize { path: String, width: u32 },
+    Stop,
+}
+
+fn typed_messages() {
+    let q: Queue<Job> = Queue::new().expect("queue");
+    let jobs = vec![
+        Job::Resize {
+            path: "a.png".into(),
+            width: 64,
+        },
+        Job::Stop,
+    ];
+    for j in &jobs {
+        q.put(j.clone()).expect("put");
+    }
+    let child_q = q.clone();
+    let child = proc::spawn(move || (child_q.get().expect("get"), child_q.get().expect("get")))
+        .expect("spawn");
+    assert_eq!(
+        child.join().expect("join"),
+        (jobs[0].clone(), jobs[1].clone())
+    );
+}
+
+fn bound_full_empty_qsize() {
+    let q: Queue<String> = Queue::with_maxsize(3).expect("queue");
+    assert_eq!(q.maxsize(), Some(3));
+    assert!(q.empty() && !q.full());
+    for i in 0..3 {
+        q.try_put(format!("m{i}")).expect("room");
+        assert_eq!(q.qsize(), i + 1);
+    }
+    assert!(q.full());
+    match q.try_put("extra".to_owned()) {
+        Err(PutError::Full(item)) => assert_eq!(item, "extra"),
+        other => panic!("expected Full, got {other:?}"),
+    }
+    assert_eq!(q.try_get().expect("item"), "m0");
+    assert_eq!(q.qsize(), 2);
+    assert!(!q.full());
+    q.try_get().expect("m1");
+    q.try_get().expect("m2");
+    assert!(matches!(q.try_get(), Err(GetError::Empty)));
+    assert!(q.empty());
+    let unbounded: Queue<u8> = Queue::new().expect("queue");
+    assert_eq!(unbounded.maxsize(), None);
+    assert!(!unbounded.full());
+    assert!(Queue::<u8>::with_maxsize(1 << 24).is_err());
+}
+
+fn timeouts_are_never_early() {
+    let q: Queue<u8> = Queue::with_maxsize(1).expect("queue");
+    for d in [Duration::from_millis(1), Duration::from_millis(30)] {
+        let t = Instant::now();
+        assert!(matches!(q.get_timeout(d), Err(GetError::Timeout)));
+        let took = t.elapsed();
+        assert!(took >= d, "get_timeout woke early: {took:?} < {d:?}");
+        assert!(
+            took < d + Duration::from_millis(500),
+            "get_timeout far too late: {took:?}"
+        );
+    }
+    q.put(1).expect("put");
+    let t = Instant::now();
+    match q.put_timeout(2, Duration::from_millis(30)) {
+        Err(PutError::Timeout(item)) => assert_eq!(item, 2),
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    assert!(t.elapsed() >= Duration::from_millis(30));
+    // An item arriving during the wait is taken.
+    let producer = q.clone();
+    let _ = q.get().expect("drain");
+    let child = proc::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        producer.put(9).expect("put");
+    })
+    .expect("spawn");
+    assert_eq!(q.get_timeout(Duration::from_secs(5)).expect("arrives"), 9);
+    child.join().expect("child");
+}
+
+fn close_ends_the_stream() {
+    let q: Queue<u32> = Queue::new().expect("queue");
+    let producer = q.clone();
+    let child = proc::spawn(move || {
+        for i in 0..1000 {
+            producer.put(i).expect("put");
+        }
+        producer.close();
+    })
+    .expect("spawn");
+    let mut got = 0;
+    loop {
+        match q.get() {
+            Ok(v) => {
+                assert_eq!(v, got);
+                got += 1;
+            }
+            Err(GetError::Closed) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(got, 1000);
+    child.join().expect("child");
+    assert!(q.is_closed());
+    match q.put(5) {
+        Err(PutError::Closed(5)) => {}
+        other => panic!("expected Closed(5), got {other:?}"),
+    }
+    assert!(matches!(q.try_get(), Err(GetError::Closed)));
+}
+
+fn close_wakes_blocked() {
+    // A consumer blocked on an empty queue.
+    let q: Queue<u32> = Queue::new().expect("queue");
+    let consumer = q.clone();
+    let child =
+        proc::spawn(move || matches!(consumer.get(), Err(GetError::Closed))).expect("spawn");
+    std::thread::sleep(Duration::from_millis(50));
+    q.close();
+    assert!(
+        child.join().expect("join"),
+        "blocked get did not end with Closed"
+    );
+    // A producer blocked on a full queue.
+    let q: Queue<u32> = Queue::with_maxsize(1).expect("queue");
+    q.put(1).expect("put");
+    let producer = q.clone();
+    let child =
+        proc::spawn(move || matches!(producer.put(2), Err(PutError::Closed(2)))).expect("spawn");
+    std::thread::sleep(Duration::from_millis(50));
+    q.close();
+    assert!(
+        child.join().expect("join"),
+        "blocked put did not end with Closed"
+    );
+    assert_eq!(q.get().expect("the item put before close"), 1);
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn messages_of_every_size() {
+    let cap = 64 * 1024;
+    let q: Queue<Vec<u8>> = Queue::builder().capacity(cap).build().expect("queue");
+    let mut sizes = vec![0usize, 1, 15, 16, 17, 100, 4095, 4096, 4097];
+    for base in [cap / 4, cap / 2, cap, 3 * cap] {
+        for delta in [-33i64, -32, -17, -16, -1, 0, 1, 16, 17] {
+            sizes.push((base as i64 + delta) as usize);
+        }
+    }
+    sizes.push(1 << 20);
+    let producer = q.clone();
+    let sizes_in_child = sizes.clone();
+    let child = proc::spawn(move || {
+        for (i, &n) in sizes_in_child.iter().enumerate() {
+            let data = pattern(n, i as u64);
+            if i % 2 == 0 {
+                producer.put_bytes(&data).expect("put_bytes");
+            } else {
+                producer.put(data).expect("put");
+            }
+        }
+    })
+    .expect("spawn");
+    for (i, &n) in sizes.iter().enumerate() {
+        let got = if i % 3 == 0 {
+            q.get().expect("get")
+        } else {
+            q.get_bytes().expect("get_bytes")
+        };
+        assert_eq!(got.len(), n, "message {i}");
+        assert!(
+            got == pattern(n, i as u64),
+            "message {i} of {n} bytes corrupted"
+        );
+    }
+    child.join().expect("child");
+    assert!(q.empty());
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Frame {
+    id: u32,
+    #[serde(with = "serde_bytes")]
+    pixels: Vec<u8>,
+}
+
+fn bytes_round_trip() {
+    let q: Queue<Vec<u8>> = Queue::new().expect("queue");
+    let big = pattern(3 << 20, 7); // larger than the default ring
+    q.put_bytes(b"small").expect("put");
+    let child_q = q.clone();
+    let big_in_child = big.clone();
+    let child = proc::spawn(move || child_q.put_bytes(&big_in_child).is_ok()).expect("spawn");
+    assert_eq!(q.get().expect("typed view of put_bytes"), b"small");
+    assert!(q.get_bytes().expect("big") == big);
+    assert!(child.join().expect("join"));
+    // serde_bytes fields travel inside typed messages too.
+    let frames: Queue<Frame> = Queue::new().expect("queue");
+    frames
+        .put(Frame {
+            id: 1,
+            pixels: pattern(70_000, 1),
+        })
+        .expect("put");
+    assert_eq!(
+        frames.get().expect("get"),
+        Frame {
+            id: 1,
+            pixels: pattern(70_000, 1)
+        }
+    );
+}
+
+fn decode_error_keeps_queue_working() {
+    let q: Queue<String> = Queue::new().expect("queue");
+    // Bytes that are not a valid String (a process that disagrees on the type).
+    q.put_bytes(&[0xff, 0xfe, 0xfd]).expect("put");
+    q.put("fine".to_owned()).expect("put");
+    match q.get() {
+        Err(GetError::Failed(QueueError::Decode(_))) => {}
+        other => panic!("expected a decode error, got {other:?}"),
+    }
+    assert_eq!(q.get().expect("next message"), "fine");
+    let nums: Queue<u64> = Queue::new().expect("queue");
+    nums.put(7).expect("put");
+    assert!(matches!(
+        nums.get_bytes(),
+        Err(GetError::Failed(QueueError::Decode(_)))
+    ));
+    assert!(nums.empty());
+}
+
+fn joinable_queue() {
+    let q: JoinableQueue<u32> = JoinableQueue::new().expect("queue");
+    for i in 0..10 {
+        q.put(i).expect("put");
+    }
+    assert_eq!(q.unfinished_tasks(), 10);
+    assert!(!q.join_timeout(Duration::from_millis(20)));
+    let worker = q.clone();
+    let child = proc::spawn(move || {
+        let mut sum = 0;
+        for _ in 0..10 {
+            sum += worker.get().expect("get");
+            std::thread::sleep(Duration::from_millis(2));
+            worker.task_done().expect("task_done");
+        }
+        sum
+    })
+    .expect("spawn");
+    q.join();
+    assert_eq!(q.unfinished_tasks(), 0);
+    assert_eq!(child.join().expect("join"), 45);
+    assert!(matches!(
+        q.task_done(),
+        Err(QueueError::TaskDoneTooManyTimes)
+    ));
+    assert!(q.join_timeout(Duration::ZERO));
+}
+
+fn simple_queue() {
+    let q: SimpleQueue<(u8, String)> = SimpleQueue::new().expect("queue");
+    assert!(q.empty());
+    let producer = q.clone();
+    let child = proc::spawn(move || producer.put((1, "one".into())).is_ok()).expect("spawn");
+    assert_eq!(q.get().expect("get"), (1, "one".to_owned()));
+    assert!(child.join().expect("join"));
+    q.close();
+    assert!(matches!(q.get(), Err(GetError::Closed)));
+}
+
+fn many_producers_many_consumers() {
+    const PRODUCERS: u64 = 3;
+    const PER: u64 = 20_000;
+    let q: Queue<(u64, u64, u64)> = Queue::with_maxsize(100).expect("queue");
+    let results: Queue<(u64, u64)> = Queue::new().expect("results");
+    let producers: Vec<_> = (0..PRODUCERS)
+        .map(|p| {
+            let q = q.clone();
+            proc::spawn(move || {
+                for i in 0..PER {
+                    q.put((p, i, (p * 1_000_003) ^ i)).expect("put");
+                }
+            })
+            .expect("spawn producer")
+        })
+        .collect();
+    let consumers: Vec<_> = (0..2)
+        .map(|_| {
+            let q = q.clone();
+            let results = results.clone();
+            proc::spawn(move || {
+                let (mut n, mut sum) = (0u64, 0u64);
+                let mut last = [None::<u64>; PRODUCERS as usize];
+                while let Ok((p, i, check)) = q.get() {
+                    assert_eq!(check, (p * 1_000_003) ^ i, "corrupted message");
+                    // Per producer, a consumer sees increasing sequence numbers.
+                    assert!(last[p as usize].is_none_or(|l| l < i), "out of order");
+                    last[p as usize] = Some(i);
+                    n += 1;
+                    sum += i;
+                }
+                results.put((n, sum)).expect("result");
+            })
+            .expect("spawn consumer")
+        })
+        .collect();
+    for p in producers {
+        p.join().expect("producer");
+    }
+    q.close();
+    for c in consumers {
+        c.join().expect("consumer");
+    }
+    let (mut n, mut sum) = (0, 0);
+    for _ in 0..2 {
+        let (cn, cs) = results.get().expect("result");
+        n += cn;
+        sum += cs;
+    }
+    assert_eq!(n, PRODUCERS * PER);
+    assert_eq!(sum, PRODUCERS * PER * (PER - 1) / 2);
+}
