@@ -27,6 +27,11 @@ fn main() {
             10,
             decode_error_keeps_queue_working,
         ),
+        (
+            "timed_out_stream_is_withdrawn",
+            20,
+            timed_out_stream_is_withdrawn,
+        ),
         ("joinable_queue", 20, joinable_queue),
         ("simple_queue", 10, simple_queue),
         (
@@ -297,6 +302,30 @@ fn decode_error_keeps_queue_working() {
         Err(GetError::Failed(QueueError::Decode(_)))
     ));
     assert!(nums.empty());
+}
+
+fn timed_out_stream_is_withdrawn() {
+    // A message four times the ring, no consumer: the put gives up at its
+    // deadline, hands the item back, and consumers never see a piece of it.
+    let q: Queue<Vec<u8>> = Queue::builder().capacity(16 * 1024).build().expect("queue");
+    let big = pattern(64 * 1024, 3);
+    let t = Instant::now();
+    match q.put_timeout(big.clone(), Duration::from_millis(30)) {
+        Err(PutError::Timeout(item)) => assert!(item == big),
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    assert!(t.elapsed() >= Duration::from_millis(30));
+    assert!(matches!(q.try_put_bytes(&big), Err(PutError::Full(()))));
+    assert_eq!(q.qsize(), 0);
+    q.put(b"next".to_vec()).expect("put");
+    assert_eq!(q.get().expect("get"), b"next");
+    // With a consumer draining, the same put goes through.
+    let consumer = q.clone();
+    let child =
+        proc::spawn(move || consumer.get_bytes().map(|v| v.len()).unwrap_or(0)).expect("spawn");
+    q.put_timeout(big, Duration::from_secs(10))
+        .expect("put with a consumer");
+    assert_eq!(child.join().expect("join"), 64 * 1024);
 }
 
 fn joinable_queue() {

@@ -116,6 +116,7 @@ mod tests {
 }
 
 #[cfg(all(test, loom))]
+#[allow(unsafe_code)] // loom's UnsafeCell is how the model checks the payload accesses
 mod loom_models {
     //! Threads stand in for processes: one producer, one consumer, a ring
     //! of two slots, the futex emulated by a mutex and condvar (the kernel

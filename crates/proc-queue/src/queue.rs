@@ -200,7 +200,9 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     }
 
     /// Puts `item`, waiting at most `timeout` for room (Python's
-    /// `put(item, timeout=t)`). Never gives up before `timeout`.
+    /// `put(item, timeout=t)`). Never gives up before `timeout`. A message
+    /// larger than half the ring streams through: if it cannot finish in
+    /// time, the part already sent is withdrawn (consumers discard it).
     ///
     /// # Errors
     ///
@@ -210,7 +212,9 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         self.put_deadline(item, deadline_after(timeout), false)
     }
 
-    /// Puts `item` only if there is room now (Python's `put_nowait`).
+    /// Puts `item` only if there is room now (Python's `put_nowait`); a
+    /// message larger than half the ring fits only while consumers drain
+    /// it as fast as it streams in.
     ///
     /// # Errors
     ///

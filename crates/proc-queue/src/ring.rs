@@ -13,7 +13,9 @@
 //! `PAD` fills the end of the ring when a record does not fit there. A
 //! message up to half the ring is one record (`FIRST | LAST`); a larger one
 //! streams through as fragments (`FIRST`, …, `LAST`), the first starting
-//! with a 16-byte block holding the total length. Positions and message
+//! with a 16-byte block holding the total length; a producer whose deadline
+//! passes mid-stream withdraws the message with an `ABORT` record (it always
+//! keeps 16 bytes free for one). Positions and message
 //! counts only move at commits, so a process killed anywhere leaves nothing
 //! half-visible: an uncommitted record is overwritten later, a record a
 //! consumer was reading stays for the next consumer.
@@ -32,7 +34,10 @@ const PAD: u8 = 4;
 /// The payload starts with a 16-byte block whose last bytes are a postcard
 /// length prefix: the bytes after it are a raw byte string, 16-aligned.
 pub(crate) const RAW: u8 = 8;
-const KNOWN_FLAGS: u8 = FIRST | LAST | PAD | RAW;
+/// Withdraws the streamed message `seq` whose producer gave up (its
+/// deadline passed): consumers drop the part they took.
+const ABORT: u8 = 16;
+const KNOWN_FLAGS: u8 = FIRST | LAST | PAD | RAW | ABORT;
 
 /// The largest ring: message counts are kept modulo 2^24, and a ring must
 /// never hold that many records (the smallest record is 16 bytes).
@@ -219,7 +224,15 @@ impl Ring {
         let raw_flag = if raw { RAW } else { 0 };
         if total <= self.max_single {
             let mut w = Writer::new(parts);
-            self.write_record(true, FIRST | LAST | raw_flag, total, &mut w, true, deadline)
+            self.write_record(
+                true,
+                FIRST | LAST | raw_flag,
+                total,
+                &mut w,
+                true,
+                deadline,
+                0,
+            )
         } else {
             // Stream: a 16-byte total block, then the parts, in fragments.
             let mut total_block = [0u8; 16];
@@ -240,10 +253,18 @@ impl Ring {
                 if remaining == 0 {
                     flags |= LAST;
                 }
-                // Only the wait for the first fragment may time out: once a
-                // fragment is published the message must be finished.
-                let dl = if first { deadline } else { None };
-                self.write_record(first, flags, n, &mut w, remaining == 0, dl)?;
+                let last = remaining == 0;
+                // Until the last fragment, keep room for an ABORT record.
+                let spare = if last { 0 } else { HDR };
+                match self.write_record(first, flags, n, &mut w, last, deadline, spare) {
+                    Ok(()) => {}
+                    Err(PushError::Full) if !first => {
+                        // The deadline passed midway: withdraw what was sent.
+                        self.write_abort();
+                        return Err(PushError::Full);
+                    }
+                    Err(e) => return Err(e),
+                }
                 first = false;
             }
             Ok(())
@@ -251,7 +272,9 @@ impl Ring {
     }
 
     /// Waits for room, then writes and commits one record of `len` payload
-    /// bytes taken from `w`. `completes` says whether it ends a message.
+    /// bytes taken from `w`. `completes` says whether it ends a message;
+    /// `spare` bytes must stay free after it.
+    #[allow(clippy::too_many_arguments)]
     fn write_record(
         &self,
         first: bool,
@@ -260,6 +283,7 @@ impl Ring {
         w: &mut Writer<'_>,
         completes: bool,
         deadline: Option<Instant>,
+        spare: usize,
     ) -> Result<(), PushError> {
         let h = self.seg.header();
         let prod = &h.producer.0;
@@ -267,9 +291,14 @@ impl Ring {
         loop {
             let tail_word = prod.tail.load(std::sync::atomic::Ordering::Relaxed);
             let tail = protocol::pos(tail_word);
+            if tail % 16 != 0 {
+                return Err(PushError::Failed(QueueError::Corrupted(format!(
+                    "tail position {tail} not aligned"
+                ))));
+            }
             let off = (tail as usize) & (self.cap - 1);
             let room_to_end = self.cap - off;
-            let need = if rec > room_to_end { room_to_end } else { rec };
+            let need = if rec > room_to_end { room_to_end } else { rec } + spare;
             if !self.wait_room(tail, need, deadline, first)? {
                 return Err(PushError::Full);
             }
@@ -347,6 +376,19 @@ impl Ring {
         Ok(waited == Waited::Ready)
     }
 
+    /// Writes an `ABORT` record for the message being streamed (room for it
+    /// was kept free).
+    fn write_abort(&self) {
+        let prod = &self.seg.header().producer.0;
+        let tail_word = prod.tail.load(std::sync::atomic::Ordering::Relaxed);
+        let tail = protocol::pos(tail_word);
+        let off = (tail as usize) & (self.cap - 1);
+        let seq = protocol::count(tail_word);
+        self.write_header(off, 0, ABORT, seq);
+        protocol::commit(&prod.tail, protocol::pack(tail + HDR as u64, seq));
+        wait::notify(&self.data_signal());
+    }
+
     fn write_header(&self, off: usize, len: u32, flags: u8, seq: u32) {
         let a = u64::from(len) | (u64::from(flags) << 32);
         let b = u64::from(seq) | (u64::from(check_word(len, flags, seq)) << 32);
@@ -398,6 +440,11 @@ impl Ring {
         loop {
             let head_word = cons.head.load(std::sync::atomic::Ordering::Relaxed);
             let head = protocol::pos(head_word);
+            if head % 16 != 0 {
+                return Err(PopError::Failed(QueueError::Corrupted(format!(
+                    "head position {head} not aligned"
+                ))));
+            }
             let hcount = protocol::count(head_word);
             let available = match self.available(head) {
                 Ok(a) => a,
@@ -432,6 +479,13 @@ impl Ring {
                 wait::notify(&self.space_signal());
             };
             if r.flags & PAD != 0 {
+                retire(hcount);
+                continue;
+            }
+            if r.flags & ABORT != 0 {
+                if assembly.as_ref().is_some_and(|a| a.0 == r.seq) {
+                    assembly = None;
+                }
                 retire(hcount);
                 continue;
             }
