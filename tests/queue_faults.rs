@@ -142,7 +142,7 @@ fn sigkill_at_random_moments() {
                     *next_id += 1;
                     let log = dir.join(format!("r{round}-p{id}"));
                     (
-                        Role::Producer(id),
+                        Role::Producer,
                         proc::spawn(move || producer(q, id, log)).expect("spawn"),
                     )
                 }
