@@ -79,3 +79,59 @@ pub fn python(script: &str, args: &[String]) -> Option<f64> {
         .parse()
         .ok()
 }
+
+/// One system of a bench: its name for the `RESULT` line and one run,
+/// returning the figure (or `None` when it cannot run here, e.g. no python3).
+pub struct System<'a> {
+    pub name: &'static str,
+    pub run: Box<dyn FnMut() -> Option<f64> + 'a>,
+}
+
+/// Runs every system once per round, interleaved (A B C A B C …), prints
+/// each round, then the `RESULT` lines (median over rounds) and the ratios
+/// of `proc` against the others. `higher_is_better` tells how to read them.
+pub fn interleave(
+    workload: &str,
+    unit: &str,
+    higher_is_better: bool,
+    mut systems: Vec<System<'_>>,
+) {
+    let rounds = rounds();
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
+    for round in 1..=rounds {
+        let mut line = format!("  round {round}/{rounds}:");
+        for (i, s) in systems.iter_mut().enumerate() {
+            match (s.run)() {
+                Some(v) => {
+                    samples[i].push(v);
+                    line += &format!(" {} {}", s.name, human(v));
+                }
+                None => line += &format!(" {} -", s.name),
+            }
+        }
+        println!("{line}");
+    }
+    let mut medians = Vec::new();
+    for (s, xs) in systems.iter().zip(&samples) {
+        if !xs.is_empty() {
+            result(workload, s.name, xs, unit);
+            medians.push((s.name, median(xs)));
+        }
+    }
+    if let Some(&(_, ours)) = medians.iter().find(|(n, _)| *n == "proc") {
+        for &(name, v) in medians.iter().filter(|(n, _)| *n != "proc") {
+            let ratio = if higher_is_better { ours / v } else { v / ours };
+            println!("ratio proc vs {name}: {ratio:.2}x (above 1: proc is better)");
+        }
+    }
+}
+
+fn human(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.2}M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1}k", v / 1e3)
+    } else {
+        format!("{v:.2}")
+    }
+}
