@@ -104,7 +104,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     killed.kill()?;
     println!("  killed child: {}", killed.join().unwrap_err());
 
-    section("7. start+join cost");
+    section("7. queue: put/get between processes, bounds, timeouts, close");
+    let q: proc::Queue<(u32, String)> = proc::Queue::with_maxsize(2)?;
+    let producer = q.clone();
+    let child = proc::spawn(move || {
+        for i in 0..5 {
+            producer.put((i, format!("message {i}"))).expect("put");
+        }
+        producer.close();
+    })?;
+    while let Ok((i, text)) = q.get() {
+        println!("  got #{i}: {text} (qsize now {})", q.qsize());
+    }
+    child.join()?;
+    println!("  after close and drain: get -> {}", q.get().unwrap_err());
+    let empty: proc::Queue<u8> = proc::Queue::new()?;
+    let t = Instant::now();
+    let err = empty.get_timeout(Duration::from_millis(30)).unwrap_err();
+    println!(
+        "  get_timeout(30 ms) on an empty queue: {err} after {:.0?}",
+        t.elapsed()
+    );
+
+    section("8. start+join cost");
     let n = 100;
     let t = Instant::now();
     for _ in 0..n {

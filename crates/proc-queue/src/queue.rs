@@ -231,6 +231,13 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         deadline: Option<Instant>,
         nowait: bool,
     ) -> Result<(), PutError<T>> {
+        // Small items serialize on the stack; larger ones in a reused
+        // per-thread buffer.
+        let mut small = [0u8; 64];
+        if let Ok(out) = postcard::to_slice(&item, &mut small) {
+            let pushed = self.ring.push(&[out], false, deadline);
+            return finish_put(pushed, item, nowait);
+        }
         let pushed = SCRATCH.with(|scratch| {
             let mut buf = scratch.borrow_mut();
             let len = loop {
@@ -245,13 +252,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
             };
             self.ring.push(&[&buf[..len]], false, deadline)
         });
-        match pushed {
-            Ok(()) => Ok(()),
-            Err(PushError::Full) if nowait => Err(PutError::Full(item)),
-            Err(PushError::Full) => Err(PutError::Timeout(item)),
-            Err(PushError::Closed) => Err(PutError::Closed(item)),
-            Err(PushError::Failed(e)) => Err(PutError::Failed(item, e)),
-        }
+        finish_put(pushed, item, nowait)
     }
 
     /// Takes the oldest item, waiting while the queue is empty (Python's
@@ -292,18 +293,29 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
 
     fn get_deadline(&self, deadline: Option<Instant>, nowait: bool) -> Result<T, GetError> {
         let popped = self.ring.pop(deadline, |p: Payload<'_>| {
+            let bytes = p.bytes.as_slice();
             if p.raw {
                 // A byte string put with put_bytes: give postcard its length
                 // prefix back.
-                let mut bytes = Vec::with_capacity(p.bytes.len() + 10);
-                encode_varint(p.bytes.len() as u64, &mut bytes);
-                bytes.extend_from_slice(p.bytes);
-                postcard::from_bytes::<T>(&bytes)
+                let mut prefixed = Vec::with_capacity(bytes.len() + 10);
+                encode_varint(bytes.len() as u64, &mut prefixed);
+                prefixed.extend_from_slice(bytes);
+                postcard::from_bytes::<T>(&prefixed)
             } else {
-                postcard::from_bytes::<T>(p.bytes)
+                postcard::from_bytes::<T>(bytes)
             }
         });
         finish_get(popped, nowait)?.map_err(|e| GetError::Failed(QueueError::Decode(e.to_string())))
+    }
+}
+
+fn finish_put<T>(pushed: Result<(), PushError>, item: T, nowait: bool) -> Result<(), PutError<T>> {
+    match pushed {
+        Ok(()) => Ok(()),
+        Err(PushError::Full) if nowait => Err(PutError::Full(item)),
+        Err(PushError::Full) => Err(PutError::Timeout(item)),
+        Err(PushError::Closed) => Err(PutError::Closed(item)),
+        Err(PushError::Failed(e)) => Err(PutError::Failed(item, e)),
     }
 }
 
@@ -406,13 +418,7 @@ impl<T> Queue<T> {
         encode_varint(bytes.len() as u64, &mut prefix);
         let mut block = [0u8; 16];
         block[16 - prefix.len()..].copy_from_slice(&prefix);
-        match self.ring.push(&[&block, bytes], true, deadline) {
-            Ok(()) => Ok(()),
-            Err(PushError::Full) if nowait => Err(PutError::Full(())),
-            Err(PushError::Full) => Err(PutError::Timeout(())),
-            Err(PushError::Closed) => Err(PutError::Closed(())),
-            Err(PushError::Failed(e)) => Err(PutError::Failed((), e)),
-        }
+        finish_put(self.ring.push(&[&block, bytes], true, deadline), (), nowait)
     }
 
     /// Takes the oldest message as a byte string, with one copy out of the
@@ -452,11 +458,12 @@ impl<T> Queue<T> {
     ) -> Result<Vec<u8>, GetError> {
         let popped = self.ring.pop(deadline, |p: Payload<'_>| {
             if p.raw {
-                return Ok(p.bytes.to_vec());
+                return Ok(p.bytes.into_vec());
             }
-            match decode_varint(p.bytes) {
-                Some((len, used)) if p.bytes.len() - used == len as usize => {
-                    Ok(p.bytes[used..].to_vec())
+            let bytes = p.bytes.as_slice();
+            match decode_varint(bytes) {
+                Some((len, used)) if bytes.len() - used == len as usize => {
+                    Ok(bytes[used..].to_vec())
                 }
                 _ => Err(QueueError::Decode("message is not a byte string".into())),
             }
@@ -560,15 +567,8 @@ impl<T: Serialize + DeserializeOwned> JoinableQueue<T> {
 impl<T> JoinableQueue<T> {
     /// Items put and not yet marked done.
     pub fn unfinished_tasks(&self) -> usize {
-        let done = self
-            .queue
-            .ring
-            .segment()
-            .header()
-            .signals
-            .0
-            .done
-            .load(Ordering::Acquire);
+        let done = &self.queue.ring.segment().header().misc.0.done;
+        let done = done.load(Ordering::Acquire);
         protocol::count_distance(self.queue.ring.puts(), done) as usize
     }
 
@@ -580,7 +580,7 @@ impl<T> JoinableQueue<T> {
     /// [`QueueError::TaskDoneTooManyTimes`] if every item put is already
     /// done (Python's `ValueError`).
     pub fn task_done(&self) -> Result<(), QueueError> {
-        let done = &self.queue.ring.segment().header().signals.0.done;
+        let done = &self.queue.ring.segment().header().misc.0.done;
         let mut current = done.load(Ordering::Acquire);
         loop {
             let puts = self.queue.ring.puts();

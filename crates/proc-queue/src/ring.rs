@@ -53,6 +53,19 @@ fn round16(n: usize) -> usize {
     (n + 15) & !15
 }
 
+/// Records up to this size are written with a single copy.
+const SMALL: usize = 64;
+
+/// A record header's 16 bytes.
+fn header_bytes(len: u32, flags: u8, seq: u32) -> [u8; HDR] {
+    let a = u64::from(len) | (u64::from(flags) << 32);
+    let b = u64::from(seq) | (u64::from(check_word(len, flags, seq)) << 32);
+    let mut out = [0u8; HDR];
+    out[..8].copy_from_slice(&a.to_le_bytes());
+    out[8..].copy_from_slice(&b.to_le_bytes());
+    out
+}
+
 fn check_word(len: u32, flags: u8, seq: u32) -> u32 {
     (len ^ (u32::from(flags) << 24) ^ seq.rotate_left(7)).wrapping_mul(0x9E37_79B1) ^ 0x5EED_C0DE
 }
@@ -85,12 +98,39 @@ pub(crate) enum PopError {
     Failed(QueueError),
 }
 
-/// A message's payload handed to the consumer's decoder: contiguous bytes
-/// (in the ring, or reassembled). For a raw message, `bytes` is the byte
-/// string itself (its prefix block already skipped); otherwise postcard.
+/// A message's payload handed to the consumer's decoder. For a raw
+/// message, the bytes are the byte string itself (its prefix block already
+/// skipped); otherwise postcard.
 pub(crate) struct Payload<'a> {
-    pub(crate) bytes: &'a [u8],
+    /// Where the bytes are.
+    pub(crate) bytes: Bytes<'a>,
+    /// Whether the message was put raw.
     pub(crate) raw: bool,
+}
+
+/// The bytes of a message: still in the ring (a one-record message), or
+/// reassembled from fragments (the decoder may keep the buffer: no second
+/// copy).
+pub(crate) enum Bytes<'a> {
+    Ring(&'a [u8]),
+    Assembled(Vec<u8>),
+}
+
+impl Bytes<'_> {
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Ring(b) => b,
+            Bytes::Assembled(v) => v,
+        }
+    }
+
+    /// The bytes as an owned vector, copying only if they are in the ring.
+    pub(crate) fn into_vec(self) -> Vec<u8> {
+        match self {
+            Bytes::Ring(b) => b.to_vec(),
+            Bytes::Assembled(v) => v,
+        }
+    }
 }
 
 /// The ring over one segment.
@@ -123,23 +163,23 @@ impl Ring {
     }
 
     fn data_signal(&self) -> Signal<'_> {
-        let s = &self.seg.header().signals.0;
+        let s = &self.seg.header().data.0;
         Signal {
-            seq: &s.data_seq,
-            waiters: &s.data_waiters,
+            seq: &s.seq,
+            waiters: &s.waiters,
         }
     }
 
     fn space_signal(&self) -> Signal<'_> {
-        let s = &self.seg.header().signals.0;
+        let s = &self.seg.header().space.0;
         Signal {
-            seq: &s.space_seq,
-            waiters: &s.space_waiters,
+            seq: &s.seq,
+            waiters: &s.waiters,
         }
     }
 
     pub(crate) fn join_signal(&self) -> Signal<'_> {
-        let s = &self.seg.header().signals.0;
+        let s = &self.seg.header().misc.0;
         Signal {
             seq: &s.join_seq,
             waiters: &s.join_waiters,
@@ -148,21 +188,19 @@ impl Ring {
 
     /// Whether `close()` was called on any handle.
     pub(crate) fn is_closed(&self) -> bool {
-        self.seg
-            .header()
-            .signals
-            .0
-            .closed
-            .load(std::sync::atomic::Ordering::Acquire)
-            != 0
+        let closed = &self.seg.header().misc.0.closed;
+        closed.load(std::sync::atomic::Ordering::Acquire) != 0
     }
 
     /// Closes the queue and wakes every waiter.
     pub(crate) fn close(&self) {
-        let s = &self.seg.header().signals.0;
-        s.closed.store(1, std::sync::atomic::Ordering::Release);
+        let h = self.seg.header();
+        h.misc
+            .0
+            .closed
+            .store(1, std::sync::atomic::Ordering::Release);
         // Wake unconditionally: the waiters re-check `closed`.
-        for sig in [&s.data_seq, &s.space_seq] {
+        for sig in [&h.data.0.seq, &h.space.0.seq] {
             sig.fetch_add(1, std::sync::atomic::Ordering::Release);
             crate::shm::futex_wake_all(sig);
         }
@@ -313,8 +351,17 @@ impl Ring {
                 continue;
             }
             let seq = protocol::count(tail_word);
-            self.write_header(off, len as u32, flags, seq);
-            w.copy_into(&self.seg, off + HDR, len);
+            if rec <= SMALL {
+                // Small records go in with one copy: header and payload
+                // assembled on the stack.
+                let mut buf = [0u8; SMALL];
+                buf[..HDR].copy_from_slice(&header_bytes(len as u32, flags, seq));
+                w.copy_to_slice(&mut buf[HDR..HDR + len]);
+                self.seg.write(off, &buf[..rec]);
+            } else {
+                self.write_header(off, len as u32, flags, seq);
+                w.copy_into(&self.seg, off + HDR, len);
+            }
             let count = protocol::count(tail_word) + u32::from(completes);
             protocol::commit(
                 &prod.tail,
@@ -390,10 +437,7 @@ impl Ring {
     }
 
     fn write_header(&self, off: usize, len: u32, flags: u8, seq: u32) {
-        let a = u64::from(len) | (u64::from(flags) << 32);
-        let b = u64::from(seq) | (u64::from(check_word(len, flags, seq)) << 32);
-        self.seg.write_u64(off, a);
-        self.seg.write_u64(off + 8, b);
+        self.seg.write(off, &header_bytes(len, flags, seq));
     }
 
     // ----- consumer side -----
@@ -503,7 +547,10 @@ impl Ring {
                     } else {
                         payload
                     };
-                    let out = decode(Payload { bytes, raw });
+                    let out = decode(Payload {
+                        bytes: Bytes::Ring(bytes),
+                        raw,
+                    });
                     retire(hcount + 1);
                     return Ok(out);
                 }
@@ -553,7 +600,7 @@ impl Ring {
                                     )));
                                 }
                                 let out = decode(Payload {
-                                    bytes: buf,
+                                    bytes: Bytes::Assembled(std::mem::take(buf)),
                                     raw: *raw,
                                 });
                                 retire(hcount + 1);
@@ -633,6 +680,22 @@ impl<'a> Writer<'a> {
             parts,
             part: 0,
             at: 0,
+        }
+    }
+
+    /// Copies the next `dst.len()` bytes into `dst`.
+    fn copy_to_slice(&mut self, mut dst: &mut [u8]) {
+        while !dst.is_empty() && self.part < self.parts.len() {
+            let p = self.parts[self.part];
+            let n = (p.len() - self.at).min(dst.len());
+            let (head, rest) = dst.split_at_mut(n);
+            head.copy_from_slice(&p[self.at..self.at + n]);
+            dst = rest;
+            self.at += n;
+            if self.at == p.len() {
+                self.part += 1;
+                self.at = 0;
+            }
         }
     }
 

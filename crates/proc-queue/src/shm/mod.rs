@@ -52,14 +52,20 @@ pub(crate) struct ConsumerSide {
     pub(crate) cached_tail: AtomicU64,
 }
 
-/// Flags and wake-up words, written rarely.
+/// One direction of wake-ups: the futex sequence and the sleeper count,
+/// on a line of their own (the waker does a read-modify-write here on every
+/// commit; sharing the line with the other direction would bounce it
+/// between the producer's and the consumer's cores).
 #[repr(C)]
-pub(crate) struct Signals {
+pub(crate) struct SignalWords {
+    pub(crate) seq: AtomicU32,
+    pub(crate) waiters: AtomicU32,
+}
+
+/// Rarely written words.
+#[repr(C)]
+pub(crate) struct Misc {
     pub(crate) closed: AtomicU32,
-    pub(crate) data_seq: AtomicU32,
-    pub(crate) data_waiters: AtomicU32,
-    pub(crate) space_seq: AtomicU32,
-    pub(crate) space_waiters: AtomicU32,
     pub(crate) join_seq: AtomicU32,
     pub(crate) join_waiters: AtomicU32,
     /// `JoinableQueue`: how many messages were marked done (modulo 2^24).
@@ -78,7 +84,11 @@ pub(crate) struct Header {
     pub(crate) consumer_lock: RobustMutex,
     pub(crate) producer: Line<ProducerSide>,
     pub(crate) consumer: Line<ConsumerSide>,
-    pub(crate) signals: Line<Signals>,
+    /// "Data arrived": producers wake consumers.
+    pub(crate) data: Line<SignalWords>,
+    /// "Space freed": consumers wake producers.
+    pub(crate) space: Line<SignalWords>,
+    pub(crate) misc: Line<Misc>,
 }
 
 const _: () = assert!(std::mem::size_of::<Header>() <= DATA_OFFSET);
@@ -179,11 +189,6 @@ impl Segment {
         unsafe {
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.data().add(offset), bytes.len())
         };
-    }
-
-    /// Writes one little-endian `u64` into the ring at `offset`.
-    pub(crate) fn write_u64(&self, offset: usize, value: u64) {
-        self.write(offset, &value.to_le_bytes());
     }
 
     /// Reads one little-endian `u64` from the ring at `offset`.
