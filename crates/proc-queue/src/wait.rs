@@ -58,10 +58,15 @@ pub(crate) fn wait_for(
             .into_iter()
             .flatten()
             .min();
+        // Back off exponentially between checks, from one `pause` (~30 ns
+        // here) to 16: early checks catch a quick answer (ping-pong
+        // latency), later ones leave the line alone for the writer.
+        let mut step = 0u32;
         loop {
-            for _ in 0..32 {
+            for _ in 0..1u32 << step.min(4) {
                 std::hint::spin_loop();
             }
+            step += 1;
             if ready() {
                 let b = SPIN_NS.load(Ordering::Relaxed);
                 SPIN_NS.store(b.saturating_mul(2).min(MAX_SPIN_NS), Ordering::Relaxed);
