@@ -1,8 +1,8 @@
 //! W1 spawn-join: start a process whose target does nothing, then join it;
 //! sequentially, N = 200 times. Figure: µs per start+join.
 //!
-//! Systems, interleaved one start+join at a time (in rotating order) in
-//! each round: `raw-fork` (libc fork + `_exit` +
+//! Systems, interleaved one start+join at a time (cycling through every
+//! order) in each round: `raw-fork` (libc fork + `_exit` +
 //! waitpid, the OS floor), `proc` (`proc::spawn(|| ()).join()`),
 //! `proc-process` (`Process::new` + `start` + `join`), and `python`
 //! (`multiprocessing` with the fork context). `PROC_BENCH_QUICK=1`: N = 20,
@@ -63,11 +63,20 @@ fn main() {
         // Interleaved one start+join at a time, so that the machine's drift
         // hits every system alike.
         let (mut r, mut o, mut p) = (0.0, 0.0, 0.0);
+        // Cycle through all six orders: whichever runs right after another
+        // system's child exits pays for that child's teardown, so each
+        // system must follow each other one equally often.
+        const ORDERS: [[usize; 3]; 6] = [
+            [0, 1, 2],
+            [0, 2, 1],
+            [1, 0, 2],
+            [1, 2, 0],
+            [2, 0, 1],
+            [2, 1, 0],
+        ];
         for i in 0..n {
-            // Rotate the order too: whichever runs right after another
-            // system's child exits pays for that child's teardown.
-            for k in 0..3 {
-                match (i + k) % 3 {
+            for k in ORDERS[i % 6] {
+                match k {
                     0 => r += raw_fork(),
                     1 => o += proc_spawn(),
                     _ => p += proc_process(),
