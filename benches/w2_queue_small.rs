@@ -61,12 +61,7 @@ fn main() {
                 name: "crossbeam-threads",
                 run: Box::new(|| Some(crossbeam_run(n))),
             },
-            common::System {
-                name: "python",
-                run: Box::new(|| {
-                    common::python("queue_workloads.py", &["W2".into(), n.to_string()])
-                }),
-            },
+            common::python_system("W2", n),
         ],
     );
 }

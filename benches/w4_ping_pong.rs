@@ -65,12 +65,7 @@ fn main() {
                 name: "crossbeam-threads",
                 run: Box::new(|| Some(crossbeam_run(n))),
             },
-            common::System {
-                name: "python",
-                run: Box::new(|| {
-                    common::python("queue_workloads.py", &["W4".into(), n.to_string()])
-                }),
-            },
+            common::python_system("W4", n),
         ],
     );
 }

@@ -118,12 +118,7 @@ fn main() {
                 name: "crossbeam-threads",
                 run: Box::new(|| Some(crossbeam_run(total))),
             },
-            common::System {
-                name: "python",
-                run: Box::new(|| {
-                    common::python("queue_workloads.py", &["W7".into(), total.to_string()])
-                }),
-            },
+            common::python_system("W7", total),
         ],
     );
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::process::Command;
+use std::time::Instant;
 
 /// Whether `PROC_BENCH_QUICK=1` asks for a smaller N and one round.
 pub fn quick() -> bool {
@@ -134,4 +135,60 @@ fn human(v: f64) -> String {
     } else {
         format!("{v:.2}")
     }
+}
+
+/// The Python side of a queue workload (`benches/python/queue_workloads.py`).
+pub fn python_system(workload: &'static str, n: u64) -> System<'static> {
+    System {
+        name: "python",
+        run: Box::new(move || python("queue_workloads.py", &[workload.to_owned(), n.to_string()])),
+    }
+}
+
+/// W3 / W3b with proc: a child `put_bytes` N messages of `size` bytes, the
+/// parent `get_bytes` them all; GB/s of payload.
+pub fn bytes_proc(n: usize, size: usize) -> f64 {
+    let q: proc::Queue<Vec<u8>> = proc::Queue::new().expect("queue");
+    let producer = q.clone();
+    let t = Instant::now();
+    let child = proc::spawn(move || {
+        let payload = vec![7u8; size];
+        for _ in 0..n {
+            producer.put_bytes(&payload).expect("put");
+        }
+    })
+    .expect("spawn");
+    let mut total = 0;
+    for _ in 0..n {
+        let v = q.get_bytes().expect("get");
+        assert_eq!(v[size - 1], 7);
+        total += v.len();
+    }
+    child.join().expect("join");
+    let el = t.elapsed().as_secs_f64();
+    assert_eq!(total, n * size);
+    total as f64 / el / 1e9
+}
+
+/// W3 / W3b with crossbeam-channel between two threads (each message a
+/// fresh `Vec`, as `get_bytes` returns); GB/s of payload.
+pub fn bytes_crossbeam(n: usize, size: usize) -> f64 {
+    let (tx, rx) = crossbeam_channel::unbounded::<Vec<u8>>();
+    let t = Instant::now();
+    let child = std::thread::spawn(move || {
+        let payload = vec![7u8; size];
+        for _ in 0..n {
+            tx.send(payload.clone()).expect("send");
+        }
+    });
+    let mut total = 0;
+    for _ in 0..n {
+        let v = rx.recv().expect("recv");
+        assert_eq!(v[size - 1], 7);
+        total += v.len();
+    }
+    child.join().expect("join");
+    let el = t.elapsed().as_secs_f64();
+    assert_eq!(total, n * size);
+    total as f64 / el / 1e9
 }
