@@ -201,6 +201,13 @@ fn try_reap(i: usize) {
 
 /// Reaps every detached child that has exited (the SIGCHLD handler).
 fn sweep() {
+    // In a forked child that started no children of its own, the table is
+    // still its parent's: those pids are not its children, and one of them,
+    // reaped by the parent and reused, could be a child of this process that
+    // someone else waits for.
+    if !owned() {
+        return;
+    }
     // SYNC: pairs with the fetch_max in reserve().
     let high = HIGH.load(Ordering::Acquire);
     for (i, slot) in TABLE[..high].iter().enumerate() {
