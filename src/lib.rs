@@ -33,9 +33,9 @@
 
 pub use proc_class::ProcessClass;
 pub use proc_core::{
-    active_children, cpu_count, current_process, exit, getpid, getppid, parent_process, spawn,
-    Builder, DecodeError, ExitInfo, JoinError, JoinHandle, Pid, Process, ProcessError, ProcessInfo,
-    SpawnError, Stdin,
+    active_children, cpu_count, current_process, exit, getpid, getppid, init, parent_process,
+    spawn, Builder, DecodeError, ExitInfo, JoinError, JoinHandle, Pid, Process, ProcessError,
+    ProcessInfo, SpawnError, StartMethod, Stdin,
 };
 pub use proc_queue::{
     GetError, JoinableQueue, PutError, Queue, QueueBuilder, QueueError, SimpleQueue,

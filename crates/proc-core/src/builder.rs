@@ -44,6 +44,7 @@ pub enum Stdin {
 #[derive(Debug, Clone, Default)]
 #[must_use = "a Builder does nothing until `spawn` is called"]
 pub struct Builder {
+    pub(crate) start_method: crate::entry::StartMethod,
     name: Option<String>,
     /// The identity path, when a `Process` object fixed it at creation.
     path: Option<Vec<u32>>,
@@ -82,6 +83,24 @@ impl Builder {
     pub fn daemon(mut self, daemon: bool) -> Self {
         self.daemon = daemon;
         self
+    }
+
+    /// Chooses how [`spawn_entry`](Builder::spawn_entry) starts the child
+    /// (the closure `spawn` always forks).
+    pub fn start_method(mut self, method: crate::entry::StartMethod) -> Self {
+        self.start_method = method;
+        self
+    }
+
+    /// The name, daemon flag and stdin policy, for a start method that
+    /// builds the child itself.
+    pub(crate) fn settings(&self) -> (Option<String>, Option<Vec<u32>>, bool, Stdin) {
+        (
+            self.name.clone(),
+            self.path.clone(),
+            self.daemon,
+            self.stdin,
+        )
     }
 
     /// Chooses the child's standard input.
@@ -209,6 +228,49 @@ impl Builder {
     }
 }
 
+impl Builder {
+    /// Starts the entry `f` with `args` in a new child process, by this
+    /// builder's start method, and returns the same [`JoinHandle`] as
+    /// [`spawn`](Builder::spawn): the child's result, panic, exit code or
+    /// signal come back the same way.
+    ///
+    /// An entry is a function item or a closure that captures nothing,
+    /// living in the executable (not in a dynamic library); its arguments
+    /// and result cross the process boundary with postcard. With
+    /// [`StartMethod::Spawn`](crate::StartMethod::Spawn) the child is a fresh exec of this executable,
+    /// which works from a program with any number of threads, and `main`
+    /// must start with [`init`](crate::init).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// fn add((a, b): (u32, u32)) -> u32 {
+    ///     a + b
+    /// }
+    /// let child = proc_core::Builder::new().spawn_entry(add, (2, 3))?;
+    /// assert_eq!(child.join()?, 5);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`spawn`](Builder::spawn) for the fork start method; with
+    /// `Spawn`, [`SpawnError::InitMissing`] when `main` did not call
+    /// `init()`, and [`SpawnError::Exec`] when the executable cannot be
+    /// started.
+    pub fn spawn_entry<A, R>(self, f: fn(A) -> R, args: A) -> Result<JoinHandle<R>, SpawnError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+    {
+        match self.start_method {
+            crate::entry::StartMethod::Fork => self.spawn(move || f(args)),
+            crate::entry::StartMethod::Spawn => crate::entry::spawn_exec(self, f, args),
+        }
+    }
+}
+
 /// Starts `f` in a new child process with the default [`Builder`] and
 /// returns a handle whose [`join`](JoinHandle::join) gives back `f`'s return
 /// value (the fork start method; `std::thread::spawn`'s shape).
@@ -253,6 +315,11 @@ pub(crate) enum Outcome<T> {
     },
     /// The value could not be serialized.
     EncodeFailed(String),
+    /// The entry's arguments did not decode (Spawn start method).
+    ArgsDecodeFailed(String),
+    /// The child refused to run the entry (Spawn start method: another
+    /// executable, or a malformed request).
+    Refused(String),
 }
 
 struct ChildSetup {
@@ -284,7 +351,7 @@ static PANIC_LOCATION: parking_lot::Mutex<Option<(libc::pid_t, String)>> =
 /// then calls the hook that was there before. Installed in the parent, so
 /// that a child does not pay for it; a hook the program sets later replaces
 /// it, and panics then come back without a location.
-fn install_panic_hook() {
+pub(crate) fn install_panic_hook() {
     static HOOK: Once = Once::new();
     HOOK.call_once(|| {
         let previous = panic::take_hook();
@@ -316,6 +383,17 @@ where
         }
     }
     current::enter_child(setup.name, setup.path, setup.daemon, setup.parent);
+    run_and_exit(result, f)
+}
+
+/// In a child, set up as the start method wants: runs `f`, sends its
+/// outcome (value, or panic message and location) through `result`, and
+/// exits without returning.
+pub(crate) fn run_and_exit<F, T>(result: &File, f: F) -> !
+where
+    F: FnOnce() -> T,
+    T: Serialize,
+{
     let mut small = [0u8; 256];
     let large;
     let (bytes, code): (&[u8], i32) = match panic::catch_unwind(AssertUnwindSafe(f)) {

@@ -29,6 +29,19 @@ pub enum SpawnError {
     /// Creating the file that carries the result back failed.
     #[error("failed to create the result channel")]
     ResultChannel(#[source] io::Error),
+    /// A `Spawn` start without `proc::init()` as the first line of `main`:
+    /// the new process would run the whole program again.
+    #[error(
+        "the Spawn start method needs proc::init() as the first line of main \
+         (the child re-executes this program and init() runs its entry)"
+    )]
+    InitMissing,
+    /// The executable could not be started (exec failed).
+    #[error("failed to start the executable")]
+    Exec(#[source] io::Error),
+    /// The entry's arguments could not be serialized.
+    #[error("the entry's arguments could not be serialized: {0}")]
+    Encode(String),
     /// `fork` itself failed (out of memory, or the process limit was hit).
     #[error("fork failed")]
     Fork(#[source] io::Error),
@@ -67,6 +80,11 @@ pub enum JoinError {
     /// The bytes the child sent back do not decode as the expected type.
     #[error("the child's result does not decode as the expected type")]
     Decode(#[source] DecodeError),
+    /// A child started by exec refused to run its entry: it is not the same
+    /// executable as its parent (rebuilt on disk meanwhile), or the request
+    /// it received was malformed.
+    #[error("child refused its entry: {0}")]
+    Refused(String),
     /// The child was already reaped by someone else (for example a
     /// `SIGCHLD` set to `SIG_IGN`, or an exit handler), so its status is lost.
     #[error("the child's exit status was collected elsewhere")]

@@ -274,6 +274,10 @@ fn decode_outcome<T: DeserializeOwned>(status: ExitStatus, bytes: &[u8]) -> Resu
             Err(JoinError::Panicked { message, location })
         }
         Ok(Outcome::EncodeFailed(message)) => Err(JoinError::Encode(message)),
+        Ok(Outcome::ArgsDecodeFailed(message)) => Err(JoinError::Decode(DecodeError(format!(
+            "the entry's arguments: {message}"
+        )))),
+        Ok(Outcome::Refused(message)) => Err(JoinError::Refused(message)),
         Err(e) => Err(JoinError::Decode(DecodeError(e.to_string()))),
     }
 }

@@ -36,6 +36,7 @@
 mod builder;
 mod children;
 mod current;
+mod entry;
 mod error;
 mod handle;
 mod pid;
@@ -48,6 +49,7 @@ pub use current::{
     active_children, cpu_count, current_process, exit, getpid, getppid, parent_process, ExitInfo,
     ProcessInfo,
 };
+pub use entry::{init, StartMethod};
 pub use error::{DecodeError, JoinError, ProcessError, SpawnError};
 pub use handle::JoinHandle;
 pub use pid::Pid;

@@ -457,6 +457,90 @@ pub(crate) fn install_sigchld_reaper(reap: fn()) -> io::Result<()> {
     Ok(())
 }
 
+/// (device, inode) of this process's executable file.
+pub(crate) fn exe_identity() -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata("/proc/self/exe")?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+/// The descriptor number of `file`.
+pub(crate) fn raw_fd(file: &std::fs::File) -> RawFd {
+    file.as_raw_fd()
+}
+
+/// Takes ownership of descriptor `fd`, inherited across exec, if it is open.
+pub(crate) fn inherited_file(fd: RawFd) -> Option<std::fs::File> {
+    // SAFETY: F_GETFD only queries the descriptor's flags.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the descriptor is open (checked) and was passed to this
+    // process for it alone to use (its number came in the spawn request's
+    // environment variable, which init() removed).
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    // Not for grandchildren started by exec.
+    // SAFETY: F_SETFD with FD_CLOEXEC only changes the descriptor's flags.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Some(file)
+}
+
+/// Makes `fds` (close-on-exec in this process) open in the child that `cmd`
+/// execs.
+pub(crate) fn keep_across_exec(cmd: &mut std::process::Command, fds: &[RawFd]) {
+    use std::os::unix::process::CommandExt;
+    let fds = fds.to_vec();
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls fcntl, which is async-signal-safe, on descriptors it owns
+    // copies of; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Proof that this process runs the very executable file whose identity a
+/// spawn request carried (made only by [`same_exe`]).
+pub(crate) struct SameExe(());
+
+/// Checks that this process's executable is the file `(device, inode)`.
+pub(crate) fn same_exe(expected: (u64, u64)) -> Option<SameExe> {
+    (exe_identity().ok()? == expected).then_some(SameExe(()))
+}
+
+/// What a spawned child calls: the entry's address, its encoded
+/// arguments, the result file.
+pub(crate) type Trampoline = fn(&SameExe, usize, &[u8], &std::fs::File) -> !;
+
+/// The trampoline at `addr`.
+///
+/// Spawn requests come from this process's parent, which computed `addr`
+/// (as an offset from `init`) from a `Trampoline` of the executable that
+/// `proof` shows this process runs: the same file, so the same code at the
+/// same offsets.
+pub(crate) fn trampoline_at(proof: &SameExe, addr: usize) -> Trampoline {
+    let SameExe(()) = *proof;
+    // SAFETY: by the above, `addr` is the address of a function of type
+    // `Trampoline` in this executable; fn pointers are usize-sized.
+    unsafe { std::mem::transmute::<usize, Trampoline>(addr) }
+}
+
+/// The entry `fn(A) -> R` at `addr`, called only from the trampoline that
+/// the parent instantiated with the same `A` and `R` as the entry it named.
+pub(crate) fn entry_at<A, R>(proof: &SameExe, addr: usize) -> fn(A) -> R {
+    let SameExe(()) = *proof;
+    // SAFETY: as for trampoline_at: `addr` is a `fn(A) -> R` of this
+    // executable (the parent paired it with this trampoline's types); a
+    // function pointer is the size of a usize whatever its signature.
+    unsafe { std::mem::transmute_copy::<usize, fn(A) -> R>(&addr) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

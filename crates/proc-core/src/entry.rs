@@ -1,0 +1,232 @@
+//! Entries and the `Spawn` start method: a child that is a fresh exec of
+//! this executable, running a function named by its offset from a known
+//! symbol (`init`).
+//!
+//! An entry is a function item or non-capturing closure `fn(A) -> R`. Its
+//! address, and the address of the monomorphised trampoline that decodes
+//! `A` and runs it, are sent as offsets from `init`'s address: the child is
+//! the same executable (it execs `/proc/self/exe`, which is the parent's own
+//! file even if the path was rebuilt meanwhile, and it checks the file's
+//! device and inode), so the same offsets name the same functions there.
+//! The request travels in a `memfd` the child inherits; the result comes
+//! back as with the fork start method. Python's `spawn` start method does
+//! the same by pickling the function's qualified name.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::builder::{run_and_exit, Builder, Outcome, Stdin};
+use crate::children;
+use crate::current;
+use crate::error::SpawnError;
+use crate::handle::JoinHandle;
+use crate::pid::Pid;
+use crate::sys;
+
+/// How a child process is started (Python's start methods).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum StartMethod {
+    /// Fork this process: fast, and the child sees everything the caller
+    /// had (the safe API refuses when this process has other threads).
+    #[default]
+    Fork,
+    /// Exec this executable afresh and run an entry in it: works from any
+    /// program, threads or not; needs [`init`] as the first line of `main`.
+    Spawn,
+}
+
+/// The environment variable that tells [`init`] it runs in a spawned child
+/// (its value: the request and result descriptors).
+const ENV: &str = "PROC_SPAWN_FDS";
+
+static INIT_CALLED: AtomicBool = AtomicBool::new(false);
+
+/// What a spawned child is asked to do.
+#[derive(Serialize, Deserialize)]
+struct Request {
+    /// The parent's executable: (device, inode) of `/proc/self/exe`.
+    exe: (u64, u64),
+    /// Offset of the trampoline from `init`.
+    trampoline: i64,
+    /// Offset of the entry from `init`.
+    entry: i64,
+    args: Vec<u8>,
+    name: String,
+    path: Vec<u32>,
+    daemon: bool,
+    parent: i32,
+}
+
+/// The first line of `main` in a program that starts processes with
+/// [`StartMethod::Spawn`]:
+///
+/// ```no_run
+/// # #[allow(clippy::needless_doctest_main)]
+/// fn main() {
+///     proc_core::init();
+///     // ... the program ...
+/// }
+/// ```
+///
+/// In an ordinary start it returns at once. In a child started with
+/// `Spawn` it runs the requested entry and exits: nothing after `init()` in
+/// `main` runs in the child.
+pub fn init() {
+    INIT_CALLED.store(true, Ordering::Relaxed);
+    let Some(fds) = std::env::var_os(ENV) else {
+        return;
+    };
+    // Not for this child's own children (or any program it execs).
+    std::env::remove_var(ENV);
+    run_spawned(&fds.to_string_lossy())
+}
+
+fn anchor() -> i64 {
+    init as *const () as i64
+}
+
+/// The function a spawned child calls: decodes `A`, runs the entry at
+/// `entry`, sends back its outcome, exits.
+fn trampoline<A, R>(proof: &sys::SameExe, entry: usize, args: &[u8], result: &File) -> !
+where
+    A: DeserializeOwned,
+    R: Serialize,
+{
+    match postcard::from_bytes::<A>(args) {
+        Ok(a) => {
+            let f = sys::entry_at::<A, R>(proof, entry);
+            run_and_exit(result, move || f(a))
+        }
+        Err(e) => finish_with(result, &Outcome::<()>::ArgsDecodeFailed(e.to_string())),
+    }
+}
+
+fn finish_with(result: &File, outcome: &Outcome<()>) -> ! {
+    if let Ok(bytes) = postcard::to_stdvec(outcome) {
+        let _ = result.write_all_at(&bytes, 0);
+    }
+    current::finish_child(1)
+}
+
+/// In a spawned child: reads the request, checks it, runs the entry.
+fn run_spawned(fds: &str) -> ! {
+    let mut it = fds.split(',').map(|s| s.parse::<i32>());
+    let (Some(Ok(req_fd)), Some(Ok(res_fd))) = (it.next(), it.next()) else {
+        eprintln!("proc: malformed {ENV}");
+        sys::exit_now(1)
+    };
+    let (Some(request_file), Some(result)) =
+        (sys::inherited_file(req_fd), sys::inherited_file(res_fd))
+    else {
+        eprintln!("proc: the descriptors named by {ENV} are not open");
+        sys::exit_now(1)
+    };
+    let request = request_file
+        .metadata()
+        .ok()
+        .and_then(|m| usize::try_from(m.len()).ok())
+        .and_then(|len| {
+            let mut buf = vec![0u8; len];
+            request_file.read_exact_at(&mut buf, 0).ok()?;
+            postcard::from_bytes::<Request>(&buf).ok()
+        });
+    drop(request_file);
+    let Some(request) = request else {
+        finish_with(&result, &Outcome::Refused("malformed request".into()))
+    };
+    let Some(proof) = sys::same_exe(request.exe) else {
+        finish_with(
+            &result,
+            &Outcome::Refused("this is not the executable that made the request".into()),
+        )
+    };
+    if request.daemon
+        && (sys::set_parent_death_signal(libc::SIGKILL).is_err()
+            || sys::getppid() != request.parent)
+    {
+        sys::exit_now(1);
+    }
+    current::enter_child(request.name, request.path, request.daemon, request.parent);
+    crate::builder::install_panic_hook();
+    let base = anchor();
+    let trampoline_addr = base.wrapping_add(request.trampoline) as usize;
+    let entry_addr = base.wrapping_add(request.entry) as usize;
+    let run = sys::trampoline_at(&proof, trampoline_addr);
+    run(&proof, entry_addr, &request.args, &result)
+}
+
+/// Starts `f(args)` in a fresh exec of this executable.
+pub(crate) fn spawn_exec<A, R>(
+    builder: Builder,
+    f: fn(A) -> R,
+    args: A,
+) -> Result<JoinHandle<R>, SpawnError>
+where
+    A: Serialize + DeserializeOwned,
+    R: Serialize + DeserializeOwned,
+{
+    if !INIT_CALLED.load(Ordering::Relaxed) {
+        return Err(SpawnError::InitMissing);
+    }
+    let (name, path, daemon, stdin) = builder.settings();
+    let (default_name, default_path) = current::next_child_identity();
+    let path = path.unwrap_or(default_path);
+    let name = name.unwrap_or(default_name);
+    let args = postcard::to_stdvec(&args).map_err(|e| SpawnError::Encode(e.to_string()))?;
+    let trampoline: sys::Trampoline = trampoline::<A, R>;
+    let request = Request {
+        exe: sys::exe_identity().map_err(SpawnError::Exec)?,
+        trampoline: (trampoline as *const () as i64).wrapping_sub(anchor()),
+        entry: (f as *const () as i64).wrapping_sub(anchor()),
+        args,
+        name: name.clone(),
+        path,
+        daemon,
+        parent: sys::getpid(),
+    };
+    let bytes = postcard::to_stdvec(&request).map_err(|e| SpawnError::Encode(e.to_string()))?;
+    let request_file = sys::memfd(c"proc-request").map_err(SpawnError::ResultChannel)?;
+    request_file
+        .write_all_at(&bytes, 0)
+        .map_err(SpawnError::ResultChannel)?;
+    let result = sys::memfd(c"proc-result").map_err(SpawnError::ResultChannel)?;
+    children::init();
+    let slot = children::reserve().ok_or(SpawnError::TooManyChildren)?;
+    children::name(slot, &name);
+    let mut cmd = Command::new("/proc/self/exe");
+    if let Some(arg0) = std::env::args_os().next() {
+        cmd.arg0(arg0);
+    }
+    cmd.args(std::env::args_os().skip(1));
+    cmd.env(
+        ENV,
+        format!("{},{}", sys::raw_fd(&request_file), sys::raw_fd(&result)),
+    );
+    cmd.stdin(match stdin {
+        Stdin::Null => Stdio::null(),
+        _ => Stdio::inherit(),
+    });
+    sys::keep_across_exec(
+        &mut cmd,
+        &[sys::raw_fd(&request_file), sys::raw_fd(&result)],
+    );
+    let child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            children::unreserve(slot);
+            return Err(SpawnError::Exec(e));
+        }
+    };
+    let pid = child.id() as libc::pid_t;
+    // std's Child does not wait on drop: the table and the handle reap it.
+    drop(child);
+    children::register(slot, pid, daemon);
+    Ok(JoinHandle::new(Pid::from_raw(pid), name, result, slot))
+}
