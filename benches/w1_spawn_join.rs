@@ -5,7 +5,10 @@
 //! order) in each round: `raw-fork` (libc fork + `_exit` +
 //! waitpid, the OS floor), `proc` (`proc::spawn(|| ()).join()`),
 //! `proc-process` (`Process::new` + `start` + `join`), and `python`
-//! (`multiprocessing` with the fork context). `PROC_BENCH_QUICK=1`: N = 20,
+//! (`multiprocessing` with the fork context); then, interleaved with each
+//! other, `raw-exec` (std `Command` running this binary, which exits at
+//! once) and `proc-spawn` (`spawn_entry` with `StartMethod::Spawn`), with
+//! N/2 each. `PROC_BENCH_QUICK=1`: N = 20,
 //! one round.
 
 mod common;
@@ -49,7 +52,40 @@ fn proc_process() -> f64 {
     t.elapsed().as_secs_f64() * 1e6
 }
 
+/// The Spawn start method's target: does nothing.
+fn noop(_: ()) {}
+
+/// One `Builder::spawn_entry` start+join with `StartMethod::Spawn`, in µs.
+fn proc_spawn_method() -> f64 {
+    let t = Instant::now();
+    proc::Builder::new()
+        .start_method(proc::StartMethod::Spawn)
+        .spawn_entry(noop, ())
+        .expect("spawn")
+        .join()
+        .expect("join");
+    t.elapsed().as_secs_f64() * 1e6
+}
+
+/// One exec of this same bench binary that exits at once (the OS floor
+/// for an exec start), with std's `Command`, in µs.
+fn raw_exec() -> f64 {
+    let t = Instant::now();
+    let status = std::process::Command::new("/proc/self/exe")
+        .env(RAW_EXEC, "1")
+        .status()
+        .expect("exec");
+    assert!(status.success());
+    t.elapsed().as_secs_f64() * 1e6
+}
+
+const RAW_EXEC: &str = "PROC_W1_RAW_EXEC";
+
 fn main() {
+    proc::init();
+    if std::env::var_os(RAW_EXEC).is_some() {
+        return;
+    }
     let n = if common::quick() { 20 } else { 200 };
     let rounds = common::rounds();
     println!("W1 spawn-join: N = {n}, {rounds} interleaved rounds");
@@ -97,6 +133,34 @@ fn main() {
             py.last().map_or("-".to_owned(), |v| format!("{v:.1}"))
         );
     }
+    // The exec start methods, interleaved the same way.
+    let (mut rex, mut psp) = (vec![], vec![]);
+    let m = n / 2;
+    for round in 1..=rounds {
+        let (mut a, mut b) = (0.0, 0.0);
+        for i in 0..m {
+            if i % 2 == 0 {
+                a += raw_exec();
+                b += proc_spawn_method();
+            } else {
+                b += proc_spawn_method();
+                a += raw_exec();
+            }
+        }
+        rex.push(a / m as f64);
+        psp.push(b / m as f64);
+        println!(
+            "  round {round} (exec, N = {m}): raw-exec {:.1} µs, proc-spawn {:.1} µs",
+            a / m as f64,
+            b / m as f64
+        );
+    }
+    common::result("W1", "raw-exec", &rex, "us");
+    common::result("W1", "proc-spawn", &psp, "us");
+    println!(
+        "ratio proc-spawn / raw-exec: {:.2}x",
+        common::median(&psp) / common::median(&rex)
+    );
     common::result("W1", "raw-fork", &raw, "us");
     common::result("W1", "proc", &ours, "us");
     common::result("W1", "proc-process", &obj, "us");
