@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use proc::{Builder, JoinError, StartMethod};
+use proc::{Builder, JoinError, JoinableQueue, PutError, Queue, QueueError, StartMethod};
 use serde::{Deserialize, Serialize};
 
 fn main() {
@@ -23,6 +23,7 @@ fn main() {
             20,
             fork_method_runs_entries_too,
         ),
+        ("queues_cross_a_spawn", 30, queues_cross_a_spawn),
     ]);
 }
 
@@ -157,4 +158,47 @@ fn fork_method_runs_entries_too() {
         .spawn_entry(stats, ("f".to_owned(), vec![5]))
         .expect("spawn");
     assert_eq!(child.join().expect("join").sum, 5);
+}
+
+fn produce((q, n): (Queue<u64>, u64)) -> u64 {
+    for i in 0..n {
+        q.put(i).expect("put");
+    }
+    n
+}
+
+fn consume(q: JoinableQueue<u64>) -> u64 {
+    let mut sum = 0;
+    while let Ok(v) = q.get() {
+        sum += v;
+        q.task_done().expect("task_done");
+    }
+    sum
+}
+
+fn queues_cross_a_spawn() {
+    // A producer entry in a spawned child puts into the parent's queue...
+    let q: Queue<u64> = Queue::with_maxsize(16).expect("queue");
+    let producer = spawn()
+        .spawn_entry(produce, (q.clone(), 10_000))
+        .expect("spawn");
+    let sum: u64 = (0..10_000).map(|_| q.get().expect("get")).sum();
+    assert_eq!(producer.join().expect("join"), 10_000);
+    assert_eq!(sum, 10_000 * 9_999 / 2);
+    // ... and a consumer entry takes from it, reporting task_done.
+    let jobs: JoinableQueue<u64> = JoinableQueue::new().expect("queue");
+    let consumer = spawn().spawn_entry(consume, jobs.clone()).expect("spawn");
+    for i in 1..=100 {
+        jobs.put(i).expect("put");
+    }
+    jobs.join();
+    jobs.close();
+    assert_eq!(consumer.join().expect("join"), 5050);
+    // A queue cannot be sent through a queue (its descriptor would not follow).
+    let outer: Queue<Queue<u8>> = Queue::new().expect("queue");
+    let inner: Queue<u8> = Queue::new().expect("queue");
+    assert!(matches!(
+        outer.put(inner),
+        Err(PutError::Failed(_, QueueError::Encode(_)))
+    ));
 }

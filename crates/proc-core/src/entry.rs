@@ -58,6 +58,9 @@ struct Request {
     /// Offset of the entry from `init`.
     entry: i64,
     args: Vec<u8>,
+    /// Descriptors shared by the arguments (see `handoff`), kept open across
+    /// the exec under the same numbers.
+    fds: Vec<i32>,
     name: String,
     path: Vec<u32>,
     daemon: bool,
@@ -153,6 +156,17 @@ fn run_spawned(fds: &str) -> ! {
     {
         sys::exit_now(1);
     }
+    let mut shared = Vec::with_capacity(request.fds.len());
+    for &fd in &request.fds {
+        match sys::inherited_file(fd) {
+            Some(file) => shared.push(std::os::fd::OwnedFd::from(file)),
+            None => finish_with(
+                &result,
+                &Outcome::Refused(format!("shared descriptor {fd} is not open")),
+            ),
+        }
+    }
+    crate::handoff::receive(shared);
     current::enter_child(request.name, request.path, request.daemon, request.parent);
     crate::builder::install_panic_hook();
     let base = anchor();
@@ -179,13 +193,15 @@ where
     let (default_name, default_path) = current::next_child_identity();
     let path = path.unwrap_or(default_path);
     let name = name.unwrap_or(default_name);
-    let args = postcard::to_stdvec(&args).map_err(|e| SpawnError::Encode(e.to_string()))?;
+    let (args, fds) = crate::handoff::collect(|| postcard::to_stdvec(&args));
+    let args = args.map_err(|e| SpawnError::Encode(e.to_string()))?;
     let trampoline: sys::Trampoline = trampoline::<A, R>;
     let request = Request {
         exe: sys::exe_identity().map_err(SpawnError::Exec)?,
         trampoline: (trampoline as *const () as i64).wrapping_sub(anchor()),
         entry: (f as *const () as i64).wrapping_sub(anchor()),
         args,
+        fds: fds.clone(),
         name: name.clone(),
         path,
         daemon,
@@ -213,10 +229,9 @@ where
         Stdin::Null => Stdio::null(),
         _ => Stdio::inherit(),
     });
-    sys::keep_across_exec(
-        &mut cmd,
-        &[sys::raw_fd(&request_file), sys::raw_fd(&result)],
-    );
+    let mut keep = vec![sys::raw_fd(&request_file), sys::raw_fd(&result)];
+    keep.extend_from_slice(&fds);
+    sys::keep_across_exec(&mut cmd, &keep);
     let child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => {

@@ -39,6 +39,7 @@ mod current;
 mod entry;
 mod error;
 mod handle;
+pub mod handoff;
 mod pid;
 mod process;
 #[allow(unsafe_code)]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{GetError, PutError, QueueError};
 use crate::protocol::{self, COUNT_MOD};
@@ -149,6 +149,30 @@ impl<T> AsRawFd for Queue<T> {
     /// The shared segment's file descriptor (a `memfd`).
     fn as_raw_fd(&self) -> RawFd {
         self.ring.segment().raw_fd()
+    }
+}
+
+/// A queue crosses an exec start (`StartMethod::Spawn`) as an entry's
+/// argument: its shared memory's descriptor travels with the entry (see
+/// `proc_core::handoff`), and the child maps the same segment. Serializing
+/// a queue anywhere else (into another queue, say) is an error.
+impl<T> Serialize for Queue<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let index = proc_core::handoff::share_fd(self.ring.segment().fd())
+            .map_err(serde::ser::Error::custom)?;
+        serializer.serialize_u32(index)
+    }
+}
+
+impl<'de, T> Deserialize<'de> for Queue<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let index = u32::deserialize(deserializer)?;
+        let fd = proc_core::handoff::take_shared_fd(index).map_err(serde::de::Error::custom)?;
+        let segment = Segment::open(std::fs::File::from(fd)).map_err(serde::de::Error::custom)?;
+        Ok(Queue {
+            ring: Arc::new(Ring::new(segment)),
+            _t: PhantomData,
+        })
     }
 }
 
@@ -515,6 +539,8 @@ fn decode_varint(bytes: &[u8]) -> Option<(u64, usize)> {
 /// assert!(q.task_done().is_err()); // one too many
 /// # Ok(()) }
 /// ```
+#[derive(Serialize, Deserialize)]
+#[serde(transparent, bound = "")]
 pub struct JoinableQueue<T> {
     queue: Queue<T>,
 }
@@ -631,6 +657,8 @@ impl<T> JoinableQueue<T> {
 /// assert_eq!(q.get()?, vec![1, 2, 3]);
 /// # Ok(()) }
 /// ```
+#[derive(Serialize, Deserialize)]
+#[serde(transparent, bound = "")]
 pub struct SimpleQueue<T> {
     queue: Queue<T>,
 }

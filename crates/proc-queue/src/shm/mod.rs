@@ -143,6 +143,43 @@ impl Segment {
         Ok(segment)
     }
 
+    /// Maps an existing segment from its file (a descriptor received from
+    /// another process), validating its header.
+    pub(crate) fn open(file: File) -> io::Result<Segment> {
+        let len = file.metadata()?.len();
+        let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+        if len < DATA_OFFSET as u64 {
+            return Err(bad("queue segment shorter than its header"));
+        }
+        let map = MmapRaw::map_raw(&file)?;
+        let header = map.as_ptr().cast::<Header>();
+        // SAFETY: the mapping is at least a page long (checked above) and
+        // page-aligned; these fields are plain integers written once at
+        // creation; a torn or hostile value is harmless, it is validated
+        // below before anything depends on it.
+        let (magic, version, capacity, maxsize) = unsafe {
+            (
+                std::ptr::addr_of!((*header).magic).read_volatile(),
+                std::ptr::addr_of!((*header).version).read_volatile(),
+                std::ptr::addr_of!((*header).capacity).read_volatile(),
+                std::ptr::addr_of!((*header).maxsize).read_volatile(),
+            )
+        };
+        if magic != MAGIC || version != VERSION {
+            return Err(bad("not a proc-queue segment of this version"));
+        }
+        let fits = capacity.checked_add(DATA_OFFSET as u64) == Some(len);
+        if !capacity.is_power_of_two() || !fits || capacity > usize::MAX as u64 {
+            return Err(bad("queue segment capacity does not match its size"));
+        }
+        Ok(Segment {
+            map,
+            file,
+            capacity: capacity as usize,
+            maxsize,
+        })
+    }
+
     /// The ring's size in bytes.
     pub(crate) fn capacity(&self) -> usize {
         self.capacity
@@ -156,6 +193,12 @@ impl Segment {
     /// The segment's file descriptor (for passing to another process).
     pub(crate) fn raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+
+    /// The segment's file, borrowed.
+    pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.file.as_fd()
     }
 
     /// The shared header.
