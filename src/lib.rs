@@ -16,6 +16,7 @@
 //! | `q.put(x, timeout=t)`, `q.get(timeout=t)` | [`Queue::put_timeout`], [`Queue::get_timeout`] |
 //! | `qsize()`, `empty()`, `full()`, `close()` | [`Queue::qsize`], [`Queue::empty`], [`Queue::full`], [`Queue::close`] |
 //! | `JoinableQueue`, `SimpleQueue` | [`JoinableQueue`], [`SimpleQueue`] |
+//! | `set_start_method("spawn")`, `get_context("spawn")` | [`set_start_method`], [`get_context`], [`Builder::start_method`] with [`StartMethod::Spawn`] and [`Builder::spawn_entry`]; [`init`] first in `main` |
 //! | `os.getpid()`, `os.getppid()`, `sys.exit(info)` | [`getpid`], [`getppid`], [`exit`] |
 //! | `current_process()`, `parent_process()`, `active_children()`, `cpu_count()` | [`current_process`], [`parent_process`], [`active_children`], [`cpu_count`] |
 //!
@@ -33,9 +34,10 @@
 
 pub use proc_class::ProcessClass;
 pub use proc_core::{
-    active_children, cpu_count, current_process, exit, getpid, getppid, init, parent_process,
-    spawn, Builder, DecodeError, ExitInfo, JoinError, JoinHandle, Pid, Process, ProcessError,
-    ProcessInfo, SpawnError, StartMethod, Stdin,
+    active_children, cpu_count, current_process, exit, get_context, get_start_method, getpid,
+    getppid, handoff, init, parent_process, set_start_method, spawn, Builder, Context, DecodeError,
+    ExitInfo, JoinError, JoinHandle, Pid, Process, ProcessError, ProcessInfo, SpawnError,
+    StartMethod, StartMethodError, Stdin,
 };
 pub use proc_queue::{
     GetError, JoinableQueue, PutError, Queue, QueueBuilder, QueueError, SimpleQueue,

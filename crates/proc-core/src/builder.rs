@@ -54,9 +54,12 @@ pub struct Builder {
 
 impl Builder {
     /// A builder with the defaults: the next `Process-N` name, not a daemon,
-    /// stdin from `/dev/null`.
+    /// stdin from `/dev/null`, the process-wide start method for entries.
     pub fn new() -> Self {
-        Builder::default()
+        Builder {
+            start_method: crate::entry::get_start_method(),
+            ..Builder::default()
+        }
     }
 
     /// Names the child (what `current_process().name()` says inside it).

@@ -42,6 +42,101 @@ pub enum StartMethod {
     Spawn,
 }
 
+static DEFAULT_METHOD: std::sync::OnceLock<StartMethod> = std::sync::OnceLock::new();
+
+/// Sets the process-wide start method that [`Builder::new`] uses for
+/// [`spawn_entry`](Builder::spawn_entry), once (Python's
+/// `set_start_method`).
+///
+/// # Examples
+///
+/// ```
+/// use proc_core::StartMethod;
+/// proc_core::set_start_method(StartMethod::Fork).expect("first call");
+/// assert!(proc_core::set_start_method(StartMethod::Spawn).is_err());
+/// assert_eq!(proc_core::get_start_method(), StartMethod::Fork);
+/// ```
+///
+/// # Errors
+///
+/// [`StartMethodError::AlreadySet`] if it was set (or read) before.
+pub fn set_start_method(method: StartMethod) -> Result<(), StartMethodError> {
+    DEFAULT_METHOD
+        .set(method)
+        .map_err(|_| StartMethodError::AlreadySet {
+            current: get_start_method(),
+        })
+}
+
+/// The process-wide start method (`Fork` unless
+/// [`set_start_method`] chose another); reading it fixes it, as Python's
+/// `get_start_method()` does.
+pub fn get_start_method() -> StartMethod {
+    *DEFAULT_METHOD.get_or_init(StartMethod::default)
+}
+
+/// Why the start method could not be set.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartMethodError {
+    /// It was already set, or already read (and so fixed).
+    #[error("the start method is already {current:?}")]
+    AlreadySet {
+        /// The method in force.
+        current: StartMethod,
+    },
+}
+
+/// A start method to use without changing the process-wide one (Python's
+/// `get_context(method)`).
+///
+/// # Examples
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let ctx = proc_core::get_context(Some(proc_core::StartMethod::Fork));
+/// let child = ctx.spawn_entry(|n: u64| n * n, 12)?;
+/// assert_eq!(child.join()?, 144);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Context {
+    method: StartMethod,
+}
+
+/// The context of `method`, or of the process-wide method for `None`.
+pub fn get_context(method: Option<StartMethod>) -> Context {
+    Context {
+        method: method.unwrap_or_else(get_start_method),
+    }
+}
+
+impl Context {
+    /// This context's start method.
+    pub fn start_method(&self) -> StartMethod {
+        self.method
+    }
+
+    /// A [`Builder`] that starts entries with this context's method.
+    pub fn builder(&self) -> Builder {
+        Builder::new().start_method(self.method)
+    }
+
+    /// Starts the entry `f(args)` with this context's method (see
+    /// [`Builder::spawn_entry`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Builder::spawn_entry`].
+    pub fn spawn_entry<A, R>(&self, f: fn(A) -> R, args: A) -> Result<JoinHandle<R>, SpawnError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+    {
+        self.builder().spawn_entry(f, args)
+    }
+}
+
 /// The environment variable that tells [`init`] it runs in a spawned child
 /// (its value: the request and result descriptors).
 const ENV: &str = "PROC_SPAWN_FDS";

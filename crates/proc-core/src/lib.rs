@@ -50,7 +50,9 @@ pub use current::{
     active_children, cpu_count, current_process, exit, getpid, getppid, parent_process, ExitInfo,
     ProcessInfo,
 };
-pub use entry::{init, StartMethod};
+pub use entry::{
+    get_context, get_start_method, init, set_start_method, Context, StartMethod, StartMethodError,
+};
 pub use error::{DecodeError, JoinError, ProcessError, SpawnError};
 pub use handle::JoinHandle;
 pub use pid::Pid;
