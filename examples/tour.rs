@@ -33,7 +33,15 @@ impl ProcessClass for Greeter {
     }
 }
 
+/// An entry for the Spawn start method: a plain function.
+fn square(n: u64) -> u64 {
+    n * n
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // First line of main: in a child started by the Spawn method, this runs
+    // the entry instead of the tour.
+    proc::init();
     section("1. creation flow: function -> Process -> attributes -> start -> join");
     let mut p = Process::new(|| println!("  hello from the child, pid {}", proc::getpid()));
     p.set_name("hello")?;
@@ -126,7 +134,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         t.elapsed()
     );
 
-    section("8. start+join cost");
+    section("8. start methods: fork (a copy of this process) and spawn (a fresh exec)");
+    for method in [proc::StartMethod::Fork, proc::StartMethod::Spawn] {
+        let t = Instant::now();
+        let child = proc::Builder::new()
+            .start_method(method)
+            .spawn_entry(square, 12)?;
+        println!(
+            "  {method:?}: square(12) = {} in {:.2} ms",
+            child.join()?,
+            t.elapsed().as_secs_f64() * 1e3
+        );
+    }
+
+    section("9. start+join cost");
     let n = 100;
     let t = Instant::now();
     for _ in 0..n {
