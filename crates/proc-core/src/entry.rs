@@ -213,13 +213,27 @@ fn finish_with(result: &File, outcome: &Outcome<()>) -> ! {
     current::finish_child(1)
 }
 
-/// In a spawned child: reads the request, checks it, runs the entry.
-fn run_spawned(fds: &str) -> ! {
+/// In a spawned child: reads the request, checks it, runs the entry (and
+/// never returns). Returns only when the variable does not name a request
+/// made by a proc parent, so that `init()` then carries on as an ordinary
+/// start.
+fn run_spawned(fds: &str) {
     let mut it = fds.split(',').map(|s| s.parse::<i32>());
     let (Some(Ok(req_fd)), Some(Ok(res_fd))) = (it.next(), it.next()) else {
-        eprintln!("proc: malformed {ENV}");
-        sys::exit_now(1)
+        eprintln!("proc: malformed {ENV}; ignoring it");
+        return;
     };
+    // Only the memfds a proc parent made: a stray variable (set by hand,
+    // or leaked into an unrelated start) must not make init() take over
+    // and write into whatever descriptors it names.
+    let ours = |fd: i32, name: &str| {
+        std::fs::read_link(format!("/proc/self/fd/{fd}"))
+            .is_ok_and(|p| p.to_string_lossy().starts_with(&format!("/memfd:{name}")))
+    };
+    if !ours(req_fd, "proc-request") || !ours(res_fd, "proc-result") {
+        eprintln!("proc: {ENV} does not name a spawn request; ignoring it");
+        return;
+    }
     let (Some(request_file), Some(result)) =
         (sys::inherited_file(req_fd), sys::inherited_file(res_fd))
     else {
