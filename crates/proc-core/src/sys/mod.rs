@@ -34,10 +34,15 @@ impl ForkPermit {
     ///
     /// A thread that was just joined has left user space for good, but the
     /// kernel counts it until its task is released, which on a busy machine
-    /// can take milliseconds. Such a thread has already dropped its address
-    /// space (its `vsize` in `/proc/self/task/<tid>/stat` is 0) and can
-    /// never run user code again, so when the quick count says more than 1,
-    /// the threads are counted one by one, ignoring those, for up to 2 ms.
+    /// can take milliseconds. Once such a thread has dropped its address
+    /// space (its `vsize` in `/proc/self/task/<tid>/stat` is 0) it can never
+    /// run user code again, so when the quick count says more than 1, the
+    /// threads are counted one by one, ignoring those, for up to
+    /// `SETTLE`. The joiner is woken a moment before the exiting thread
+    /// drops its address space; if the exiting thread is preempted in
+    /// between, that moment lasts a scheduler slice (2 ms was seen to be
+    /// too short under load). Only a process that really has other threads
+    /// pays the wait, before its `Threaded` error.
     pub(crate) fn single_threaded() -> Result<ForkPermit, ThreadCheck> {
         match thread_count() {
             Ok(1) => return Ok(ForkPermit(())),
@@ -48,7 +53,7 @@ impl ForkPermit {
         loop {
             match threads_with_memory() {
                 Ok(1) => return Ok(ForkPermit(())),
-                Ok(threads) if since.elapsed() > Duration::from_millis(2) => {
+                Ok(threads) if since.elapsed() > SETTLE => {
                     return Err(ThreadCheck::Threaded(threads))
                 }
                 Ok(_) => std::thread::yield_now(),
@@ -69,6 +74,9 @@ impl ForkPermit {
         ForkPermit(())
     }
 }
+
+/// How long a thread count above 1 is re-checked (see `single_threaded`).
+const SETTLE: Duration = Duration::from_millis(25);
 
 /// Why [`ForkPermit::single_threaded`] refused.
 pub(crate) enum ThreadCheck {
