@@ -7,8 +7,8 @@
 //! `proc-process` (`Process::new` + `start` + `join`), and `python`
 //! (`multiprocessing` with the fork context); then, interleaved with each
 //! other, `raw-exec` (std `Command` running this binary, which exits at
-//! once) and `proc-spawn` (`spawn_entry` with `StartMethod::Spawn`), with
-//! N/2 each. `PROC_BENCH_QUICK=1`: N = 20,
+//! once), `proc-spawn` (`spawn_entry` with `StartMethod::Spawn`) and
+//! `proc-forkserver` (`StartMethod::ForkServer`), with N/2 each. `PROC_BENCH_QUICK=1`: N = 20,
 //! one round.
 
 mod common;
@@ -55,11 +55,11 @@ fn proc_process() -> f64 {
 /// The Spawn start method's target: does nothing.
 fn noop(_: ()) {}
 
-/// One `Builder::spawn_entry` start+join with `StartMethod::Spawn`, in µs.
-fn proc_spawn_method() -> f64 {
+/// One `Builder::spawn_entry` start+join with `method`, in µs.
+fn proc_entry(method: proc::StartMethod) -> f64 {
     let t = Instant::now();
     proc::Builder::new()
-        .start_method(proc::StartMethod::Spawn)
+        .start_method(method)
         .spawn_entry(noop, ())
         .expect("spawn")
         .join()
@@ -81,6 +81,18 @@ fn raw_exec() -> f64 {
 
 const RAW_EXEC: &str = "PROC_W1_RAW_EXEC";
 
+/// All six orders of three systems: whichever runs right after another
+/// system's child exits pays for that child's teardown, so each system must
+/// follow each other one equally often.
+const ORDERS: [[usize; 3]; 6] = [
+    [0, 1, 2],
+    [0, 2, 1],
+    [1, 0, 2],
+    [1, 2, 0],
+    [2, 0, 1],
+    [2, 1, 0],
+];
+
 fn main() {
     proc::init();
     if std::env::var_os(RAW_EXEC).is_some() {
@@ -99,9 +111,6 @@ fn main() {
         // Interleaved one start+join at a time, so that the machine's drift
         // hits every system alike.
         let (mut r, mut o, mut p) = (0.0, 0.0, 0.0);
-        // Cycle through all six orders: whichever runs right after another
-        // system's child exits pays for that child's teardown, so each
-        // system must follow each other one equally often.
         const ORDERS: [[usize; 3]; 6] = [
             [0, 1, 2],
             [0, 2, 1],
@@ -134,21 +143,24 @@ fn main() {
         );
     }
     // The exec start methods, interleaved the same way.
-    let (mut rex, mut psp) = (vec![], vec![]);
+    let (mut rex, mut psp, mut pfs) = (vec![], vec![], vec![]);
     let m = n / 2;
+    // The first ForkServer start execs the server: not part of the figure.
+    proc_entry(proc::StartMethod::ForkServer);
     for round in 1..=rounds {
-        let (mut a, mut b) = (0.0, 0.0);
+        let (mut a, mut b, mut c) = (0.0, 0.0, 0.0);
         for i in 0..m {
-            if i % 2 == 0 {
-                a += raw_exec();
-                b += proc_spawn_method();
-            } else {
-                b += proc_spawn_method();
-                a += raw_exec();
+            for k in ORDERS[i % 6] {
+                match k {
+                    0 => a += raw_exec(),
+                    1 => b += proc_entry(proc::StartMethod::Spawn),
+                    _ => c += proc_entry(proc::StartMethod::ForkServer),
+                }
             }
         }
         rex.push(a / m as f64);
         psp.push(b / m as f64);
+        pfs.push(c / m as f64);
         println!(
             "  round {round} (exec, N = {m}): raw-exec {:.1} µs, proc-spawn {:.1} µs",
             a / m as f64,
@@ -157,6 +169,7 @@ fn main() {
     }
     common::result("W1", "raw-exec", &rex, "us");
     common::result("W1", "proc-spawn", &psp, "us");
+    common::result("W1", "proc-forkserver", &pfs, "us");
     println!(
         "ratio proc-spawn / raw-exec: {:.2}x",
         common::median(&psp) / common::median(&rex)

@@ -1,34 +1,78 @@
-//! The `Spawn` start method: entries run in a fresh exec of this test
-//! binary, whose `main` starts with `proc::init()`; results, panics, exit
-//! codes and signals come back as with fork, and a threaded parent is fine.
+//! The exec start methods, `Spawn` and `ForkServer`: entries run in a fresh
+//! exec of this test binary (or a child of its fork server), whose `main`
+//! starts with `proc::init()`; results, panics, exit codes and signals come
+//! back as with fork, and a threaded parent is fine. Every test runs under
+//! both methods.
 
 mod common;
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use proc::{Builder, JoinError, JoinableQueue, PutError, Queue, QueueError, StartMethod};
 use serde::{Deserialize, Serialize};
 
+static METHOD: AtomicU8 = AtomicU8::new(0);
+
 fn main() {
     proc::init();
-    common::run(&[
-        ("value_comes_back", 20, value_comes_back),
-        ("panic_comes_back", 20, panic_comes_back),
-        ("exit_code_comes_back", 20, exit_code_comes_back),
-        ("sigkill_comes_back", 20, sigkill_comes_back),
-        ("threaded_parent", 20, threaded_parent),
-        ("child_is_a_fresh_process", 20, child_is_a_fresh_process),
+    common::become_subreaper();
+    macro_rules! both {
+        ($name:literal, $secs:literal, $f:ident) => {
+            [
+                (
+                    concat!("spawn::", $name),
+                    $secs,
+                    (|| {
+                        METHOD.store(0, Ordering::Relaxed);
+                        $f()
+                    }) as fn(),
+                ),
+                (
+                    concat!("forkserver::", $name),
+                    $secs,
+                    (|| {
+                        METHOD.store(1, Ordering::Relaxed);
+                        $f()
+                    }) as fn(),
+                ),
+            ]
+        };
+    }
+    let tests: Vec<common::Test> = [
+        both!("value_comes_back", 20, value_comes_back),
+        both!("panic_comes_back", 20, panic_comes_back),
+        both!("exit_code_comes_back", 20, exit_code_comes_back),
+        both!("sigkill_comes_back", 20, sigkill_comes_back),
+        both!("threaded_parent", 20, threaded_parent),
+        both!("child_is_a_fresh_process", 20, child_is_a_fresh_process),
+        both!("queues_cross_a_spawn", 30, queues_cross_a_spawn),
+    ]
+    .into_iter()
+    .flatten()
+    .chain([
         (
             "fork_method_runs_entries_too",
             20,
-            fork_method_runs_entries_too,
+            fork_method_runs_entries_too as fn(),
         ),
-        ("queues_cross_a_spawn", 30, queues_cross_a_spawn),
-    ]);
+        (
+            "forkserver_dies_with_its_parent",
+            30,
+            forkserver_dies_with_its_parent as fn(),
+        ),
+    ])
+    .collect();
+    common::run(&tests);
 }
 
 fn spawn() -> Builder {
-    Builder::new().start_method(StartMethod::Spawn)
+    let method = if METHOD.load(Ordering::Relaxed) == 0 {
+        StartMethod::Spawn
+    } else {
+        StartMethod::ForkServer
+    };
+    Builder::new().start_method(method)
 }
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -132,7 +176,7 @@ fn who(_: ()) -> (String, bool, u32, u32, Option<String>) {
     (
         me.name().to_owned(),
         me.daemon(),
-        proc::getppid().as_u32(),
+        proc::parent_process().map_or(0, |p| p.pid().as_u32()),
         proc::getpid().as_u32(),
         stdin,
     )
@@ -145,6 +189,8 @@ fn child_is_a_fresh_process() {
         .spawn_entry(who, ())
         .expect("spawn");
     let pid = child.pid().as_u32();
+    // The requester is the child's parent process (with ForkServer its OS
+    // parent is the server).
     let (name, daemon, ppid, own, stdin) = child.join().expect("join");
     assert_eq!(
         (name.as_str(), daemon, ppid, own),
@@ -201,4 +247,52 @@ fn queues_cross_a_spawn() {
         outer.put(inner),
         Err(PutError::Failed(_, QueueError::Encode(_)))
     ));
+}
+
+fn forkserver_dies_with_its_parent() {
+    // A fork child starts a daemon entry through its fork server and
+    // reports both pids; then it is SIGKILLed. The server (and with it the
+    // daemon) must not outlive it. This process is a subreaper: the orphans
+    // come here to be reaped.
+    let dir = common::temp_dir("forkserver-kill");
+    let pids = dir.join("pids");
+    let pids_in_child = pids.clone();
+    let middle = proc::spawn(move || {
+        let child = Builder::new()
+            .start_method(StartMethod::ForkServer)
+            .daemon(true)
+            .spawn_entry(nap, 60_000)
+            .expect("forkserver start");
+        let me = std::process::id();
+        let server = common::children_of(me)
+            .into_iter()
+            .map(|(p, _)| p)
+            .find(|&p| p != child.pid().as_u32());
+        std::fs::write(
+            &pids_in_child,
+            format!("{} {}\n", server.expect("server pid"), child.pid()),
+        )
+        .expect("write");
+        nap(60_000);
+    })
+    .expect("spawn");
+    assert!(common::eventually(Duration::from_secs(10), || {
+        std::fs::read_to_string(&pids).is_ok_and(|s| s.ends_with('\n'))
+    }));
+    let text = std::fs::read_to_string(&pids).expect("pids");
+    let mut it = text
+        .split_whitespace()
+        .map(|s| s.parse::<u32>().expect("pid"));
+    let (server, daemon) = (it.next().expect("server"), it.next().expect("daemon"));
+    middle.kill().expect("kill");
+    let _ = middle.join();
+    for pid in [server, daemon] {
+        assert!(
+            common::eventually(Duration::from_secs(10), || {
+                common::reap_adopted(pid).is_some() || common::proc_state(pid).is_none()
+            }),
+            "process {pid} outlived its SIGKILLed requester"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }

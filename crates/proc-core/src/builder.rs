@@ -270,6 +270,7 @@ impl Builder {
         match self.start_method {
             crate::entry::StartMethod::Fork => self.spawn(move || f(args)),
             crate::entry::StartMethod::Spawn => crate::entry::spawn_exec(self, f, args),
+            crate::entry::StartMethod::ForkServer => crate::forkserver::spawn(self, f, args),
         }
     }
 }

@@ -37,6 +37,8 @@ const REAPING_AGAIN: u8 = 5;
 struct Slot {
     state: AtomicU8,
     daemon: AtomicBool,
+    /// An internal helper (the fork server): not listed by `live`.
+    hidden: AtomicBool,
     pid: AtomicI32,
 }
 
@@ -45,6 +47,7 @@ impl Slot {
         Slot {
             state: AtomicU8::new(FREE),
             daemon: AtomicBool::new(false),
+            hidden: AtomicBool::new(false),
             pid: AtomicI32::new(0),
         }
     }
@@ -96,6 +99,7 @@ pub(crate) fn reserve() -> Option<SlotId> {
                 .is_ok()
         {
             HIGH.fetch_max(i + 1, Ordering::AcqRel);
+            slot.hidden.store(false, Ordering::Relaxed);
             return Some(SlotId(i));
         }
     }
@@ -116,6 +120,16 @@ pub(crate) fn name(slot: SlotId, name: &str) {
         names.resize(slot.0 + 1, None);
     }
     names[slot.0] = Some(name.to_owned());
+}
+
+/// Records an internal helper process (the fork server) that no handle
+/// owns: a daemon, reaped as soon as it ends, not listed by
+/// `active_children`.
+pub(crate) fn register_hidden(slot: SlotId, pid: libc::pid_t) {
+    let s = &TABLE[slot.0];
+    s.hidden.store(true, Ordering::Relaxed);
+    register(slot, pid, true);
+    detach(slot);
 }
 
 /// Records the forked child in its slot; its handle now owns the reaping.
@@ -249,7 +263,9 @@ pub(crate) fn live() -> Vec<LiveChild> {
     let mut out = Vec::new();
     for (i, s) in TABLE[..high].iter().enumerate() {
         let st = s.state.load(Ordering::Acquire);
-        if !matches!(st, OWNED | DETACHED | REAPING | REAPING_AGAIN) {
+        if !matches!(st, OWNED | DETACHED | REAPING | REAPING_AGAIN)
+            || s.hidden.load(Ordering::Relaxed)
+        {
             continue;
         }
         let pid = s.pid.load(Ordering::Relaxed);
@@ -267,6 +283,7 @@ pub(crate) fn live() -> Vec<LiveChild> {
 /// What Python does at exit: terminate the daemon children, then wait for
 /// every child (daemon or not) to end.
 pub(crate) fn finish_children() {
+    crate::remote::finish();
     if !owned() {
         return;
     }

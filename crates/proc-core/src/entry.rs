@@ -40,6 +40,11 @@ pub enum StartMethod {
     /// Exec this executable afresh and run an entry in it: works from any
     /// program, threads or not; needs [`init`] as the first line of `main`.
     Spawn,
+    /// Ask a fork server (this executable, exec'd once and kept
+    /// single-threaded) to fork a child that runs the entry: Spawn's safety
+    /// at close to fork's speed; needs [`init`] too. The child's stdin is
+    /// `/dev/null`.
+    ForkServer,
 }
 
 static DEFAULT_METHOD: std::sync::OnceLock<StartMethod> = std::sync::OnceLock::new();
@@ -178,6 +183,10 @@ struct Request {
 /// `main` runs in the child.
 pub fn init() {
     INIT_CALLED.store(true, Ordering::Relaxed);
+    if let Some(fd) = std::env::var_os(crate::forkserver::ENV) {
+        std::env::remove_var(crate::forkserver::ENV);
+        crate::forkserver::serve(&fd.to_string_lossy());
+    }
     let Some(fds) = std::env::var_os(ENV) else {
         return;
     };
@@ -240,6 +249,21 @@ fn run_spawned(fds: &str) {
         eprintln!("proc: the descriptors named by {ENV} are not open");
         sys::exit_now(1)
     };
+    // Inherited under the numbers the request lists.
+    run_request(request_file, result, None, None)
+}
+
+/// In a child (exec'd, or forked by the fork server): reads the request,
+/// checks it, takes the shared descriptors (`shared`, or those inherited
+/// under the numbers the request lists), runs the entry, exits. `parent`
+/// is the process the daemon check expects as parent (the fork server), or
+/// `None` for the requester itself.
+pub(crate) fn run_request(
+    request_file: File,
+    result: File,
+    shared: Option<Vec<std::os::fd::OwnedFd>>,
+    parent: Option<i32>,
+) -> ! {
     let request = request_file
         .metadata()
         .ok()
@@ -259,22 +283,29 @@ fn run_spawned(fds: &str) {
             &Outcome::Refused("this is not the executable that made the request".into()),
         )
     };
+    let expected_parent = parent.unwrap_or(request.parent);
     if request.daemon
         && (sys::set_parent_death_signal(libc::SIGKILL).is_err()
-            || sys::getppid() != request.parent)
+            || sys::getppid() != expected_parent)
     {
         sys::exit_now(1);
     }
-    let mut shared = Vec::with_capacity(request.fds.len());
-    for &fd in &request.fds {
-        match sys::inherited_file(fd) {
-            Some(file) => shared.push(std::os::fd::OwnedFd::from(file)),
-            None => finish_with(
-                &result,
-                &Outcome::Refused(format!("shared descriptor {fd} is not open")),
-            ),
+    let shared = match shared {
+        Some(fds) => fds,
+        None => {
+            let mut fds = Vec::with_capacity(request.fds.len());
+            for &fd in &request.fds {
+                match sys::inherited_file(fd) {
+                    Some(file) => fds.push(std::os::fd::OwnedFd::from(file)),
+                    None => finish_with(
+                        &result,
+                        &Outcome::Refused(format!("shared descriptor {fd} is not open")),
+                    ),
+                }
+            }
+            fds
         }
-    }
+    };
     crate::handoff::receive(shared);
     current::enter_child(request.name, request.path, request.daemon, request.parent);
     crate::builder::install_panic_hook();
@@ -285,12 +316,23 @@ fn run_spawned(fds: &str) {
     run(&proof, entry_addr, &request.args, &result)
 }
 
-/// Starts `f(args)` in a fresh exec of this executable.
-pub(crate) fn spawn_exec<A, R>(
-    builder: Builder,
+/// What an exec or fork-server start sends to its child.
+pub(crate) struct Prepared {
+    pub(crate) request_file: File,
+    pub(crate) result: File,
+    /// Descriptors shared by the arguments.
+    pub(crate) fds: Vec<i32>,
+    pub(crate) name: String,
+    pub(crate) daemon: bool,
+    stdin: Stdin,
+}
+
+/// Builds the request for the entry `f(args)`.
+pub(crate) fn prepare<A, R>(
+    builder: &Builder,
     f: fn(A) -> R,
     args: A,
-) -> Result<JoinHandle<R>, SpawnError>
+) -> Result<Prepared, SpawnError>
 where
     A: Serialize + DeserializeOwned,
     R: Serialize + DeserializeOwned,
@@ -322,6 +364,34 @@ where
         .write_all_at(&bytes, 0)
         .map_err(SpawnError::ResultChannel)?;
     let result = sys::memfd(c"proc-result").map_err(SpawnError::ResultChannel)?;
+    Ok(Prepared {
+        request_file,
+        result,
+        fds,
+        name,
+        daemon,
+        stdin,
+    })
+}
+
+/// Starts `f(args)` in a fresh exec of this executable.
+pub(crate) fn spawn_exec<A, R>(
+    builder: Builder,
+    f: fn(A) -> R,
+    args: A,
+) -> Result<JoinHandle<R>, SpawnError>
+where
+    A: Serialize + DeserializeOwned,
+    R: Serialize + DeserializeOwned,
+{
+    let Prepared {
+        request_file,
+        result,
+        fds,
+        name,
+        daemon,
+        stdin,
+    } = prepare(&builder, f, args)?;
     children::init();
     let slot = children::reserve().ok_or(SpawnError::TooManyChildren)?;
     children::name(slot, &name);

@@ -2,8 +2,9 @@
 
 use std::fmt;
 use std::fs::File;
+use std::io::Read;
 use std::marker::PhantomData;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
@@ -45,10 +46,19 @@ pub struct JoinHandle<T> {
     pid: Pid,
     name: String,
     result: File,
-    slot: SlotId,
+    /// The slot in this process's child table (`None` for a fork-server
+    /// child, which the server reaps).
+    slot: Option<SlotId>,
+    /// A fork-server child: its pidfd and the pipe its exit status arrives on.
+    remote: Option<Remote>,
     status: Option<Reaped>,
     pidfd: Option<OwnedFd>,
     _result: PhantomData<fn() -> T>,
+}
+
+struct Remote {
+    pidfd: OwnedFd,
+    status: File,
 }
 
 #[derive(Clone, Copy)]
@@ -73,7 +83,28 @@ impl<T> JoinHandle<T> {
             pid,
             name,
             result,
-            slot,
+            slot: Some(slot),
+            remote: None,
+            status: None,
+            pidfd: None,
+            _result: PhantomData,
+        }
+    }
+
+    /// A handle on a child forked by the fork server.
+    pub(crate) fn new_remote(
+        pid: Pid,
+        name: String,
+        result: File,
+        pidfd: OwnedFd,
+        status: File,
+    ) -> Self {
+        JoinHandle {
+            pid,
+            name,
+            result,
+            slot: None,
+            remote: Some(Remote { pidfd, status }),
             status: None,
             pidfd: None,
             _result: PhantomData,
@@ -101,7 +132,13 @@ impl<T> JoinHandle<T> {
     /// Whether the child has ended (`std::thread::JoinHandle::is_finished`).
     /// Does not reap it: [`join`](Self::join) still gets the result.
     pub fn is_finished(&self) -> bool {
-        self.status.is_some() || matches!(sys::has_exited(self.pid.raw()), Ok(true))
+        if self.status.is_some() {
+            return true;
+        }
+        match &self.remote {
+            Some(remote) => sys::readable_now(remote.pidfd.as_fd()),
+            None => matches!(sys::has_exited(self.pid.raw()), Ok(true)),
+        }
     }
 
     /// The exit status if the child has ended, without reaping it (so that
@@ -110,6 +147,7 @@ impl<T> JoinHandle<T> {
         match self.status {
             Some(Reaped::Status(s)) => Some(s),
             Some(Reaped::Lost) => None,
+            None if self.remote.is_some() => None,
             None => sys::peek_exit(self.pid.raw()).ok().flatten(),
         }
     }
@@ -171,7 +209,10 @@ impl<T> JoinHandle<T> {
         if self.status.is_some() {
             return Ok(());
         }
-        sys::kill(self.pid.raw(), signal)
+        match &self.remote {
+            Some(remote) => sys::pidfd_signal(remote.pidfd.as_fd(), signal),
+            None => sys::kill(self.pid.raw(), signal),
+        }
     }
 
     /// Waits until `deadline` (`None`: forever); `Ok(None)` on timeout.
@@ -185,6 +226,12 @@ impl<T> JoinHandle<T> {
                     Reaped::Status(s) => Ok(Some(s)),
                     Reaped::Lost => Err(JoinError::StatusLost),
                 };
+            }
+            if self.remote.is_some() {
+                if !self.wait_remote(deadline)? {
+                    return Ok(None);
+                }
+                continue;
             }
             let reap = match deadline {
                 None => sys::waitpid_blocking(self.pid.raw()),
@@ -206,6 +253,49 @@ impl<T> JoinHandle<T> {
         }
     }
 
+    /// Waits for a fork-server child's status to arrive (until `deadline`);
+    /// false on timeout.
+    fn wait_remote(&mut self, deadline: Option<Instant>) -> Result<bool, JoinError> {
+        let Some(remote) = &self.remote else {
+            return Ok(true);
+        };
+        loop {
+            let timeout = match deadline {
+                None => Duration::from_secs(3600),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d && !sys::readable_now(remote.status.as_fd()) {
+                        return Ok(false);
+                    }
+                    d.saturating_duration_since(now)
+                }
+            };
+            if sys::poll_readable(remote.status.as_fd(), timeout).map_err(JoinError::Io)?
+                || sys::readable_now(remote.status.as_fd())
+            {
+                break;
+            }
+        }
+        let mut raw = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            match (&remote.status).read(&mut raw[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(JoinError::Io(e)),
+            }
+        }
+        let reaped = if got == 4 {
+            Reaped::Status(ExitStatus::from_raw(i32::from_le_bytes(raw)))
+        } else {
+            // The server died before reporting: the status is lost.
+            Reaped::Lost
+        };
+        self.set_reaped(reaped);
+        Ok(true)
+    }
+
     /// Sleeps until the child exits or `timeout` passes.
     fn sleep_until_exit(&mut self, timeout: Duration) -> Result<(), JoinError> {
         if self.pidfd.is_none() {
@@ -213,7 +303,7 @@ impl<T> JoinHandle<T> {
         }
         match &self.pidfd {
             Some(fd) => {
-                sys::poll_readable(fd, timeout).map_err(JoinError::Io)?;
+                sys::poll_readable(fd.as_fd(), timeout).map_err(JoinError::Io)?;
             }
             // Kernels before 5.3: poll the status with a short sleep.
             None => std::thread::sleep(timeout.min(Duration::from_millis(1))),
@@ -224,7 +314,9 @@ impl<T> JoinHandle<T> {
     fn set_reaped(&mut self, reaped: Reaped) {
         self.status = Some(reaped);
         self.pidfd = None;
-        children::release(self.slot);
+        if let Some(slot) = self.slot {
+            children::release(slot);
+        }
     }
 }
 
@@ -284,8 +376,8 @@ fn decode_outcome<T: DeserializeOwned>(status: ExitStatus, bytes: &[u8]) -> Resu
 
 impl<T> Drop for JoinHandle<T> {
     fn drop(&mut self) {
-        if self.status.is_none() {
-            children::detach(self.slot);
+        if let (None, Some(slot)) = (self.status, self.slot) {
+            children::detach(slot);
         }
     }
 }

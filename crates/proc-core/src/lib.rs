@@ -38,10 +38,12 @@ mod children;
 mod current;
 mod entry;
 mod error;
+mod forkserver;
 mod handle;
 pub mod handoff;
 mod pid;
 mod process;
+mod remote;
 #[allow(unsafe_code)]
 mod sys;
 

@@ -301,7 +301,10 @@ pub(crate) fn pidfd_open(pid: libc::pid_t) -> io::Result<Option<OwnedFd>> {
 }
 
 /// Waits until `fd` is readable or `timeout` passes; `Ok(true)` if readable.
-pub(crate) fn poll_readable(fd: &OwnedFd, timeout: Duration) -> io::Result<bool> {
+pub(crate) fn poll_readable(
+    fd: std::os::fd::BorrowedFd<'_>,
+    timeout: Duration,
+) -> io::Result<bool> {
     let mut pfd = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN,
@@ -510,6 +513,200 @@ pub(crate) fn keep_across_exec(cmd: &mut std::process::Command, fds: &[RawFd]) {
             }
             Ok(())
         });
+    }
+}
+
+/// A close-on-exec pipe: (read end, write end).
+pub(crate) fn pipe() -> io::Result<(std::fs::File, std::fs::File)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 returned two fresh descriptors that nothing else owns.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok((std::fs::File::from(r), std::fs::File::from(w)))
+}
+
+/// A connected pair of close-on-exec `SOCK_SEQPACKET` Unix sockets.
+pub(crate) fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Sends one message carrying `fds` (SCM_RIGHTS) and waits for the reply:
+/// a pid and a pidfd.
+pub(crate) fn request(sock: &OwnedFd, fds: &[RawFd]) -> io::Result<(libc::pid_t, OwnedFd)> {
+    use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+    use std::io::{IoSlice, IoSliceMut};
+    let iov = [IoSlice::new(b"r")];
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &iov,
+        &[ControlMessage::ScmRights(fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(io::Error::from)?;
+    let mut buf = [0u8; 4];
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    let mut pidfd = None;
+    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            for fd in received {
+                // SAFETY: the kernel just installed this descriptor in this
+                // process for us; nothing else owns it.
+                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                if pidfd.is_none() {
+                    pidfd = Some(owned);
+                }
+            }
+        }
+    }
+    let n = msg.bytes;
+    if n != 4 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "fork server closed",
+        ));
+    }
+    let pid = i32::from_le_bytes(buf);
+    match (pid, pidfd) {
+        (pid, Some(pidfd)) if pid > 0 => Ok((pid, pidfd)),
+        _ => Err(io::Error::other(
+            "the fork server could not start the child",
+        )),
+    }
+}
+
+/// In the fork server: the next request's descriptors, or `None` when the
+/// requester closed its end.
+pub(crate) fn receive(sock: &OwnedFd) -> io::Result<Option<Vec<OwnedFd>>> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::io::IoSliceMut;
+    let mut buf = [0u8; 1];
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([RawFd; 64]);
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            for fd in received {
+                // SAFETY: the kernel just installed this descriptor in this
+                // process for us; nothing else owns it.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    if msg.bytes == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(fds))
+}
+
+/// In the fork server: answers a request with `pid` (or -1) and its pidfd.
+pub(crate) fn reply(sock: &OwnedFd, pid: libc::pid_t, pidfd: Option<&OwnedFd>) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::io::IoSlice;
+    let bytes = pid.to_le_bytes();
+    let iov = [IoSlice::new(&bytes)];
+    let fds: Vec<RawFd> = pidfd.map(|f| f.as_raw_fd()).into_iter().collect();
+    let cmsgs: Vec<ControlMessage<'_>> = if fds.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(&fds)]
+    };
+    sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::empty(), None)
+        .map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// Waits until one of `fds` is readable; which ones are.
+pub(crate) fn poll_many(fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<Vec<bool>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `pfds` is a valid array of pollfd of the given length.
+    let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(pfds.iter().map(|p| p.revents != 0).collect())
+}
+
+/// Whether `fd` is readable right now.
+pub(crate) fn readable_now(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+}
+
+/// Waits until `fd` is readable (a pidfd: until its process exits).
+pub(crate) fn wait_readable(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if r >= 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// Sends `signal` to the process behind the pidfd `fd` (no pid reuse race).
+pub(crate) fn pidfd_signal(fd: std::os::fd::BorrowedFd<'_>, signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal takes a pidfd, a signal, a null siginfo and
+    // flags 0.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            signal,
+            std::ptr::null::<u8>(),
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

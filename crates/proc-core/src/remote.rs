@@ -1,0 +1,47 @@
+//! Children of the fork server, as seen by the process that asked for
+//! them: not its own children (the server reaps them), but what Python does
+//! at exit still applies: daemons are terminated, the others waited for.
+
+use std::os::fd::{AsFd, OwnedFd};
+
+use crate::sys;
+
+/// A fork-server child: pid, pidfd, daemon flag.
+type Entry = (libc::pid_t, OwnedFd, bool);
+
+/// The fork-server children started by this process (the pid of the owner
+/// first: a forked child inherits the list but not the children); entries
+/// of ended children are pruned on registration.
+static REMOTE: parking_lot::Mutex<(libc::pid_t, Vec<Entry>)> =
+    parking_lot::const_mutex((0, Vec::new()));
+
+/// Records a fork-server child for the exit handling.
+pub(crate) fn register(pid: libc::pid_t, pidfd: &OwnedFd, daemon: bool) {
+    let Ok(pidfd) = pidfd.try_clone() else { return };
+    let me = sys::getpid();
+    let mut remote = REMOTE.lock();
+    if remote.0 != me {
+        // Inherited from a parent: not this process's.
+        remote.1.clear();
+        remote.0 = me;
+    }
+    remote.1.retain(|(_, fd, _)| !sys::readable_now(fd.as_fd()));
+    remote.1.push((pid, pidfd, daemon));
+}
+
+/// At exit: terminates the daemon children and waits for the others.
+pub(crate) fn finish() {
+    let me = sys::getpid();
+    let remote = std::mem::take(&mut *REMOTE.lock());
+    if remote.0 != me {
+        return;
+    }
+    for (_, pidfd, daemon) in &remote.1 {
+        if *daemon {
+            let _ = sys::pidfd_signal(pidfd.as_fd(), libc::SIGTERM);
+        }
+    }
+    for (_, pidfd, _) in &remote.1 {
+        let _ = sys::wait_readable(pidfd.as_fd());
+    }
+}
