@@ -162,9 +162,11 @@ fn main() {
         psp.push(b / m as f64);
         pfs.push(c / m as f64);
         println!(
-            "  round {round} (exec, N = {m}): raw-exec {:.1} µs, proc-spawn {:.1} µs",
+            "  round {round} (exec, N = {m}): raw-exec {:.1} µs, proc-spawn {:.1} µs, \
+             proc-forkserver {:.1} µs",
             a / m as f64,
-            b / m as f64
+            b / m as f64,
+            c / m as f64
         );
     }
     common::result("W1", "raw-exec", &rex, "us");

@@ -11,8 +11,8 @@ pub enum SpawnError {
     #[error(
         "cannot fork safely: this process has {threads} threads, and after fork a lock held by \
          another thread stays held in the child; start processes before starting threads, run an \
-         entry with StartMethod::Spawn (Builder::spawn_entry), or take responsibility with the \
-         unsafe `Builder::spawn_unchecked`"
+         entry with StartMethod::Spawn or StartMethod::ForkServer (Builder::spawn_entry), or \
+         take responsibility with the unsafe `Builder::spawn_unchecked`"
     )]
     Threaded {
         /// How many threads the process had.

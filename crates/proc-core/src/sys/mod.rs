@@ -762,6 +762,15 @@ mod tests {
     }
 
     #[test]
+    fn another_executable_is_not_this_one() {
+        // What a child started from a rebuilt file would see: its own
+        // executable differs from the identity in the request.
+        let mine = exe_identity().expect("identity");
+        assert!(same_exe(mine).is_some());
+        assert!(same_exe((mine.0, mine.1.wrapping_add(1))).is_none());
+    }
+
+    #[test]
     fn this_process_counts_its_threads() {
         // libtest runs this on a thread of its own: at least 2.
         assert!(thread_count().expect("thread count") >= 2);
