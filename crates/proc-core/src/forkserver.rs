@@ -131,30 +131,29 @@ pub(crate) fn serve(fd: &str) -> ! {
     // Children not yet reaped: (pid, pidfd, status pipe).
     let mut live: Vec<(libc::pid_t, OwnedFd, File)> = Vec::new();
     loop {
-        let mut watch: Vec<std::os::fd::BorrowedFd<'_>> = vec![sock.as_fd()];
-        watch.extend(live.iter().map(|(_, pidfd, _)| pidfd.as_fd()));
-        let ready = match sys::poll_many(&watch) {
-            Ok(ready) => ready,
-            Err(_) => continue,
+        let ready = {
+            let mut watch: Vec<std::os::fd::BorrowedFd<'_>> = vec![sock.as_fd()];
+            watch.extend(live.iter().map(|(_, pidfd, _)| pidfd.as_fd()));
+            match sys::poll_many(&watch) {
+                Ok(ready) => ready,
+                Err(_) => continue,
+            }
         };
         // Children that ended: report their status, forget them.
-        let mut i = 0;
-        let mut k = 1;
-        while i < live.len() {
-            if ready[k] {
-                if let Ok(sys::Reap::Exited(status)) = sys::waitpid_nohang(live[i].0) {
-                    use std::os::unix::process::ExitStatusExt;
-                    let _ = live[i].2.write_all(&status.into_raw().to_le_bytes());
-                    live.swap_remove(i);
-                    // The swapped-in entry's readiness is unknown: the next
-                    // poll sees it again.
-                    k += 1;
-                    continue;
-                }
+        let mut ended = ready[1..].iter();
+        live.retain_mut(|(pid, _, status)| {
+            if !ended.next().copied().unwrap_or(false) {
+                return true;
             }
-            i += 1;
-            k += 1;
-        }
+            match sys::waitpid_nohang(*pid) {
+                Ok(sys::Reap::Exited(exit)) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    let _ = status.write_all(&exit.into_raw().to_le_bytes());
+                    false
+                }
+                _ => true,
+            }
+        });
         if !ready[0] {
             continue;
         }

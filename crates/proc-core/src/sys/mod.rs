@@ -540,66 +540,22 @@ pub(crate) fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     .map_err(io::Error::from)
 }
 
-/// Sends one message carrying `fds` (SCM_RIGHTS) and waits for the reply:
-/// a pid and a pidfd.
-pub(crate) fn request(sock: &OwnedFd, fds: &[RawFd]) -> io::Result<(libc::pid_t, OwnedFd)> {
-    use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
-    use std::io::{IoSlice, IoSliceMut};
-    let iov = [IoSlice::new(b"r")];
-    sendmsg::<()>(
-        sock.as_raw_fd(),
-        &iov,
-        &[ControlMessage::ScmRights(fds)],
-        MsgFlags::empty(),
-        None,
-    )
-    .map_err(io::Error::from)?;
-    let mut buf = [0u8; 4];
-    let mut iov = [IoSliceMut::new(&mut buf)];
-    let mut space = nix::cmsg_space!([RawFd; 1]);
-    let msg = recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(io::Error::from)?;
-    let mut pidfd = None;
-    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(received) = cmsg {
-            for fd in received {
-                // SAFETY: the kernel just installed this descriptor in this
-                // process for us; nothing else owns it.
-                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-                if pidfd.is_none() {
-                    pidfd = Some(owned);
-                }
-            }
-        }
-    }
-    let n = msg.bytes;
-    if n != 4 {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "fork server closed",
-        ));
-    }
-    let pid = i32::from_le_bytes(buf);
-    match (pid, pidfd) {
-        (pid, Some(pidfd)) if pid > 0 => Ok((pid, pidfd)),
-        _ => Err(io::Error::other(
-            "the fork server could not start the child",
-        )),
-    }
+/// Sends `bytes` in one message, with `fds` attached (SCM_RIGHTS).
+fn send_with_fds(sock: &OwnedFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let iov = [std::io::IoSlice::new(bytes)];
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
+    sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None)
+        .map_err(io::Error::from)?;
+    Ok(())
 }
 
-/// In the fork server: the next request's descriptors, or `None` when the
-/// requester closed its end.
-pub(crate) fn receive(sock: &OwnedFd) -> io::Result<Option<Vec<OwnedFd>>> {
+/// Receives one message into `buf` with up to 64 attached descriptors
+/// (close-on-exec); returns its length and the descriptors.
+fn receive_with_fds(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    use std::io::IoSliceMut;
-    let mut buf = [0u8; 1];
-    let mut iov = [IoSliceMut::new(&mut buf)];
+    let mut iov = [std::io::IoSliceMut::new(buf)];
     let mut space = nix::cmsg_space!([RawFd; 64]);
     let msg = recvmsg::<()>(
         sock.as_raw_fd(),
@@ -618,7 +574,36 @@ pub(crate) fn receive(sock: &OwnedFd) -> io::Result<Option<Vec<OwnedFd>>> {
             }
         }
     }
-    if msg.bytes == 0 && fds.is_empty() {
+    Ok((msg.bytes, fds))
+}
+
+/// Sends one request carrying `fds` to the fork server and waits for the
+/// reply: a pid and a pidfd.
+pub(crate) fn request(sock: &OwnedFd, fds: &[RawFd]) -> io::Result<(libc::pid_t, OwnedFd)> {
+    send_with_fds(sock, b"r", fds)?;
+    let mut buf = [0u8; 4];
+    let (n, received) = receive_with_fds(sock, &mut buf)?;
+    if n != 4 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "fork server closed",
+        ));
+    }
+    let pid = i32::from_le_bytes(buf);
+    match (pid, received.into_iter().next()) {
+        (pid, Some(pidfd)) if pid > 0 => Ok((pid, pidfd)),
+        _ => Err(io::Error::other(
+            "the fork server could not start the child",
+        )),
+    }
+}
+
+/// In the fork server: the next request's descriptors, or `None` when the
+/// requester closed its end.
+pub(crate) fn receive(sock: &OwnedFd) -> io::Result<Option<Vec<OwnedFd>>> {
+    let mut buf = [0u8; 1];
+    let (n, fds) = receive_with_fds(sock, &mut buf)?;
+    if n == 0 && fds.is_empty() {
         return Ok(None);
     }
     Ok(Some(fds))
@@ -626,19 +611,8 @@ pub(crate) fn receive(sock: &OwnedFd) -> io::Result<Option<Vec<OwnedFd>>> {
 
 /// In the fork server: answers a request with `pid` (or -1) and its pidfd.
 pub(crate) fn reply(sock: &OwnedFd, pid: libc::pid_t, pidfd: Option<&OwnedFd>) -> io::Result<()> {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-    use std::io::IoSlice;
-    let bytes = pid.to_le_bytes();
-    let iov = [IoSlice::new(&bytes)];
     let fds: Vec<RawFd> = pidfd.map(|f| f.as_raw_fd()).into_iter().collect();
-    let cmsgs: Vec<ControlMessage<'_>> = if fds.is_empty() {
-        Vec::new()
-    } else {
-        vec![ControlMessage::ScmRights(&fds)]
-    };
-    sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::empty(), None)
-        .map_err(io::Error::from)?;
-    Ok(())
+    send_with_fds(sock, &pid.to_le_bytes(), &fds)
 }
 
 /// Waits until one of `fds` is readable; which ones are.
