@@ -16,6 +16,10 @@
 //! | `q.put(x, timeout=t)`, `q.get(timeout=t)` | [`Queue::put_timeout`], [`Queue::get_timeout`] |
 //! | `qsize()`, `empty()`, `full()`, `close()` | [`Queue::qsize`], [`Queue::empty`], [`Queue::full`], [`Queue::close`] |
 //! | `JoinableQueue`, `SimpleQueue` | [`JoinableQueue`], [`SimpleQueue`] |
+//! | `Pool(processes, initializer, initargs, maxtasksperchild)` | [`Pool::new`], [`Pool::builder`] ([`PoolBuilder::initializer`], [`PoolBuilder::maxtasksperchild`], [`PoolBuilder::start_method`]) |
+//! | `pool.apply(f, args)`, `pool.apply_async(f, args)` → `AsyncResult` (`get`, `wait`, `ready`, `successful`) | [`Pool::apply`], [`Pool::apply_async`] → [`AsyncResult`] ([`AsyncResult::get`], [`AsyncResult::get_timeout`], [`AsyncResult::wait`], [`AsyncResult::ready`], [`AsyncResult::successful`]) |
+//! | `pool.map`, `map_async`, `imap`, `imap_unordered`, `chunksize=` | [`Pool::map`], [`Pool::map_async`], [`Pool::imap`], [`Pool::imap_unordered`], [`Pool::map_chunked`], [`Pool::imap_chunked`] |
+//! | `pool.close()`, `pool.join()`, `pool.terminate()` | [`Pool::close`], [`Pool::join`], [`Pool::terminate`] |
 //! | `set_start_method("spawn")`, `get_context("spawn")` | [`set_start_method`], [`get_context`], [`Builder::start_method`] with [`StartMethod::Spawn`] and [`Builder::spawn_entry`]; [`init`] first in `main` |
 //! | `os.getpid()`, `os.getppid()`, `sys.exit(info)` | [`getpid`], [`getppid`], [`exit`] |
 //! | `current_process()`, `parent_process()`, `active_children()`, `cpu_count()` | [`current_process`], [`parent_process`], [`active_children`], [`cpu_count`] |
@@ -37,8 +41,9 @@ pub use proc_core::{
     active_children, cpu_count, current_process, exit, get_context, get_start_method, getpid,
     getppid, handoff, init, parent_process, set_start_method, spawn, Builder, Context, DecodeError,
     ExitInfo, JoinError, JoinHandle, Pid, Process, ProcessError, ProcessInfo, SpawnError,
-    StartMethod, StartMethodError, Stdin,
+    StartMethod, StartMethodError, Stdin, Zygote,
 };
+pub use proc_pool::{AsyncResult, IMap, MapResult, Pool, PoolBuilder, PoolError, TaskError};
 pub use proc_queue::{
     GetError, JoinableQueue, PutError, Queue, QueueBuilder, QueueError, SimpleQueue,
 };
@@ -47,5 +52,6 @@ pub use proc_queue::{
 pub mod prelude {
     pub use proc_class::ProcessClass;
     pub use proc_core::{spawn, Builder, JoinHandle, Process};
+    pub use proc_pool::Pool;
     pub use proc_queue::{JoinableQueue, Queue, SimpleQueue};
 }

@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::panic::{self, AssertUnwindSafe};
+use std::panic;
 use std::sync::{Once, OnceLock};
 
 use serde::de::DeserializeOwned;
@@ -350,6 +350,21 @@ fn dev_null() -> std::io::Result<&'static File> {
 static PANIC_LOCATION: parking_lot::Mutex<Option<(libc::pid_t, String)>> =
     parking_lot::const_mutex(None);
 
+/// Set in processes whose panics are reported as results (pool workers):
+/// the hook records them without printing.
+pub(crate) static QUIET_PANICS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Where the last panic in this process happened, if the hook saw it.
+pub(crate) fn take_panic_location() -> Option<String> {
+    let me = sys::getpid();
+    PANIC_LOCATION
+        .lock()
+        .take()
+        .filter(|(pid, _)| *pid == me)
+        .map(|(_, l)| l)
+}
+
 /// Installs (once per process) a panic hook that records where a panic
 /// happened, for [`JoinError::Panicked`](crate::JoinError::Panicked), and
 /// then calls the hook that was there before. Installed in the parent, so
@@ -363,7 +378,9 @@ pub(crate) fn install_panic_hook() {
             if let (Some(loc), Some(mut slot)) = (info.location(), PANIC_LOCATION.try_lock()) {
                 *slot = Some((sys::getpid(), loc.to_string()));
             }
-            previous(info);
+            if !QUIET_PANICS.load(std::sync::atomic::Ordering::Relaxed) {
+                previous(info);
+            }
         }));
     });
 }
@@ -400,7 +417,7 @@ where
 {
     let mut small = [0u8; 256];
     let large;
-    let (bytes, code): (&[u8], i32) = match panic::catch_unwind(AssertUnwindSafe(f)) {
+    let (bytes, code): (&[u8], i32) = match crate::task::catch_panic(f) {
         // Most results fit the stack buffer: no allocation in the child.
         Ok(value) => match postcard::to_slice(&Outcome::Value(&value), &mut small) {
             Ok(bytes) => (bytes, 0),
@@ -421,22 +438,7 @@ where
                 (&large, 1)
             }
         },
-        Err(payload) => {
-            let message = if let Some(s) = payload.downcast_ref::<&str>() {
-                (*s).to_owned()
-            } else if let Some(s) = payload.downcast_ref::<String>() {
-                s.clone()
-            } else {
-                "Box<dyn Any>".to_owned()
-            };
-            let me = sys::getpid();
-            let location = PANIC_LOCATION
-                .lock()
-                .take()
-                .filter(|(pid, _)| *pid == me)
-                .map(|(_, l)| l);
-            // Dropping a panic payload can itself panic: keep it from unwinding.
-            std::mem::forget(payload);
+        Err(crate::task::Panic { message, location }) => {
             let outcome = Outcome::<()>::Panicked { message, location };
             large = postcard::to_stdvec(&outcome).unwrap_or_default();
             (&large, 1)

@@ -195,7 +195,7 @@ pub fn init() {
     run_spawned(&fds.to_string_lossy())
 }
 
-fn anchor() -> i64 {
+pub(crate) fn anchor() -> i64 {
     init as *const () as i64
 }
 
@@ -277,12 +277,14 @@ pub(crate) fn run_request(
     let Some(request) = request else {
         finish_with(&result, &Outcome::Refused("malformed request".into()))
     };
-    let Some(proof) = sys::same_exe(request.exe) else {
+    let (Some(proof), Some(kept)) = (sys::same_exe(request.exe), sys::same_exe(request.exe)) else {
         finish_with(
             &result,
             &Outcome::Refused("this is not the executable that made the request".into()),
         )
     };
+    // Task functions sent to this child later (pool workers) rely on it.
+    sys::remember_same_exe(kept);
     let expected_parent = parent.unwrap_or(request.parent);
     if request.daemon
         && (sys::set_parent_death_signal(libc::SIGKILL).is_err()
@@ -332,12 +334,13 @@ pub(crate) fn prepare<A, R>(
     builder: &Builder,
     f: fn(A) -> R,
     args: A,
+    needs_init: bool,
 ) -> Result<Prepared, SpawnError>
 where
     A: Serialize + DeserializeOwned,
     R: Serialize + DeserializeOwned,
 {
-    if !INIT_CALLED.load(Ordering::Relaxed) {
+    if needs_init && !INIT_CALLED.load(Ordering::Relaxed) {
         return Err(SpawnError::InitMissing);
     }
     let (name, path, daemon, stdin) = builder.settings();
@@ -391,7 +394,7 @@ where
         name,
         daemon,
         stdin,
-    } = prepare(&builder, f, args)?;
+    } = prepare(&builder, f, args, true)?;
     children::init();
     let slot = children::reserve().ok_or(SpawnError::TooManyChildren)?;
     children::name(slot, &name);

@@ -14,7 +14,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::process::{Command, Stdio};
 
 use serde::de::DeserializeOwned;
@@ -45,6 +45,36 @@ where
     A: Serialize + DeserializeOwned,
     R: Serialize + DeserializeOwned,
 {
+    let prepared = entry::prepare(&builder, f, args, true)?;
+    let me = sys::getpid();
+    let mut conn = CONN.lock();
+    if conn.as_ref().is_none_or(|(owner, _)| *owner != me) {
+        *conn = Some((me, start_server().map_err(SpawnError::Exec)?));
+    }
+    let Some((_, sock)) = conn.as_ref() else {
+        return Err(SpawnError::Exec(std::io::Error::other("no fork server")));
+    };
+    match ask(sock, prepared) {
+        Err(Asked::ServerGone(e)) => {
+            // The next start makes a new one.
+            *conn = None;
+            Err(SpawnError::Exec(e))
+        }
+        Err(Asked::Local(e)) => Err(e),
+        Ok(handle) => Ok(handle),
+    }
+}
+
+enum Asked {
+    /// The server did not answer.
+    ServerGone(std::io::Error),
+    /// Something on this side failed.
+    Local(SpawnError),
+}
+
+/// Sends the prepared request to the server behind `sock`; returns the
+/// handle of the child it forked.
+fn ask<R>(sock: &OwnedFd, prepared: Prepared) -> Result<JoinHandle<R>, Asked> {
     let Prepared {
         request_file,
         result,
@@ -52,30 +82,17 @@ where
         name,
         daemon,
         ..
-    } = entry::prepare(&builder, f, args)?;
-    let (status_read, status_write) = sys::pipe().map_err(SpawnError::ResultChannel)?;
+    } = prepared;
+    let (status_read, status_write) = sys::pipe()
+        .map_err(SpawnError::ResultChannel)
+        .map_err(Asked::Local)?;
     let mut send = vec![
         request_file.as_raw_fd(),
         result.as_raw_fd(),
         status_write.as_raw_fd(),
     ];
     send.extend_from_slice(&fds);
-    let me = sys::getpid();
-    let mut conn = CONN.lock();
-    if conn.as_ref().is_none_or(|(owner, _)| *owner != me) {
-        *conn = Some((me, start_server().map_err(SpawnError::Exec)?));
-    }
-    let reply = conn.as_ref().map(|(_, sock)| sys::request(sock, &send));
-    let (pid, pidfd) = match reply {
-        Some(Ok(reply)) => reply,
-        Some(Err(e)) => {
-            // The server is gone: the next start makes a new one.
-            *conn = None;
-            return Err(SpawnError::Exec(e));
-        }
-        None => return Err(SpawnError::Exec(std::io::Error::other("no fork server"))),
-    };
-    drop(conn);
+    let (pid, pidfd) = sys::request(sock, &send).map_err(Asked::ServerGone)?;
     drop(status_write);
     crate::remote::register(pid, &pidfd, daemon);
     Ok(JoinHandle::new_remote(
@@ -85,6 +102,162 @@ where
         pidfd,
         status_read,
     ))
+}
+
+/// The sockets of this process's zygotes: a new zygote closes its copies,
+/// so that each zygote sees the end of its own connection.
+static ZYGOTE_SOCKETS: parking_lot::Mutex<(libc::pid_t, Vec<RawFd>)> =
+    parking_lot::const_mutex((0, Vec::new()));
+
+/// A private fork server forked (not exec'd) from this process while it
+/// is single-threaded: it keeps this process's memory picture as of its
+/// creation and forks children that run entries on request, from then on,
+/// whatever threads this process starts later. A process pool's workers
+/// come from one (Python's `fork` pools have no such thing and fork the
+/// threaded parent).
+///
+/// No [`init`](crate::init) is needed: the zygote was never exec'd. It
+/// ignores SIGINT (the parent decides what Ctrl-C means), dies with this
+/// process (even by SIGKILL), and ends when the `Zygote` is dropped; the
+/// children it forked stay (a daemon child dies with it).
+///
+/// # Examples
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// fn double(x: u32) -> u32 {
+///     x * 2
+/// }
+/// let zygote = proc_core::Zygote::new()?;
+/// // Threads started now do not matter: the zygote forks, not this process.
+/// std::thread::spawn(|| ()).join().ok();
+/// let child = zygote.spawn_entry(proc_core::Builder::new(), double, 21)?;
+/// assert_eq!(child.join()?, 42);
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Zygote {
+    sock: parking_lot::Mutex<Option<OwnedFd>>,
+    pid: Pid,
+    owner: libc::pid_t,
+}
+
+impl Zygote {
+    /// Forks the zygote.
+    ///
+    /// # Errors
+    ///
+    /// [`SpawnError::Threaded`] if this process has more than one thread
+    /// (use the fork server, [`StartMethod::ForkServer`](crate::StartMethod::ForkServer),
+    /// instead), and the other [`SpawnError`] variants when the OS refuses.
+    pub fn new() -> Result<Zygote, SpawnError> {
+        let permit = match ForkPermit::single_threaded() {
+            Ok(permit) => permit,
+            Err(sys::ThreadCheck::Threaded(threads)) => {
+                return Err(SpawnError::Threaded { threads })
+            }
+            Err(sys::ThreadCheck::Unknown(e)) => return Err(SpawnError::ThreadCheck(e)),
+        };
+        let (ours, theirs) = sys::seqpacket_pair().map_err(SpawnError::Exec)?;
+        children::init();
+        crate::builder::install_panic_hook();
+        let slot = children::reserve().ok_or(SpawnError::TooManyChildren)?;
+        children::name(slot, "Zygote");
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        let me = sys::getpid();
+        let mut siblings = ZYGOTE_SOCKETS.lock();
+        if siblings.0 != me {
+            // Inherited: those sockets are not this process's.
+            *siblings = (me, Vec::new());
+        }
+        match sys::fork(permit) {
+            Err(e) => {
+                children::unreserve(slot);
+                Err(SpawnError::Fork(e))
+            }
+            Ok(Fork::Child) => {
+                drop(ours);
+                for &fd in &siblings.1 {
+                    sys::close_inherited(fd);
+                }
+                drop(siblings);
+                // Nor is the parent's fork server connection this one's.
+                *CONN.lock() = None;
+                serve_on(theirs, me)
+            }
+            Ok(Fork::Parent(pid)) => {
+                siblings.1.push(ours.as_raw_fd());
+                drop(siblings);
+                children::register_hidden(slot, pid);
+                drop(theirs);
+                Ok(Zygote {
+                    sock: parking_lot::Mutex::new(Some(ours)),
+                    pid: Pid::from_raw(pid),
+                    owner: me,
+                })
+            }
+        }
+    }
+
+    /// The zygote's pid.
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Starts the entry `f(args)` in a child forked by the zygote, named
+    /// and flagged as `builder` says (its start method is ignored), and
+    /// returns the same [`JoinHandle`] as [`Builder::spawn_entry`]. The
+    /// child's stdin is `/dev/null`; its OS parent is the zygote.
+    ///
+    /// # Errors
+    ///
+    /// [`SpawnError::Exec`] when the zygote is gone (killed, or this is a
+    /// forked copy of its owner), or when a descriptor could not be sent;
+    /// [`SpawnError::Encode`] when the arguments do not serialize.
+    pub fn spawn_entry<A, R>(
+        &self,
+        builder: Builder,
+        f: fn(A) -> R,
+        args: A,
+    ) -> Result<JoinHandle<R>, SpawnError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+    {
+        let gone = || SpawnError::Exec(std::io::Error::other("the zygote is gone"));
+        if sys::getpid() != self.owner {
+            return Err(gone());
+        }
+        let prepared = entry::prepare(&builder, f, args, false)?;
+        let mut sock = self.sock.lock();
+        let Some(conn) = sock.as_ref() else {
+            return Err(gone());
+        };
+        match ask(conn, prepared) {
+            Ok(handle) => Ok(handle),
+            Err(Asked::Local(e)) => Err(e),
+            Err(Asked::ServerGone(e)) => {
+                *sock = None;
+                Err(SpawnError::Exec(e))
+            }
+        }
+    }
+}
+
+impl Drop for Zygote {
+    fn drop(&mut self) {
+        if let Some(sock) = self.sock.get_mut().take() {
+            let mut siblings = ZYGOTE_SOCKETS.lock();
+            if siblings.0 == self.owner {
+                let raw = sock.as_raw_fd();
+                siblings.1.retain(|&fd| fd != raw);
+            }
+            // The zygote sees the end of its connection and exits; the
+            // child table reaps it.
+            drop(sock);
+        }
+    }
 }
 
 /// Execs the server and returns this side of its socket.
@@ -123,11 +296,17 @@ pub(crate) fn serve(fd: &str) -> ! {
         eprintln!("proc: malformed {ENV}");
         sys::exit_now(1)
     };
-    let requester = sys::getppid();
+    serve_on(sock, sys::getppid())
+}
+
+/// The server loop on `sock`, for `requester`: never returns.
+fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
     let server = sys::getpid();
     if sys::set_parent_death_signal(libc::SIGKILL).is_err() || sys::getppid() != requester {
         sys::exit_now(0);
     }
+    // Ctrl-C reaches the whole process group: the requester decides.
+    let _ = sys::ignore_sigint(true);
     // Children not yet reaped: (pid, pidfd, status pipe).
     let mut live: Vec<(libc::pid_t, OwnedFd, File)> = Vec::new();
     loop {
@@ -182,6 +361,7 @@ pub(crate) fn serve(fd: &str) -> ! {
                 drop(sock);
                 drop(live);
                 drop(status);
+                let _ = sys::ignore_sigint(false);
                 entry::run_request(
                     File::from(request),
                     File::from(result),

@@ -46,6 +46,7 @@ mod process;
 mod remote;
 #[allow(unsafe_code)]
 mod sys;
+pub mod task;
 
 pub use builder::{spawn, Builder, Stdin};
 pub use current::{
@@ -56,6 +57,7 @@ pub use entry::{
     get_context, get_start_method, init, set_start_method, Context, StartMethod, StartMethodError,
 };
 pub use error::{DecodeError, JoinError, ProcessError, SpawnError};
+pub use forkserver::Zygote;
 pub use handle::JoinHandle;
 pub use pid::Pid;
 pub use process::Process;

@@ -427,6 +427,26 @@ extern "C" fn on_sigchld(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
     unsafe { *libc::__errno_location() = errno };
 }
 
+/// Sets SIGINT to be ignored (`true`) or to its default action (`false`).
+pub(crate) fn ignore_sigint(ignore: bool) -> io::Result<()> {
+    let action = if ignore { libc::SIG_IGN } else { libc::SIG_DFL };
+    // SAFETY: SIG_IGN and SIG_DFL are valid dispositions; no handler code
+    // is involved.
+    if unsafe { libc::signal(libc::SIGINT, action) } == libc::SIG_ERR {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Closes descriptor `fd`, a copy this (just forked) process inherited and
+/// that nothing in it owns: a zygote drops the sockets of its siblings.
+pub(crate) fn close_inherited(fd: RawFd) {
+    // SAFETY: closing a descriptor number has no memory-safety
+    // preconditions; the caller names one that no object in this process
+    // uses (its owner lives in the parent).
+    unsafe { libc::close(fd) };
+}
+
 /// Installs (once) a SIGCHLD handler that calls `reap` and then whatever
 /// handler was installed before. Where SIGCHLD was ignored (the kernel then
 /// reaps every child itself) nothing is installed. `reap` must be
@@ -691,6 +711,50 @@ pub(crate) struct SameExe(());
 /// Checks that this process's executable is the file `(device, inode)`.
 pub(crate) fn same_exe(expected: (u64, u64)) -> Option<SameExe> {
     (exe_identity().ok()? == expected).then_some(SameExe(()))
+}
+
+/// The proof a child made when it started its entry: its requester runs the
+/// same executable, so function offsets the requester sends name the same
+/// functions here (used by task functions, see `task`).
+static STARTED_SAME_EXE: std::sync::OnceLock<SameExe> = std::sync::OnceLock::new();
+
+/// Keeps `proof` for the rest of this process's life.
+pub(crate) fn remember_same_exe(proof: SameExe) {
+    let _ = STARTED_SAME_EXE.set(proof);
+}
+
+/// The proof kept by [`remember_same_exe`], if this process is an entry's
+/// child.
+pub(crate) fn started_same_exe() -> Option<&'static SameExe> {
+    STARTED_SAME_EXE.get()
+}
+
+/// The type-erased caller of a task function (see `task`): the runner's
+/// and the entry's addresses, the input, the output buffer.
+pub(crate) type TaskShim = fn(&SameExe, usize, usize, &[u8], &mut Vec<u8>);
+
+/// The task shim at `addr`.
+///
+/// Task functions come from this process's requester, which computed
+/// `addr` (as an offset from `init`) from a `TaskShim` of the executable
+/// that `proof` shows this process runs; the offsets are checked against a
+/// checksum before this is called.
+pub(crate) fn task_shim_at(proof: &SameExe, addr: usize) -> TaskShim {
+    let SameExe(()) = *proof;
+    // SAFETY: by the above, `addr` is the address of a function of type
+    // `TaskShim` in this executable; fn pointers are usize-sized.
+    unsafe { std::mem::transmute::<usize, TaskShim>(addr) }
+}
+
+/// The task runner `fn(fn(A) -> R, &[u8], &mut Vec<u8>)` at `addr`, called
+/// only from the shim that the requester instantiated with the same `A`
+/// and `R` as the runner and the entry it named.
+pub(crate) fn task_runner_at<A, R>(proof: &SameExe, addr: usize) -> crate::task::Runner<A, R> {
+    let SameExe(()) = *proof;
+    // SAFETY: as for task_shim_at: `addr` is a runner of exactly this type
+    // in this executable (the requester paired it with this shim's types);
+    // a function pointer is the size of a usize whatever its signature.
+    unsafe { std::mem::transmute_copy::<usize, crate::task::Runner<A, R>>(&addr) }
 }
 
 /// What a spawned child calls: the entry's address, its encoded

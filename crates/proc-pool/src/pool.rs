@@ -1,0 +1,1125 @@
+//! The pool: its workers, their queues, and the bookkeeping that knows
+//! which worker holds which task.
+//!
+//! Each worker has its own task queue; all workers share one result queue.
+//! The pool (in the calling process, under a mutex, no helper thread)
+//! sends tasks to the least loaded worker, remembers what it sent to whom,
+//! and reads results whenever a caller waits for one. When a worker dies,
+//! the pool reads back what is still in its queue: the tasks it finds there
+//! go to other workers, and of those the worker had taken, the first one
+//! without a result is the one it was running (it fails with
+//! [`TaskError::WorkerDied`]); the others it had taken but not started are
+//! sent again. Then a replacement starts on the same queue.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
+use proc_core::task::TaskFn;
+use proc_core::{Builder, JoinHandle, Pid, SpawnError, StartMethod, Zygote};
+use proc_queue::{GetError, PutError, Queue};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::{PoolError, TaskError};
+use crate::result::{AsyncResult, IMap, MapResult};
+use crate::wire;
+use crate::worker::{worker_main, WorkerArgs};
+
+/// Each worker's task ring (bytes).
+const TASK_RING: usize = 4 << 20;
+/// The result ring (bytes).
+const RESULT_RING: usize = 8 << 20;
+/// Largest task message put without streaming (half the ring, less the
+/// record header).
+const SINGLE_MAX: usize = TASK_RING / 2 - 64;
+/// A batch of small tasks sent as one message: at most this many bytes...
+const BATCH_BYTES: usize = 64 << 10;
+/// ...and this many tasks.
+const BATCH_TASKS: usize = 256;
+/// How often workers are checked for death while results flow.
+const CHECK_EVERY: Duration = Duration::from_millis(20);
+/// The longest a waiting caller sleeps on the result queue before it
+/// checks the workers.
+const PUMP_SLICE: Duration = Duration::from_millis(10);
+/// How long terminate() waits after SIGTERM before SIGKILL.
+const TERMINATE_GRACE: Duration = Duration::from_secs(1);
+
+/// A pool of worker processes (Python's `multiprocessing.Pool`).
+///
+/// Tasks are *entries*: a function item or non-capturing closure
+/// `fn(A) -> R` with serde arguments and result (a tuple `A` covers
+/// Python's `args` and `starmap`), so they run under every start method.
+///
+/// # Dropping
+///
+/// Dropping a pool that was not joined terminates it, as leaving Python's
+/// `with Pool() as pool:` block does: workers get SIGTERM (SIGKILL after a
+/// second), are reaped, and results not yet in fail with
+/// [`TaskError::Terminated`]. To wait for the work instead, call
+/// [`close`](Pool::close) then [`join`](Pool::join). No worker outlives the
+/// pool's process, even when it is SIGKILLed.
+///
+/// # Examples
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use proc_pool::Pool;
+///
+/// fn square(x: u64) -> u64 {
+///     x * x
+/// }
+///
+/// let pool = Pool::new(2)?;
+/// let pending = pool.apply_async(square, 7)?;
+/// assert_eq!(pool.map(square, 1..=4)?, vec![1, 4, 9, 16]);
+/// assert_eq!(pending.get()?, 49);
+/// pool.close();
+/// pool.join()?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+/// How a pool is made (Python's `Pool(processes, initializer, initargs,
+/// maxtasksperchild)` and `context`).
+#[derive(Debug, Default)]
+pub struct PoolBuilder {
+    processes: Option<usize>,
+    maxtasks: Option<u64>,
+    initializer: Option<(TaskFn, Vec<u8>)>,
+    method: Option<StartMethod>,
+}
+
+impl PoolBuilder {
+    /// The number of worker processes (default: [`proc_core::cpu_count`]).
+    pub fn processes(mut self, n: usize) -> Self {
+        self.processes = Some(n);
+        self
+    }
+
+    /// Replace each worker after it has run `n` tasks (Python's
+    /// `maxtasksperchild`; default: never).
+    pub fn maxtasksperchild(mut self, n: u64) -> Self {
+        self.maxtasks = Some(n.max(1));
+        self
+    }
+
+    /// Run `f(args)` once in every worker before its first task,
+    /// replacements included (Python's `initializer` and `initargs`). If
+    /// it panics, the pool stops starting workers and its tasks fail with
+    /// [`TaskError::InitializerFailed`].
+    ///
+    /// # Errors
+    ///
+    /// [`TaskError::ArgsEncode`] if `args` does not serialize.
+    pub fn initializer<A>(mut self, f: fn(A), args: A) -> Result<Self, TaskError>
+    where
+        A: Serialize + DeserializeOwned,
+    {
+        let mut chunk = Vec::new();
+        wire::append_varint(1, &mut chunk);
+        wire::append(&args, &mut chunk).map_err(TaskError::ArgsEncode)?;
+        self.initializer = Some((TaskFn::new(wire::run_chunk::<A, ()>, f), chunk));
+        Ok(self)
+    }
+
+    /// How workers are started (default: the process-wide
+    /// [`proc_core::get_start_method`]). With [`StartMethod::Fork`] they
+    /// come from a [`Zygote`] forked now (this process must be
+    /// single-threaded now, not later); with `ForkServer` from the fork
+    /// server; with `Spawn` each is a fresh exec. The last two need
+    /// [`proc_core::init`] in `main`.
+    pub fn start_method(mut self, method: StartMethod) -> Self {
+        self.method = Some(method);
+        self
+    }
+
+    /// Starts the workers.
+    ///
+    /// # Errors
+    ///
+    /// [`PoolError::NoProcesses`] for zero processes;
+    /// [`PoolError::Spawn`] when a worker (or, for `Fork`, the zygote:
+    /// [`SpawnError::Threaded`] if this process has threads) cannot be
+    /// started; [`PoolError::Queue`] when shared memory runs out.
+    pub fn build(self) -> Result<Pool, PoolError> {
+        let processes = self.processes.unwrap_or_else(proc_core::cpu_count);
+        if processes == 0 {
+            return Err(PoolError::NoProcesses);
+        }
+        let method = self.method.unwrap_or_else(proc_core::get_start_method);
+        let zygote = match method {
+            StartMethod::Fork => Some(Zygote::new()?),
+            _ => None,
+        };
+        let results = Queue::builder().capacity(RESULT_RING).build()?;
+        let config = Config {
+            maxtasks: self.maxtasks,
+            initializer: self.initializer,
+            method,
+        };
+        let mut state = State {
+            workers: Vec::with_capacity(processes),
+            zygote,
+            pending: VecDeque::new(),
+            done: HashMap::new(),
+            abandoned: HashSet::new(),
+            next_id: 0,
+            phase: Phase::Running,
+            pumping: false,
+            broken: None,
+            last_check: Instant::now(),
+            started: 0,
+            unfinished: 0,
+        };
+        for index in 0..processes {
+            let queue = Queue::builder().capacity(TASK_RING).build()?;
+            let mut worker = Worker {
+                index: index as u32,
+                queue,
+                handle: None,
+                outstanding: VecDeque::new(),
+                budget: config.maxtasks,
+            };
+            worker.handle = Some(start_worker(&config, &mut state, &worker, &results)?);
+            state.workers.push(worker);
+        }
+        Ok(Pool {
+            inner: Arc::new(Inner {
+                state: Mutex::new(state),
+                cond: Condvar::new(),
+                results,
+                config,
+            }),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Config {
+    maxtasks: Option<u64>,
+    initializer: Option<(TaskFn, Vec<u8>)>,
+    method: StartMethod,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    Closed,
+    Joined,
+    Terminated,
+}
+
+/// A task record (header and arguments) and its id.
+#[derive(Debug)]
+struct Task {
+    id: u64,
+    record: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Worker {
+    index: u32,
+    queue: Queue<()>,
+    /// `None` while no process serves this queue.
+    handle: Option<JoinHandle<()>>,
+    /// Sent to this worker, no result yet, in the order sent.
+    outstanding: VecDeque<Task>,
+    /// Tasks this worker process may still be sent (`maxtasksperchild`).
+    budget: Option<u64>,
+}
+
+/// A finished task: the result message and where the runner output starts
+/// in it, or an error the pool decided.
+#[derive(Debug)]
+pub(crate) enum Done {
+    Output { message: Vec<u8>, start: usize },
+    Failed(TaskError),
+}
+
+impl Done {
+    /// The task's items.
+    pub(crate) fn items<R: DeserializeOwned>(
+        &self,
+        expected: usize,
+    ) -> Result<Vec<Result<R, TaskError>>, TaskError> {
+        match self {
+            Done::Output { message, start } => wire::decode_items(&message[*start..], expected),
+            Done::Failed(e) => Err(e.clone()),
+        }
+    }
+
+    /// Whether every item succeeded (without decoding the values).
+    pub(crate) fn successful(&self) -> bool {
+        match self {
+            Done::Failed(_) => false,
+            Done::Output { message, start } => {
+                // Items are `Result`s: a tag 1 at the start of one is an error;
+                // without decoding values, only a single item can be checked.
+                let out = &message[*start..];
+                match out.split_first() {
+                    Some((&wire::ITEMS, rest)) => match wire::take_varint(rest) {
+                        Some((1, items)) => items.first() == Some(&0),
+                        Some((_, _)) => !out.is_empty(),
+                        None => false,
+                    },
+                    _ => false,
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    workers: Vec<Worker>,
+    zygote: Option<Zygote>,
+    /// Tasks not yet in any worker's queue, in order.
+    pending: VecDeque<Task>,
+    /// Finished tasks whose results nobody has taken yet.
+    done: HashMap<u64, Done>,
+    /// Tasks whose result nobody will take (dropped handles).
+    abandoned: HashSet<u64>,
+    next_id: u64,
+    phase: Phase,
+    /// A caller is waiting on the result queue (without the lock).
+    pumping: bool,
+    /// Set when the initializer failed: every task fails with it.
+    broken: Option<TaskError>,
+    last_check: Instant,
+    /// Worker processes started so far (for their names).
+    started: u64,
+    /// Tasks submitted and not finished.
+    unfinished: usize,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    state: Mutex<State>,
+    cond: Condvar,
+    results: Queue<()>,
+    config: Config,
+}
+
+fn start_worker(
+    config: &Config,
+    state: &mut State,
+    worker: &Worker,
+    results: &Queue<()>,
+) -> Result<JoinHandle<()>, SpawnError> {
+    state.started += 1;
+    let prefix = match config.method {
+        StartMethod::Spawn => "Spawn",
+        StartMethod::ForkServer => "ForkServer",
+        _ => "Fork",
+    };
+    let builder = Builder::new()
+        .name(format!("{prefix}PoolWorker-{}", state.started))
+        .daemon(true)
+        .start_method(config.method);
+    let args = WorkerArgs {
+        index: worker.index,
+        tasks: worker.queue.clone(),
+        results: results.clone(),
+        maxtasks: config.maxtasks,
+        initializer: config.initializer.clone(),
+    };
+    match &state.zygote {
+        Some(zygote) => zygote.spawn_entry(builder, worker_main, args),
+        None => builder.spawn_entry(worker_main, args),
+    }
+}
+
+impl Pool {
+    /// A pool of `processes` workers started with the process-wide start
+    /// method (Python's `Pool(processes)`).
+    ///
+    /// # Errors
+    ///
+    /// As [`PoolBuilder::build`].
+    pub fn new(processes: usize) -> Result<Pool, PoolError> {
+        Pool::builder().processes(processes).build()
+    }
+
+    /// A builder for the other settings.
+    pub fn builder() -> PoolBuilder {
+        PoolBuilder::default()
+    }
+
+    /// The number of worker processes.
+    pub fn processes(&self) -> usize {
+        self.inner.state.lock().workers.len()
+    }
+
+    /// The pids of the worker processes running now.
+    pub fn worker_pids(&self) -> Vec<Pid> {
+        let state = self.inner.state.lock();
+        state
+            .workers
+            .iter()
+            .filter_map(|w| w.handle.as_ref().map(JoinHandle::pid))
+            .collect()
+    }
+
+    /// Runs `f(args)` in a worker and waits for its result (Python's
+    /// `apply`).
+    ///
+    /// # Errors
+    ///
+    /// The task's [`TaskError`].
+    pub fn apply<A, R>(&self, f: fn(A) -> R, args: A) -> Result<R, TaskError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+    {
+        self.apply_async(f, args)?.get()
+    }
+
+    /// Sends `f(args)` to a worker and returns at once (Python's
+    /// `apply_async`).
+    ///
+    /// # Errors
+    ///
+    /// [`TaskError::NotRunning`] after [`close`](Pool::close) or
+    /// [`terminate`](Pool::terminate); [`TaskError::ArgsEncode`] if `args`
+    /// does not serialize.
+    pub fn apply_async<A, R>(&self, f: fn(A) -> R, args: A) -> Result<AsyncResult<R>, TaskError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+    {
+        let func = TaskFn::new(wire::run_chunk::<A, R>, f);
+        let mut chunk = Vec::with_capacity(64);
+        wire::append_varint(1, &mut chunk);
+        wire::append(&args, &mut chunk).map_err(TaskError::ArgsEncode)?;
+        let id = self.inner.submit(func, &chunk)?;
+        Ok(AsyncResult::new(self.inner.clone(), id))
+    }
+
+    /// Applies `f` to every item, in chunks, and returns the results in
+    /// order (Python's `map`), or the first failure in order.
+    ///
+    /// The chunk size is Python's: `ceil(n / (4 × processes))`.
+    ///
+    /// # Errors
+    ///
+    /// The first item's [`TaskError`], in input order.
+    pub fn map<A, R, I>(&self, f: fn(A) -> R, items: I) -> Result<Vec<R>, TaskError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        self.map_async(f, items)?.get()
+    }
+
+    /// [`map`](Pool::map) with an explicit chunk size.
+    ///
+    /// # Errors
+    ///
+    /// As [`map`](Pool::map).
+    pub fn map_chunked<A, R, I>(
+        &self,
+        f: fn(A) -> R,
+        items: I,
+        chunksize: usize,
+    ) -> Result<Vec<R>, TaskError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        self.map_async_chunked(f, items, chunksize)?.get()
+    }
+
+    /// Sends the chunks of a [`map`](Pool::map) and returns at once
+    /// (Python's `map_async`).
+    ///
+    /// # Errors
+    ///
+    /// As [`apply_async`](Pool::apply_async).
+    pub fn map_async<A, R, I>(&self, f: fn(A) -> R, items: I) -> Result<MapResult<R>, TaskError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        let items: Vec<A> = items.into_iter().collect();
+        let quarters = self.processes() * 4;
+        let chunksize = items.len().div_ceil(quarters).max(1);
+        self.submit_chunks(f, items, chunksize)
+    }
+
+    /// [`map_async`](Pool::map_async) with an explicit chunk size.
+    ///
+    /// # Errors
+    ///
+    /// As [`apply_async`](Pool::apply_async).
+    pub fn map_async_chunked<A, R, I>(
+        &self,
+        f: fn(A) -> R,
+        items: I,
+        chunksize: usize,
+    ) -> Result<MapResult<R>, TaskError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        let items: Vec<A> = items.into_iter().collect();
+        self.submit_chunks(f, items, chunksize.max(1))
+    }
+
+    fn submit_chunks<A, R>(
+        &self,
+        f: fn(A) -> R,
+        items: Vec<A>,
+        chunksize: usize,
+    ) -> Result<MapResult<R>, TaskError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+    {
+        let func = TaskFn::new(wire::run_chunk::<A, R>, f);
+        let mut chunks = Vec::with_capacity(items.len().div_ceil(chunksize));
+        let mut bytes = Vec::new();
+        let mut result = MapResult::new(self.inner.clone());
+        for chunk in items.chunks(chunksize) {
+            bytes.clear();
+            wire::encode_chunk(chunk, &mut bytes).map_err(TaskError::ArgsEncode)?;
+            chunks.push((bytes.clone(), chunk.len()));
+        }
+        drop(items);
+        for (bytes, len) in chunks {
+            let id = self.inner.submit(func, &bytes)?;
+            result.push(id, len);
+        }
+        Ok(result)
+    }
+
+    /// Applies `f` to every item lazily, one item per task, yielding the
+    /// results in order (Python's `imap`). Only a bounded number of tasks
+    /// is in flight, so an endless iterator works.
+    pub fn imap<A, R, I>(&self, f: fn(A) -> R, items: I) -> IMap<R, I::IntoIter>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        self.imap_chunked(f, items, 1)
+    }
+
+    /// [`imap`](Pool::imap) sending `chunksize` items per task.
+    pub fn imap_chunked<A, R, I>(
+        &self,
+        f: fn(A) -> R,
+        items: I,
+        chunksize: usize,
+    ) -> IMap<R, I::IntoIter>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        let func = TaskFn::new(wire::run_chunk::<A, R>, f);
+        let window = self.processes() * 8;
+        IMap::new(
+            self.inner.clone(),
+            func,
+            items.into_iter(),
+            chunksize,
+            window,
+            true,
+        )
+    }
+
+    /// As [`imap`](Pool::imap), yielding results in the order they finish
+    /// (Python's `imap_unordered`).
+    pub fn imap_unordered<A, R, I>(&self, f: fn(A) -> R, items: I) -> IMap<R, I::IntoIter>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        self.imap_unordered_chunked(f, items, 1)
+    }
+
+    /// [`imap_unordered`](Pool::imap_unordered) sending `chunksize` items
+    /// per task.
+    pub fn imap_unordered_chunked<A, R, I>(
+        &self,
+        f: fn(A) -> R,
+        items: I,
+        chunksize: usize,
+    ) -> IMap<R, I::IntoIter>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        let func = TaskFn::new(wire::run_chunk::<A, R>, f);
+        let window = self.processes() * 8;
+        IMap::new(
+            self.inner.clone(),
+            func,
+            items.into_iter(),
+            chunksize,
+            window,
+            false,
+        )
+    }
+
+    /// No more tasks: the workers finish what was sent and then exit
+    /// (Python's `close`).
+    pub fn close(&self) {
+        let mut state = self.inner.state.lock();
+        if state.phase == Phase::Running {
+            state.phase = Phase::Closed;
+        }
+    }
+
+    /// Stops the workers now (SIGTERM, then SIGKILL after a second) and
+    /// reaps them; tasks not finished fail with [`TaskError::Terminated`]
+    /// (Python's `terminate`).
+    pub fn terminate(&self) {
+        self.inner.terminate();
+    }
+
+    /// Waits for every task to finish and every worker to exit, after
+    /// [`close`](Pool::close) or [`terminate`](Pool::terminate) (Python's
+    /// `join`). Workers that die meanwhile are still replaced, so every
+    /// task ends with a result or a [`TaskError`].
+    ///
+    /// # Errors
+    ///
+    /// [`PoolError::StillRunning`] if neither was called.
+    pub fn join(&self) -> Result<(), PoolError> {
+        self.inner.join()
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let phase = self.inner.state.lock().phase;
+        if phase != Phase::Joined {
+            self.inner.terminate();
+        }
+    }
+}
+
+impl Inner {
+    /// Queues a task; returns its id.
+    pub(crate) fn submit(&self, func: TaskFn, chunk: &[u8]) -> Result<u64, TaskError> {
+        let mut state = self.state.lock();
+        if state.phase != Phase::Running {
+            return Err(TaskError::NotRunning);
+        }
+        let id = state.next_id;
+        state.next_id += 1;
+        if let Some(error) = &state.broken {
+            let error = error.clone();
+            state.done.insert(id, Done::Failed(error));
+            return Ok(id);
+        }
+        let mut record = Vec::with_capacity(chunk.len() + 48);
+        wire::task_record(id, func, chunk, &mut record);
+        state.pending.push_back(Task { id, record });
+        state.unfinished += 1;
+        self.dispatch(&mut state);
+        if !self.results.empty() {
+            self.drain_results(&mut state, None);
+        }
+        if state.last_check.elapsed() > CHECK_EVERY {
+            self.check_workers(&mut state);
+        }
+        Ok(id)
+    }
+
+    /// Forgets the results of `ids` (their handle was dropped).
+    pub(crate) fn abandon(&self, ids: impl IntoIterator<Item = u64>) {
+        let mut state = self.state.lock();
+        for id in ids {
+            if state.done.remove(&id).is_none() && id < state.next_id {
+                state.abandoned.insert(id);
+            }
+        }
+    }
+
+    /// Takes the result of `id`, waiting until `deadline`.
+    pub(crate) fn take(&self, id: u64, deadline: Option<Instant>) -> Option<Done> {
+        let mut state = self.state.lock();
+        if self.progress(&mut state, deadline, |s| s.done.contains_key(&id)) {
+            state.done.remove(&id)
+        } else {
+            None
+        }
+    }
+
+    /// Waits until `id` is done (without taking it); whether it is.
+    pub(crate) fn wait(&self, id: u64, deadline: Option<Instant>) -> bool {
+        let mut state = self.state.lock();
+        self.progress(&mut state, deadline, |s| s.done.contains_key(&id))
+    }
+
+    /// Whether `id` is done, and if so whether it succeeded.
+    pub(crate) fn peek(&self, id: u64) -> Option<bool> {
+        let mut state = self.state.lock();
+        self.progress(&mut state, Some(Instant::now()), |s| {
+            s.done.contains_key(&id)
+        });
+        state.done.get(&id).map(Done::successful)
+    }
+
+    /// Takes the result of whichever of `ids` finishes first.
+    pub(crate) fn take_any(&self, ids: &[u64], deadline: Option<Instant>) -> Option<(u64, Done)> {
+        let mut state = self.state.lock();
+        let found = |s: &mut State| ids.iter().any(|id| s.done.contains_key(id));
+        if !self.progress(&mut state, deadline, found) {
+            return None;
+        }
+        let id = *ids.iter().find(|id| state.done.contains_key(id))?;
+        state.done.remove(&id).map(|d| (id, d))
+    }
+
+    /// Moves work forward until `until` holds (true) or `deadline` passes
+    /// (false): sends pending tasks, reads results, replaces dead workers.
+    fn progress(
+        &self,
+        state: &mut MutexGuard<'_, State>,
+        deadline: Option<Instant>,
+        mut until: impl FnMut(&mut State) -> bool,
+    ) -> bool {
+        loop {
+            if until(state) {
+                return true;
+            }
+            let now = Instant::now();
+            let left = match deadline {
+                Some(d) if d <= now => {
+                    // One last look at what has arrived.
+                    if !state.pumping {
+                        self.drain_results(state, None);
+                    }
+                    return until(state);
+                }
+                Some(d) => (d - now).min(PUMP_SLICE),
+                None => PUMP_SLICE,
+            };
+            if state.pumping {
+                // Another thread reads the result queue: wait for its news.
+                let _ = self.cond.wait_for(state, left);
+                continue;
+            }
+            self.dispatch(state);
+            self.rebalance(state);
+            if state.last_check.elapsed() > CHECK_EVERY {
+                self.check_workers(state);
+            }
+            if until(state) {
+                return true;
+            }
+            state.pumping = true;
+            let got = MutexGuard::unlocked(state, || self.results.get_bytes_timeout(left));
+            state.pumping = false;
+            match got {
+                Ok(message) => self.drain_results(state, Some(message)),
+                Err(GetError::Timeout | GetError::Empty) => self.check_workers(state),
+                Err(GetError::Closed) => {
+                    // Only terminate() closes it; it failed every task.
+                    self.cond.notify_all();
+                    return until(state);
+                }
+                Err(_) => {
+                    // A corrupted result: its task cannot be named; the
+                    // message is gone and the queue goes on.
+                }
+            }
+            self.cond.notify_all();
+        }
+    }
+
+    /// Handles `first` and every result already in the queue.
+    fn drain_results(&self, state: &mut State, first: Option<Vec<u8>>) {
+        if let Some(message) = first {
+            self.handle_result(state, message);
+        }
+        // Bounded: a steady stream must not keep the caller here forever.
+        for _ in 0..4096 {
+            match self.results.try_get_bytes() {
+                Ok(message) => self.handle_result(state, message),
+                Err(GetError::Empty | GetError::Closed | GetError::Timeout) => break,
+                Err(_) => continue,
+            }
+        }
+    }
+
+    fn handle_result(&self, state: &mut State, message: Vec<u8>) {
+        let Some((worker, id, output)) = wire::take_result(&message) else {
+            return;
+        };
+        let start = message.len() - output.len();
+        if id == wire::INIT_FAILED {
+            let error = match wire::decode_items::<()>(output, 1) {
+                Err(TaskError::Panicked { message, location }) => {
+                    TaskError::InitializerFailed(match location {
+                        Some(l) => format!("{message} at {l}"),
+                        None => message,
+                    })
+                }
+                Err(e) => TaskError::InitializerFailed(e.to_string()),
+                Ok(_) => TaskError::InitializerFailed("unknown".into()),
+            };
+            self.break_pool(state, error);
+            return;
+        }
+        let found = state
+            .workers
+            .get_mut(worker as usize)
+            .and_then(|w| take_outstanding(w, id))
+            .or_else(|| {
+                state
+                    .workers
+                    .iter_mut()
+                    .find_map(|w| take_outstanding(w, id))
+            });
+        if found.is_none() {
+            // Not (or no longer) expected: a duplicate or a stray.
+            return;
+        }
+        self.finish(state, id, Done::Output { message, start });
+    }
+
+    fn finish(&self, state: &mut State, id: u64, done: Done) {
+        state.unfinished = state.unfinished.saturating_sub(1);
+        if !state.abandoned.remove(&id) {
+            state.done.insert(id, done);
+        }
+    }
+
+    /// Sends pending tasks to the least loaded workers.
+    fn dispatch(&self, state: &mut State) {
+        if state.pending.is_empty() {
+            return;
+        }
+        self.replace_retired(state);
+        let mut full = vec![false; state.workers.len()];
+        while !state.pending.is_empty() {
+            let Some(w) = state
+                .workers
+                .iter()
+                .enumerate()
+                .filter(|(i, w)| !full[*i] && w.handle.is_some() && w.budget != Some(0))
+                .min_by_key(|(_, w)| w.outstanding.len())
+                .map(|(i, _)| i)
+            else {
+                break;
+            };
+            let worker = &mut state.workers[w];
+            let first_len = state.pending.front().map_or(0, |t| t.record.len());
+            if first_len > SINGLE_MAX {
+                // Streams through the ring: only to a worker waiting for it.
+                if !worker.outstanding.is_empty() {
+                    full[w] = true;
+                    continue;
+                }
+                let Some(task) = state.pending.pop_front() else {
+                    break;
+                };
+                match put_streamed(worker, &task.record) {
+                    Ok(()) => {
+                        worker.budget = worker.budget.map(|b| b - 1);
+                        worker.outstanding.push_back(task);
+                    }
+                    Err(()) => {
+                        state.pending.push_front(task);
+                        full[w] = true;
+                    }
+                }
+                continue;
+            }
+            let budget = worker
+                .budget
+                .map_or(BATCH_TASKS, |b| (b as usize).min(BATCH_TASKS));
+            let mut batch: Vec<Task> = Vec::new();
+            let mut bytes = 0;
+            while let Some(task) = state.pending.front() {
+                let len = task.record.len();
+                if batch.len() >= budget
+                    || len > SINGLE_MAX
+                    || (!batch.is_empty() && bytes + len > BATCH_BYTES.max(first_len))
+                {
+                    break;
+                }
+                bytes += len;
+                if let Some(task) = state.pending.pop_front() {
+                    batch.push(task);
+                }
+            }
+            let sent = if batch.len() == 1 {
+                worker.queue.try_put_bytes(&batch[0].record)
+            } else {
+                let mut message = Vec::with_capacity(bytes);
+                for task in &batch {
+                    message.extend_from_slice(&task.record);
+                }
+                worker.queue.try_put_bytes(&message)
+            };
+            match sent {
+                Ok(()) => {
+                    worker.budget = worker.budget.map(|b| b - batch.len() as u64);
+                    worker.outstanding.extend(batch);
+                }
+                Err(_) => {
+                    for task in batch.into_iter().rev() {
+                        state.pending.push_front(task);
+                    }
+                    full[w] = true;
+                }
+            }
+        }
+    }
+
+    /// Moves a queued message from a busy worker to an idle one.
+    fn rebalance(&self, state: &mut State) {
+        if !state.pending.is_empty() {
+            return;
+        }
+        let idle = state
+            .workers
+            .iter()
+            .any(|w| w.handle.is_some() && w.outstanding.is_empty() && w.budget != Some(0));
+        if !idle {
+            return;
+        }
+        let Some(donor) = state
+            .workers
+            .iter_mut()
+            .filter(|w| w.handle.is_some() && w.outstanding.len() >= 2 && !w.queue.empty())
+            .max_by_key(|w| w.outstanding.len())
+        else {
+            return;
+        };
+        let Ok(message) = donor.queue.try_get_bytes() else {
+            return;
+        };
+        let mut moved = Vec::new();
+        for (id, _, _) in wire::task_ids(&message) {
+            if let Some(task) = take_outstanding(donor, id) {
+                donor.budget = donor.budget.map(|b| b + 1);
+                moved.push(task);
+            }
+        }
+        for task in moved.into_iter().rev() {
+            state.pending.push_front(task);
+        }
+        self.dispatch(state);
+    }
+
+    /// Reaps workers that used up `maxtasksperchild` and starts their
+    /// replacements.
+    fn replace_retired(&self, state: &mut State) {
+        for i in 0..state.workers.len() {
+            let w = &mut state.workers[i];
+            if w.budget == Some(0) && w.outstanding.is_empty() {
+                if let Some(mut handle) = w.handle.take() {
+                    // It exits right after its last result.
+                    let _ = handle.wait_timeout(Duration::from_secs(5));
+                    if handle.try_wait().ok().flatten().is_none() {
+                        let _ = handle.kill();
+                        let _ = handle.wait();
+                    }
+                }
+                self.restart(state, i);
+            }
+        }
+    }
+
+    /// Looks for dead workers; settles their tasks and replaces them.
+    fn check_workers(&self, state: &mut State) {
+        state.last_check = Instant::now();
+        for i in 0..state.workers.len() {
+            let status = match state.workers[i].handle.as_mut().map(JoinHandle::try_wait) {
+                None | Some(Ok(None)) => continue,
+                Some(Ok(Some(status))) => Some(status),
+                Some(Err(_)) => None,
+            };
+            self.settle_dead(state, i, status);
+        }
+    }
+
+    /// Worker `i` exited with `status`: its results are read, the tasks
+    /// still in its queue go back to pending, the one it was running fails.
+    fn settle_dead(&self, state: &mut State, i: usize, status: Option<std::process::ExitStatus>) {
+        use std::os::unix::process::ExitStatusExt;
+        // Everything it finished is in the result queue by now.
+        self.drain_results(state, None);
+        let worker = &mut state.workers[i];
+        worker.handle = None;
+        let mut queued = HashSet::new();
+        while let Ok(message) = worker.queue.try_get_bytes() {
+            queued.extend(wire::task_ids(&message).into_iter().map(|(id, _, _)| id));
+        }
+        let mut back = Vec::new();
+        let mut died = None;
+        for task in std::mem::take(&mut worker.outstanding) {
+            if died.is_none() && !queued.contains(&task.id) {
+                died = Some(task.id);
+            } else {
+                back.push(task);
+            }
+        }
+        for task in back.into_iter().rev() {
+            state.pending.push_front(task);
+        }
+        if let Some(id) = died {
+            let error = TaskError::WorkerDied {
+                signal: status.and_then(|s| s.signal()),
+                code: status.and_then(|s| s.code()),
+            };
+            self.finish(state, id, Done::Failed(error));
+        }
+        self.restart(state, i);
+        self.cond.notify_all();
+    }
+
+    /// Starts a new process on worker `i`'s queue, if there is work for it.
+    fn restart(&self, state: &mut State, i: usize) {
+        let wanted = matches!(state.phase, Phase::Running)
+            || (state.phase == Phase::Closed && state.unfinished > 0);
+        if !wanted || state.broken.is_some() {
+            return;
+        }
+        state.workers[i].budget = self.config.maxtasks;
+        let started = {
+            let worker = &state.workers[i];
+            let worker_view = Worker {
+                index: worker.index,
+                queue: worker.queue.clone(),
+                handle: None,
+                outstanding: VecDeque::new(),
+                budget: None,
+            };
+            start_worker(&self.config, state, &worker_view, &self.results)
+        };
+        match started {
+            Ok(handle) => state.workers[i].handle = Some(handle),
+            Err(e) => {
+                if state.workers.iter().all(|w| w.handle.is_none()) {
+                    self.break_pool(state, TaskError::NoWorkers(e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Fails every unfinished task with `error` and stops taking work.
+    fn break_pool(&self, state: &mut State, error: TaskError) {
+        if state.broken.is_none() {
+            state.broken = Some(error.clone());
+        }
+        let mut failed: Vec<u64> = state.pending.drain(..).map(|t| t.id).collect();
+        for w in &mut state.workers {
+            failed.extend(w.outstanding.drain(..).map(|t| t.id));
+        }
+        for id in failed {
+            self.finish(state, id, Done::Failed(error.clone()));
+        }
+        self.cond.notify_all();
+    }
+
+    fn terminate(&self) {
+        let mut state = self.state.lock();
+        if matches!(state.phase, Phase::Terminated | Phase::Joined) {
+            return;
+        }
+        state.phase = Phase::Terminated;
+        let mut handles: Vec<JoinHandle<()>> = Vec::new();
+        for w in &mut state.workers {
+            w.queue.close();
+            if let Some(handle) = w.handle.take() {
+                let _ = handle.terminate();
+                handles.push(handle);
+            }
+        }
+        let mut failed: Vec<u64> = state.pending.drain(..).map(|t| t.id).collect();
+        for w in &mut state.workers {
+            failed.extend(w.outstanding.drain(..).map(|t| t.id));
+        }
+        for id in failed {
+            self.finish(&mut state, id, Done::Failed(TaskError::Terminated));
+        }
+        state.zygote = None;
+        self.results.close();
+        drop(state);
+        self.cond.notify_all();
+        let deadline = Instant::now() + TERMINATE_GRACE;
+        for handle in &mut handles {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !matches!(handle.wait_timeout(left), Ok(Some(_))) {
+                let _ = handle.kill();
+                let _ = handle.wait();
+            }
+        }
+    }
+
+    fn join(&self) -> Result<(), PoolError> {
+        let mut state = self.state.lock();
+        match state.phase {
+            Phase::Running => return Err(PoolError::StillRunning),
+            Phase::Joined | Phase::Terminated => return Ok(()),
+            Phase::Closed => {}
+        }
+        self.progress(&mut state, None, |s| s.unfinished == 0);
+        if state.phase != Phase::Closed {
+            return Ok(());
+        }
+        state.phase = Phase::Joined;
+        let mut handles = Vec::new();
+        for w in &mut state.workers {
+            // A closed queue tells an idle worker to exit.
+            w.queue.close();
+            handles.extend(w.handle.take());
+        }
+        state.zygote = None;
+        drop(state);
+        for mut handle in handles {
+            let _ = handle.wait();
+        }
+        Ok(())
+    }
+}
+
+/// Removes task `id` from `worker`'s outstanding tasks.
+fn take_outstanding(worker: &mut Worker, id: u64) -> Option<Task> {
+    if worker.outstanding.front().is_some_and(|t| t.id == id) {
+        return worker.outstanding.pop_front();
+    }
+    let at = worker.outstanding.iter().position(|t| t.id == id)?;
+    worker.outstanding.remove(at)
+}
+
+/// Puts a task too large for one ring record: the worker is idle, so it
+/// takes the fragments as they come; gives up if the worker dies.
+fn put_streamed(worker: &mut Worker, record: &[u8]) -> Result<(), ()> {
+    loop {
+        match worker
+            .queue
+            .put_bytes_timeout(record, Duration::from_millis(100))
+        {
+            Ok(()) => return Ok(()),
+            Err(PutError::Timeout(())) => {
+                let alive = worker
+                    .handle
+                    .as_mut()
+                    .is_some_and(|h| matches!(h.try_wait(), Ok(None)));
+                if !alive {
+                    return Err(());
+                }
+            }
+            Err(_) => return Err(()),
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! Handles to results still on their way: [`AsyncResult`], [`MapResult`]
+//! and the [`IMap`] iterator.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proc_core::task::TaskFn;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::TaskError;
+use crate::pool::{Done, Inner};
+use crate::wire;
+
+fn deadline(timeout: Duration) -> Option<Instant> {
+    Some(Instant::now() + timeout)
+}
+
+/// The result of one task, on its way (Python's `AsyncResult`).
+///
+/// Dropping it forgets the result (the task still runs).
+pub struct AsyncResult<R> {
+    inner: Arc<Inner>,
+    id: u64,
+    taken: bool,
+    _result: PhantomData<fn() -> R>,
+}
+
+impl<R> fmt::Debug for AsyncResult<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncResult")
+            .field("id", &self.id)
+            .field("taken", &self.taken)
+            .finish()
+    }
+}
+
+impl<R: DeserializeOwned> AsyncResult<R> {
+    pub(crate) fn new(inner: Arc<Inner>, id: u64) -> Self {
+        AsyncResult {
+            inner,
+            id,
+            taken: false,
+            _result: PhantomData,
+        }
+    }
+
+    /// Waits for the result (Python's `get()`).
+    ///
+    /// # Errors
+    ///
+    /// The task's [`TaskError`].
+    pub fn get(mut self) -> Result<R, TaskError> {
+        self.take(None)
+    }
+
+    /// Waits at most `timeout` for the result (Python's `get(timeout)`).
+    ///
+    /// # Errors
+    ///
+    /// [`TaskError::Timeout`] if it is not ready (call again later);
+    /// [`TaskError::Taken`] after an earlier call returned it; else the
+    /// task's [`TaskError`].
+    pub fn get_timeout(&mut self, timeout: Duration) -> Result<R, TaskError> {
+        self.take(deadline(timeout))
+    }
+
+    fn take(&mut self, deadline: Option<Instant>) -> Result<R, TaskError> {
+        if self.taken {
+            return Err(TaskError::Taken);
+        }
+        let done = self.inner.take(self.id, deadline).ok_or(match deadline {
+            Some(_) => TaskError::Timeout,
+            None => TaskError::Terminated,
+        })?;
+        self.taken = true;
+        one(&done)
+    }
+
+    /// Waits until the result is ready (Python's `wait()`).
+    pub fn wait(&self) {
+        if !self.taken {
+            self.inner.wait(self.id, None);
+        }
+    }
+
+    /// Waits at most `timeout`; whether the result is ready.
+    pub fn wait_timeout(&self, timeout: Duration) -> bool {
+        self.taken || self.inner.wait(self.id, deadline(timeout))
+    }
+
+    /// Whether the result is ready (Python's `ready()`).
+    pub fn ready(&self) -> bool {
+        self.taken || self.inner.peek(self.id).is_some()
+    }
+
+    /// Whether the task succeeded, or `None` while it is not ready (Python
+    /// raises `ValueError` then).
+    pub fn successful(&self) -> Option<bool> {
+        self.inner.peek(self.id)
+    }
+}
+
+impl<R> Drop for AsyncResult<R> {
+    fn drop(&mut self) {
+        if !self.taken {
+            self.inner.abandon([self.id]);
+        }
+    }
+}
+
+fn one<R: DeserializeOwned>(done: &Done) -> Result<R, TaskError> {
+    done.items::<R>(1)?
+        .pop()
+        .unwrap_or_else(|| Err(TaskError::Corrupted("no item".into())))
+}
+
+/// The results of a [`map_async`](crate::Pool::map_async), on their way.
+pub struct MapResult<R> {
+    inner: Arc<Inner>,
+    /// (task id, items in its chunk), in order.
+    chunks: Vec<(u64, usize)>,
+    taken: bool,
+    _result: PhantomData<fn() -> R>,
+}
+
+impl<R> fmt::Debug for MapResult<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MapResult")
+            .field("chunks", &self.chunks.len())
+            .finish()
+    }
+}
+
+impl<R: DeserializeOwned> MapResult<R> {
+    pub(crate) fn new(inner: Arc<Inner>) -> Self {
+        MapResult {
+            inner,
+            chunks: Vec::new(),
+            taken: false,
+            _result: PhantomData,
+        }
+    }
+
+    pub(crate) fn push(&mut self, id: u64, len: usize) {
+        self.chunks.push((id, len));
+    }
+
+    /// Waits for every result; the first failure in order wins.
+    ///
+    /// # Errors
+    ///
+    /// The first failing item's [`TaskError`].
+    pub fn get(mut self) -> Result<Vec<R>, TaskError> {
+        self.take(None)
+    }
+
+    /// [`get`](MapResult::get) waiting at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// As [`AsyncResult::get_timeout`].
+    pub fn get_timeout(&mut self, timeout: Duration) -> Result<Vec<R>, TaskError> {
+        self.take(deadline(timeout))
+    }
+
+    fn take(&mut self, deadline: Option<Instant>) -> Result<Vec<R>, TaskError> {
+        if self.taken {
+            return Err(TaskError::Taken);
+        }
+        if !self.wait_until(deadline) {
+            return Err(TaskError::Timeout);
+        }
+        self.taken = true;
+        let total = self.chunks.iter().map(|(_, n)| n).sum();
+        let mut values = Vec::with_capacity(total);
+        let mut first_error = None;
+        for &(id, len) in &self.chunks {
+            let Some(done) = self.inner.take(id, None) else {
+                continue;
+            };
+            if first_error.is_some() {
+                continue;
+            }
+            match done.items::<R>(len) {
+                Ok(items) => {
+                    for item in items {
+                        match item {
+                            Ok(v) => values.push(v),
+                            Err(e) => {
+                                first_error = Some(e);
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => first_error = Some(e),
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(values),
+        }
+    }
+
+    fn wait_until(&self, deadline: Option<Instant>) -> bool {
+        self.chunks
+            .iter()
+            .all(|&(id, _)| self.inner.wait(id, deadline))
+    }
+
+    /// Waits until every result is in.
+    pub fn wait(&self) {
+        self.wait_until(None);
+    }
+
+    /// Waits at most `timeout`; whether every result is in.
+    pub fn wait_timeout(&self, timeout: Duration) -> bool {
+        self.taken || self.wait_until(deadline(timeout))
+    }
+
+    /// Whether every result is in.
+    pub fn ready(&self) -> bool {
+        self.taken
+            || self
+                .chunks
+                .iter()
+                .all(|&(id, _)| self.inner.peek(id).is_some())
+    }
+}
+
+impl<R> Drop for MapResult<R> {
+    fn drop(&mut self) {
+        if !self.taken {
+            self.inner.abandon(self.chunks.iter().map(|&(id, _)| id));
+        }
+    }
+}
+
+/// The lazy iterator of [`imap`](crate::Pool::imap) and
+/// [`imap_unordered`](crate::Pool::imap_unordered): one `Result` per input
+/// item. It pulls input only to keep a bounded number of tasks in flight,
+/// so the input may be endless; dropping it forgets the tasks in flight.
+pub struct IMap<R, I> {
+    inner: Arc<Inner>,
+    func: TaskFn,
+    input: Option<I>,
+    chunksize: usize,
+    window: usize,
+    ordered: bool,
+    /// (task id, items) in flight, in input order.
+    inflight: VecDeque<(u64, usize)>,
+    /// Results of the current chunk, ready to hand out.
+    ready: std::vec::IntoIter<Result<R, TaskError>>,
+}
+
+impl<R, I> fmt::Debug for IMap<R, I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IMap")
+            .field("inflight", &self.inflight.len())
+            .field("ordered", &self.ordered)
+            .finish()
+    }
+}
+
+impl<A, R, I> IMap<R, I>
+where
+    A: Serialize,
+    R: DeserializeOwned,
+    I: Iterator<Item = A>,
+{
+    pub(crate) fn new(
+        inner: Arc<Inner>,
+        func: TaskFn,
+        input: I,
+        chunksize: usize,
+        window: usize,
+        ordered: bool,
+    ) -> Self {
+        IMap {
+            inner,
+            func,
+            input: Some(input),
+            chunksize: chunksize.max(1),
+            window: window.max(2),
+            ordered,
+            inflight: VecDeque::new(),
+            ready: Vec::new().into_iter(),
+        }
+    }
+
+    /// Sends chunks until the window is full or the input ends.
+    fn top_up(&mut self) {
+        let mut chunk = Vec::with_capacity(self.chunksize);
+        let mut bytes = Vec::new();
+        while self.inflight.len() < self.window {
+            let Some(input) = self.input.as_mut() else {
+                return;
+            };
+            chunk.extend(input.by_ref().take(self.chunksize));
+            if chunk.is_empty() {
+                self.input = None;
+                return;
+            }
+            bytes.clear();
+            let len = chunk.len();
+            let sent = wire::encode_chunk(&chunk, &mut bytes)
+                .map_err(TaskError::ArgsEncode)
+                .and_then(|()| self.inner.submit(self.func, &bytes));
+            chunk.clear();
+            match sent {
+                Ok(id) => self.inflight.push_back((id, len)),
+                Err(e) => {
+                    // Reported in place of the chunk's items; the input
+                    // ends here when the pool no longer runs.
+                    if e == TaskError::NotRunning {
+                        self.input = None;
+                    }
+                    let items: Vec<_> = (0..len).map(|_| Err(e.clone())).collect();
+                    let mut rest: Vec<_> = std::mem::take(&mut self.ready).collect();
+                    rest.extend(items);
+                    self.ready = rest.into_iter();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl<A, R, I> Iterator for IMap<R, I>
+where
+    A: Serialize,
+    R: DeserializeOwned,
+    I: Iterator<Item = A>,
+{
+    type Item = Result<R, TaskError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(item) = self.ready.next() {
+                return Some(item);
+            }
+            self.top_up();
+            if let Some(item) = self.ready.next() {
+                return Some(item);
+            }
+            if self.inflight.is_empty() {
+                return None;
+            }
+            let (id, len, done) = if self.ordered {
+                let (id, len) = self.inflight.pop_front()?;
+                let done = self.inner.take(id, None);
+                (id, len, done)
+            } else {
+                let ids: Vec<u64> = self.inflight.iter().map(|&(id, _)| id).collect();
+                let (id, done) = self.inner.take_any(&ids, None)?;
+                let at = self.inflight.iter().position(|&(i, _)| i == id)?;
+                let (_, len) = self.inflight.remove(at)?;
+                (id, len, Some(done))
+            };
+            let _ = id;
+            let items = match done.map(|d| d.items::<R>(len)) {
+                Some(Ok(items)) => items,
+                Some(Err(e)) => (0..len).map(|_| Err(e.clone())).collect(),
+                None => (0..len).map(|_| Err(TaskError::Terminated)).collect(),
+            };
+            self.ready = items.into_iter();
+        }
+    }
+}
+
+impl<R, I> Drop for IMap<R, I> {
+    fn drop(&mut self) {
+        self.inner.abandon(self.inflight.iter().map(|&(id, _)| id));
+    }
+}

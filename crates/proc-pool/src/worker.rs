@@ -1,0 +1,85 @@
+//! The worker process: takes task messages from its own queue, runs each
+//! task, puts each result on the pool's result queue.
+
+use proc_core::task::TaskFn;
+use proc_queue::Queue;
+use serde::{Deserialize, Serialize};
+
+use crate::error::TaskError;
+use crate::wire;
+
+/// What a worker is started with (an entry's arguments: the queues travel
+/// as shared descriptors).
+#[derive(Serialize, Deserialize)]
+pub(crate) struct WorkerArgs {
+    pub(crate) index: u32,
+    pub(crate) tasks: Queue<()>,
+    pub(crate) results: Queue<()>,
+    pub(crate) maxtasks: Option<u64>,
+    /// The initializer and its encoded arguments (a chunk of one).
+    pub(crate) initializer: Option<(TaskFn, Vec<u8>)>,
+}
+
+/// Exit code of a worker that found a malformed task message.
+const CORRUPTED_EXIT: i32 = 3;
+
+/// The worker's entry: returns when its queue is closed, when it has run
+/// `maxtasks` tasks, or when its initializer failed.
+pub(crate) fn worker_main(args: WorkerArgs) {
+    let WorkerArgs {
+        index,
+        tasks,
+        results,
+        maxtasks,
+        initializer,
+    } = args;
+    // Ctrl-C goes to the whole process group; the parent decides.
+    let _ = proc_core::task::ignore_sigint();
+    // A panic is the task's result, with message and location.
+    proc_core::task::quiet_panics();
+    let mut out = Vec::with_capacity(4096);
+    if let Some((func, input)) = initializer {
+        let mut output = Vec::new();
+        let failure = match func.call(&input, &mut output) {
+            Err(e) => Some(TaskError::Corrupted(e.to_string())),
+            Ok(()) => match wire::decode_items::<()>(&output, 1) {
+                Err(e) => Some(e),
+                Ok(mut items) => items.pop().and_then(Result::err),
+            },
+        };
+        if let Some(error) = failure {
+            wire::result_header(index, wire::INIT_FAILED, &mut out);
+            wire::failed(&error, &mut out);
+            let _ = results.put_bytes(&out);
+            return;
+        }
+    }
+    let mut ran = 0u64;
+    loop {
+        let Ok(message) = tasks.get_bytes() else {
+            // Closed: the pool is done with this worker.
+            return;
+        };
+        let mut rest = &message[..];
+        while !rest.is_empty() {
+            let Some((record, tail)) = wire::take_task(rest) else {
+                proc_core::exit(CORRUPTED_EXIT);
+            };
+            rest = tail;
+            out.clear();
+            wire::result_header(index, record.id, &mut out);
+            let mark = out.len();
+            if let Err(e) = record.func.call(record.args, &mut out) {
+                out.truncate(mark);
+                wire::failed(&TaskError::Corrupted(e.to_string()), &mut out);
+            }
+            if results.put_bytes(&out).is_err() {
+                return;
+            }
+            ran += 1;
+            if maxtasks.is_some_and(|max| ran >= max) {
+                return;
+            }
+        }
+    }
+}
