@@ -1051,7 +1051,8 @@ impl Inner {
         for id in failed {
             self.finish(&mut state, id, Done::Failed(TaskError::Terminated));
         }
-        state.zygote = None;
+        // The zygote reaps the workers: it goes after them.
+        let zygote = state.zygote.take();
         self.results.close();
         drop(state);
         self.cond.notify_all();
@@ -1063,6 +1064,7 @@ impl Inner {
                 let _ = handle.wait();
             }
         }
+        drop(zygote);
     }
 
     fn join(&self) -> Result<(), PoolError> {
@@ -1083,11 +1085,13 @@ impl Inner {
             w.queue.close();
             handles.extend(w.handle.take());
         }
-        state.zygote = None;
+        let zygote = state.zygote.take();
         drop(state);
         for mut handle in handles {
             let _ = handle.wait();
         }
+        // The zygote reaped them; now it may go.
+        drop(zygote);
         Ok(())
     }
 }

@@ -1,0 +1,774 @@
+//! The process pool: Python's API, failures as results, dead workers
+//! replaced, no orphans (one thread: `harness = false`).
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use proc::{Pool, PoolError, SpawnError, StartMethod, TaskError};
+
+/// The start method the current test uses (0 Fork, 1 ForkServer, 2 Spawn).
+static METHOD: AtomicU8 = AtomicU8::new(0);
+
+fn method() -> StartMethod {
+    match METHOD.load(Ordering::Relaxed) {
+        1 => StartMethod::ForkServer,
+        2 => StartMethod::Spawn,
+        _ => StartMethod::Fork,
+    }
+}
+
+fn make_pool(processes: usize) -> Pool {
+    Pool::builder()
+        .processes(processes)
+        .start_method(method())
+        .build()
+        .expect("pool")
+}
+
+fn main() {
+    proc::init();
+    if let Ok(mode) = std::env::var("PROC_TEST_MODE") {
+        helper_mode(&mode);
+        return;
+    }
+    common::become_subreaper();
+    macro_rules! each_method {
+        ($name:literal, $secs:literal, $f:ident) => {
+            [
+                (
+                    concat!("fork::", $name),
+                    $secs,
+                    (|| {
+                        METHOD.store(0, Ordering::Relaxed);
+                        $f()
+                    }) as fn(),
+                ),
+                (
+                    concat!("forkserver::", $name),
+                    $secs,
+                    (|| {
+                        METHOD.store(1, Ordering::Relaxed);
+                        $f()
+                    }) as fn(),
+                ),
+                (
+                    concat!("spawn::", $name),
+                    $secs,
+                    (|| {
+                        METHOD.store(2, Ordering::Relaxed);
+                        $f()
+                    }) as fn(),
+                ),
+            ]
+        };
+    }
+    let mut tests: Vec<common::Test> = vec![
+        ("map_chunking_and_order", 30, map_chunking_and_order),
+        (
+            "imap_ordered_unordered_endless",
+            30,
+            imap_ordered_unordered_endless,
+        ),
+        ("get_timeout_is_never_early", 30, get_timeout_is_never_early),
+        ("panic_in_map_and_imap", 30, panic_in_map_and_imap),
+        (
+            "worker_sigkilled_during_map",
+            60,
+            worker_sigkilled_during_map,
+        ),
+        (
+            "worker_sigkilled_during_imap",
+            60,
+            worker_sigkilled_during_imap,
+        ),
+        ("maxtasksperchild_recycles", 60, maxtasksperchild_recycles),
+        (
+            "initializer_runs_once_per_worker",
+            30,
+            initializer_runs_once_per_worker,
+        ),
+        (
+            "initializer_failure_fails_tasks",
+            30,
+            initializer_failure_fails_tasks,
+        ),
+        ("encode_and_decode_failures", 30, encode_and_decode_failures),
+        ("close_join_semantics", 30, close_join_semantics),
+        (
+            "terminate_and_drop_leave_nothing",
+            30,
+            terminate_and_drop_leave_nothing,
+        ),
+        (
+            "replacement_after_threads_started",
+            30,
+            replacement_after_threads_started,
+        ),
+        (
+            "threaded_parent_needs_forkserver",
+            30,
+            threaded_parent_needs_forkserver,
+        ),
+        (
+            "workers_die_with_sigkilled_parent",
+            30,
+            workers_die_with_sigkilled_parent,
+        ),
+        ("ctrl_c_stops_cleanly", 30, ctrl_c_stops_cleanly),
+    ];
+    for group in [
+        each_method!("apply_and_results", 30, apply_and_results),
+        each_method!("panic_is_a_result", 30, panic_is_a_result),
+        each_method!("worker_death_is_a_result", 60, worker_death_is_a_result),
+    ] {
+        tests.extend(group);
+    }
+    common::run(&tests)
+}
+
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+fn add((a, b): (u64, u64)) -> u64 {
+    a + b
+}
+
+fn worker_pid(_: ()) -> u32 {
+    proc::getpid().as_u32()
+}
+
+fn sleep_ms(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+fn sleep_then_pid(ms: u64) -> (u64, u32) {
+    std::thread::sleep(Duration::from_millis(ms));
+    (ms, proc::getpid().as_u32())
+}
+
+fn panicky(x: u64) -> u64 {
+    if x % 10 == 3 {
+        panic!("no threes: {x}");
+    }
+    x
+}
+
+/// How a task ends its own worker.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy)]
+enum Death {
+    Kill,
+    Abort,
+    Segfault,
+    Exit(i32),
+}
+
+fn die(how: Death) -> u64 {
+    match how {
+        // SAFETY (all three): plain signals to this process.
+        Death::Kill => unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        },
+        Death::Abort => std::process::abort(),
+        // A real invalid access (std's handler lets `raise` pass).
+        Death::Segfault => unsafe {
+            std::ptr::null_mut::<u8>().write_volatile(1);
+        },
+        Death::Exit(code) => std::process::exit(code),
+    }
+    std::thread::sleep(Duration::from_secs(10));
+    0
+}
+
+fn apply_and_results() {
+    let pool = make_pool(2);
+    assert_eq!(pool.processes(), 2);
+    assert_eq!(pool.apply(square, 7), Ok(49));
+    assert_eq!(pool.apply(add, (2, 40)), Ok(42));
+    let results: Vec<_> = (0..200u64)
+        .map(|i| pool.apply_async(square, i).expect("submit"))
+        .collect();
+    let total: u64 = results.into_iter().map(|r| r.get().expect("get")).sum();
+    assert_eq!(total, (0..200u64).map(|i| i * i).sum::<u64>());
+    let slow = pool.apply_async(sleep_ms, 150).expect("submit");
+    assert!(!slow.ready());
+    assert_eq!(slow.successful(), None);
+    assert!(!slow.wait_timeout(Duration::from_millis(10)));
+    slow.wait();
+    assert!(slow.ready());
+    assert_eq!(slow.successful(), Some(true));
+    assert_eq!(slow.get(), Ok(150));
+    let pids: HashSet<u32> = (0..20)
+        .map(|_| pool.apply_async(worker_pid, ()).expect("submit"))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|r| r.get().expect("pid"))
+        .collect();
+    let workers: HashSet<u32> = pool.worker_pids().iter().map(|p| p.as_u32()).collect();
+    assert!(pids.is_subset(&workers), "{pids:?} vs {workers:?}");
+    pool.close();
+    pool.join().expect("join");
+}
+
+fn map_chunking_and_order() {
+    let pool = make_pool(2);
+    let n = 10_000u64;
+    let expected: Vec<u64> = (0..n).map(|i| i * i).collect();
+    assert_eq!(pool.map(square, 0..n).expect("map"), expected);
+    assert_eq!(pool.map_chunked(square, 0..n, 7).expect("map"), expected);
+    assert_eq!(pool.map(square, Vec::<u64>::new()).expect("empty"), vec![]);
+    let pairs: Vec<(u64, u64)> = (0..100).map(|i| (i, 2 * i)).collect();
+    assert_eq!(
+        pool.map(add, pairs).expect("starmap"),
+        (0..100).map(|i| 3 * i).collect::<Vec<_>>()
+    );
+    let mut pending = pool.map_async(square, 0..1000u64).expect("map_async");
+    pending.wait();
+    assert!(pending.ready());
+    assert_eq!(
+        pending
+            .get_timeout(Duration::from_secs(5))
+            .expect("get")
+            .len(),
+        1000
+    );
+    assert_eq!(
+        pending.get_timeout(Duration::from_secs(1)),
+        Err(TaskError::Taken)
+    );
+}
+
+fn imap_ordered_unordered_endless() {
+    let pool = make_pool(2);
+    let ordered: Vec<u64> = pool
+        .imap(square, 0..500u64)
+        .map(|r| r.expect("item"))
+        .collect();
+    assert_eq!(ordered, (0..500u64).map(|i| i * i).collect::<Vec<_>>());
+    let chunked: Vec<u64> = pool
+        .imap_chunked(square, 0..500u64, 16)
+        .map(|r| r.expect("item"))
+        .collect();
+    assert_eq!(chunked, ordered);
+    let mut unordered: Vec<u64> = pool
+        .imap_unordered(sleep_ms, [40, 1, 30, 2, 20, 3])
+        .map(|r| r.expect("item"))
+        .collect();
+    // The short tasks overtake the long ones.
+    assert_ne!(unordered, vec![40, 1, 30, 2, 20, 3]);
+    unordered.sort_unstable();
+    assert_eq!(unordered, vec![1, 2, 3, 20, 30, 40]);
+    // An endless input: only what is consumed (plus a bounded window) runs.
+    let first: Vec<u64> = pool
+        .imap(square, 0u64..)
+        .take(2000)
+        .map(|r| r.expect("item"))
+        .collect();
+    assert_eq!(first[1999], 1999 * 1999);
+    let mut endless = pool.imap_unordered_chunked(square, 0u64.., 10);
+    let some: u64 = endless.by_ref().take(100).map(|r| r.expect("item")).count() as u64;
+    assert_eq!(some, 100);
+    drop(endless);
+    // The pool is still fine after the abandoned tasks.
+    assert_eq!(pool.apply(square, 12), Ok(144));
+}
+
+fn get_timeout_is_never_early() {
+    let pool = make_pool(1);
+    let mut slow = pool.apply_async(sleep_ms, 300).expect("submit");
+    let t = Instant::now();
+    assert_eq!(
+        slow.get_timeout(Duration::from_millis(100)),
+        Err(TaskError::Timeout)
+    );
+    let waited = t.elapsed();
+    assert!(waited >= Duration::from_millis(100), "{waited:?}");
+    assert!(waited < Duration::from_millis(250), "{waited:?}");
+    assert_eq!(slow.get_timeout(Duration::from_secs(5)), Ok(300));
+    assert_eq!(
+        slow.get_timeout(Duration::from_secs(5)),
+        Err(TaskError::Taken)
+    );
+}
+
+fn panic_is_a_result() {
+    let pool = make_pool(1);
+    let before = pool.apply(worker_pid, ()).expect("pid");
+    match pool.apply(panicky, 13) {
+        Err(TaskError::Panicked { message, location }) => {
+            assert_eq!(message, "no threes: 13");
+            let location = location.expect("location");
+            assert!(location.starts_with("tests/pool.rs:"), "{location}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let failed = pool.apply_async(panicky, 3).expect("submit");
+    failed.wait();
+    assert_eq!(failed.successful(), Some(false));
+    // The same worker goes on.
+    assert_eq!(pool.apply(worker_pid, ()), Ok(before));
+    assert_eq!(pool.apply(panicky, 4), Ok(4));
+}
+
+fn panic_in_map_and_imap() {
+    let pool = make_pool(2);
+    match pool.map(panicky, 0..100) {
+        Err(TaskError::Panicked { message, .. }) => assert_eq!(message, "no threes: 3"),
+        other => panic!("{other:?}"),
+    }
+    let results: Vec<_> = pool.imap_chunked(panicky, 0..100, 7).collect();
+    assert_eq!(results.len(), 100);
+    for (i, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(v) => assert_eq!(v, i as u64),
+            Err(TaskError::Panicked { .. }) => assert_eq!(i % 10, 3),
+            Err(e) => panic!("{i}: {e}"),
+        }
+    }
+}
+
+fn worker_death_is_a_result() {
+    let pool = make_pool(2);
+    let before: HashSet<_> = pool.worker_pids().into_iter().collect();
+    for (how, signal, code) in [
+        (Death::Kill, Some(libc::SIGKILL), None),
+        (Death::Abort, Some(libc::SIGABRT), None),
+        (Death::Segfault, Some(libc::SIGSEGV), None),
+        (Death::Exit(7), None, Some(7)),
+    ] {
+        // Tasks around the fatal one all complete.
+        let around: Vec<_> = (0..10u64)
+            .map(|i| pool.apply_async(square, i).expect("submit"))
+            .collect();
+        let fatal = pool.apply_async(die, how).expect("submit");
+        let after: Vec<_> = (10..20u64)
+            .map(|i| pool.apply_async(square, i).expect("submit"))
+            .collect();
+        let t = Instant::now();
+        assert_eq!(fatal.get(), Err(TaskError::WorkerDied { signal, code }));
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        for (i, r) in around.into_iter().chain(after).enumerate() {
+            assert_eq!(r.get(), Ok((i * i) as u64));
+        }
+    }
+    let now: HashSet<_> = pool.worker_pids().into_iter().collect();
+    assert_eq!(now.len(), 2, "replacements started");
+    assert_ne!(now, before);
+    assert_eq!(pool.apply(square, 9), Ok(81));
+    pool.close();
+    pool.join().expect("join");
+}
+
+fn worker_sigkilled_during_map() {
+    let pool = make_pool(2);
+    // 40 tasks of 20 ms, one per chunk: a worker is busy when it is killed.
+    let pending = pool
+        .map_async_chunked(sleep_ms, vec![20u64; 40], 1)
+        .expect("map");
+    std::thread::sleep(Duration::from_millis(100));
+    let victim = pool.worker_pids()[0];
+    // SAFETY: a plain kill of a worker process.
+    unsafe { libc::kill(victim.as_u32() as i32, libc::SIGKILL) };
+    match pending.get() {
+        Err(TaskError::WorkerDied { signal, .. }) => assert_eq!(signal, Some(libc::SIGKILL)),
+        other => panic!("{other:?}"),
+    }
+    // The pool goes on with a replacement.
+    assert!(!pool.worker_pids().contains(&victim));
+    assert_eq!(pool.map(square, 0..100u64).expect("map").len(), 100);
+}
+
+fn worker_sigkilled_during_imap() {
+    let pool = make_pool(2);
+    let mut died = 0;
+    let mut seen = 0;
+    let mut victim = None;
+    for (i, r) in pool.imap(sleep_then_pid, vec![15u64; 60]).enumerate() {
+        seen += 1;
+        match r {
+            Ok((ms, _)) => assert_eq!(ms, 15),
+            Err(TaskError::WorkerDied { signal, .. }) => {
+                assert_eq!(signal, Some(libc::SIGKILL));
+                died += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        if i == 10 {
+            let pid = pool.worker_pids()[1];
+            // SAFETY: a plain kill of a worker process.
+            unsafe { libc::kill(pid.as_u32() as i32, libc::SIGKILL) };
+            victim = Some(pid);
+        }
+    }
+    assert_eq!(seen, 60, "every item has a result");
+    assert_eq!(died, 1, "exactly the running task failed");
+    assert!(!pool.worker_pids().contains(&victim.expect("killed")));
+}
+
+fn maxtasksperchild_recycles() {
+    let pool = Pool::builder()
+        .processes(2)
+        .maxtasksperchild(3)
+        .build()
+        .expect("pool");
+    let results = pool
+        .map_chunked(sleep_then_pid, vec![1u64; 30], 1)
+        .expect("map");
+    assert_eq!(results.len(), 30);
+    let mut per_pid: HashMap<u32, usize> = HashMap::new();
+    for (_, pid) in &results {
+        *per_pid.entry(*pid).or_default() += 1;
+    }
+    assert!(per_pid.values().all(|&n| n <= 3), "{per_pid:?}");
+    assert!(per_pid.len() >= 10, "{per_pid:?}");
+    // apply_async too: nothing lost or duplicated.
+    let pending: Vec<_> = (0..25u64)
+        .map(|i| pool.apply_async(square, i).expect("submit"))
+        .collect();
+    for (i, r) in pending.into_iter().enumerate() {
+        assert_eq!(r.get(), Ok((i * i) as u64));
+    }
+    pool.close();
+    pool.join().expect("join");
+}
+
+static INIT_CALLS: AtomicU32 = AtomicU32::new(0);
+static INIT_ARG: AtomicU32 = AtomicU32::new(0);
+
+fn init_worker(arg: u32) {
+    INIT_CALLS.fetch_add(1, Ordering::SeqCst);
+    INIT_ARG.store(arg, Ordering::SeqCst);
+}
+
+fn init_state(kill: bool) -> (u32, u32, u32) {
+    if kill {
+        // SAFETY: a plain signal to this process.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+    (
+        proc::getpid().as_u32(),
+        INIT_CALLS.load(Ordering::SeqCst),
+        INIT_ARG.load(Ordering::SeqCst),
+    )
+}
+
+fn initializer_runs_once_per_worker() {
+    let pool = Pool::builder()
+        .processes(2)
+        .initializer(init_worker, 77)
+        .expect("initializer")
+        .build()
+        .expect("pool");
+    let mut pids = HashSet::new();
+    for round in 0..3 {
+        for (pid, calls, arg) in pool.map(init_state, vec![false; 20]).expect("map") {
+            assert_eq!((calls, arg), (1, 77));
+            pids.insert(pid);
+        }
+        if round < 2 {
+            assert!(matches!(
+                pool.apply(init_state, true),
+                Err(TaskError::WorkerDied { .. })
+            ));
+        }
+    }
+    // Replacements ran it too.
+    assert!(pids.len() >= 3, "{pids:?}");
+}
+
+fn failing_init(_: ()) {
+    panic!("cannot initialize");
+}
+
+fn initializer_failure_fails_tasks() {
+    let pool = Pool::builder()
+        .processes(2)
+        .initializer(failing_init, ())
+        .expect("initializer")
+        .build()
+        .expect("pool");
+    let t = Instant::now();
+    match pool.apply(square, 2) {
+        Err(TaskError::InitializerFailed(message)) => {
+            assert!(message.contains("cannot initialize"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        pool.map(square, 0..10),
+        Err(TaskError::InitializerFailed(_))
+    ));
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+/// Serializes only in the parent (fails in a worker), deserializes nowhere
+/// if `fail_decode`.
+#[derive(Debug)]
+struct Picky {
+    fail_decode: bool,
+}
+
+impl serde::Serialize for Picky {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if proc::parent_process().is_some() && !self.fail_decode {
+            return Err(serde::ser::Error::custom("not serializable here"));
+        }
+        s.serialize_bool(self.fail_decode)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Picky {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let fail_decode = <bool as serde::Deserialize>::deserialize(d)?;
+        if fail_decode {
+            return Err(serde::de::Error::custom("refusing to decode"));
+        }
+        Ok(Picky { fail_decode })
+    }
+}
+
+fn make_picky(_: ()) -> Picky {
+    Picky { fail_decode: false }
+}
+
+fn take_picky(_: Picky) -> u32 {
+    1
+}
+
+fn encode_and_decode_failures() {
+    let pool = make_pool(1);
+    let pid = pool.apply(worker_pid, ()).expect("pid");
+    match pool.apply(make_picky, ()) {
+        // (postcard keeps no custom message, only the kind)
+        Err(TaskError::Encode(m)) => assert!(!m.is_empty()),
+        other => panic!("{other:?}"),
+    }
+    match pool.apply(take_picky, Picky { fail_decode: true }) {
+        Err(TaskError::ArgsDecode(m)) => assert!(!m.is_empty()),
+        other => panic!("{other:?}"),
+    }
+    // Neither killed the worker.
+    assert_eq!(pool.apply(worker_pid, ()), Ok(pid));
+}
+
+fn close_join_semantics() {
+    let pool = make_pool(2);
+    assert!(matches!(pool.join(), Err(PoolError::StillRunning)));
+    let pending: Vec<_> = (0..6)
+        .map(|_| pool.apply_async(sleep_ms, 30).expect("submit"))
+        .collect();
+    pool.close();
+    assert_eq!(
+        pool.apply_async(square, 1).map(|_| ()),
+        Err(TaskError::NotRunning)
+    );
+    let workers = pool.worker_pids();
+    pool.join().expect("join");
+    // Everything finished before join returned, and the workers are gone.
+    for r in pending {
+        assert!(r.ready());
+        assert_eq!(r.get(), Ok(30));
+    }
+    for pid in workers {
+        assert!(
+            common::eventually(Duration::from_secs(2), || common::proc_state(pid.as_u32())
+                .is_none()),
+            "worker {pid:?} left"
+        );
+    }
+}
+
+fn terminate_and_drop_leave_nothing() {
+    let me = std::process::id();
+    let pool = make_pool(2);
+    let long = pool.apply_async(sleep_ms, 20_000).expect("submit");
+    let queued = pool.apply_async(sleep_ms, 20_000).expect("submit");
+    std::thread::sleep(Duration::from_millis(50));
+    let workers = pool.worker_pids();
+    let t = Instant::now();
+    pool.terminate();
+    assert!(t.elapsed() < Duration::from_secs(3));
+    assert_eq!(long.get(), Err(TaskError::Terminated));
+    assert_eq!(queued.get(), Err(TaskError::Terminated));
+    pool.join().expect("join after terminate");
+    for pid in &workers {
+        assert_eq!(common::proc_state(pid.as_u32()), None, "{pid:?}");
+    }
+    // Dropping a busy pool, many times: no process or zombie is left.
+    for _ in 0..10 {
+        let busy_pool = make_pool(2);
+        let _busy = busy_pool.apply_async(sleep_ms, 10_000).expect("submit");
+        let workers = busy_pool.worker_pids();
+        drop(busy_pool);
+        for pid in workers {
+            assert!(common::eventually(Duration::from_secs(3), || {
+                common::proc_state(pid.as_u32()).is_none()
+            }));
+        }
+    }
+    assert!(common::eventually(Duration::from_secs(3), || {
+        common::children_of(me)
+            .iter()
+            .all(|&(_, state)| state != 'Z')
+    }));
+}
+
+fn replacement_after_threads_started() {
+    let pool = Pool::new(2).expect("pool");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let thread = std::thread::spawn(move || {
+        while !flag.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    // This process has two threads now: the zygote still forks workers.
+    for _ in 0..3 {
+        assert!(matches!(
+            pool.apply(die, Death::Kill),
+            Err(TaskError::WorkerDied { .. })
+        ));
+        assert_eq!(pool.apply(square, 5), Ok(25));
+    }
+    assert_eq!(pool.worker_pids().len(), 2);
+    stop.store(true, Ordering::Relaxed);
+    thread.join().expect("thread");
+}
+
+fn threaded_parent_needs_forkserver() {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let thread = std::thread::spawn(move || {
+        while !flag.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    match Pool::builder()
+        .processes(1)
+        .start_method(StartMethod::Fork)
+        .build()
+    {
+        Err(PoolError::Spawn(SpawnError::Threaded { .. })) => {}
+        other => panic!("{other:?}"),
+    }
+    let pool = Pool::builder()
+        .processes(2)
+        .start_method(StartMethod::ForkServer)
+        .build()
+        .expect("forkserver pool");
+    assert_eq!(pool.map(square, 0..10u64).expect("map").len(), 10);
+    assert!(matches!(
+        pool.apply(die, Death::Kill),
+        Err(TaskError::WorkerDied { .. })
+    ));
+    assert_eq!(pool.apply(square, 6), Ok(36));
+    stop.store(true, Ordering::Relaxed);
+    thread.join().expect("thread");
+}
+
+/// Runs this test binary in `mode`; returns the child and its pid file.
+fn helper(mode: &str, tag: &str, own_group: bool) -> (std::process::Child, std::path::PathBuf) {
+    use std::os::unix::process::CommandExt;
+    let dir = common::temp_dir(tag);
+    let mut cmd = std::process::Command::new(std::env::current_exe().expect("exe"));
+    cmd.env("PROC_TEST_MODE", mode)
+        .env("PROC_TEST_DIR", &dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    if own_group {
+        cmd.process_group(0);
+    }
+    (cmd.spawn().expect("helper"), dir.join("pids"))
+}
+
+fn read_pids(file: &std::path::Path) -> Vec<u32> {
+    assert!(
+        common::eventually(Duration::from_secs(10), || file.exists()),
+        "the helper wrote no pids"
+    );
+    std::fs::read_to_string(file)
+        .expect("pids")
+        .split_whitespace()
+        .map(|p| p.parse().expect("pid"))
+        .collect()
+}
+
+fn helper_mode(mode: &str) {
+    let dir = std::path::PathBuf::from(std::env::var_os("PROC_TEST_DIR").expect("dir"));
+    let pool = Pool::new(2).expect("pool");
+    // Busy workers, a task queued behind them.
+    let _busy: Vec<_> = (0..4)
+        .map(|_| pool.apply_async(sleep_ms, 60_000).expect("submit"))
+        .collect();
+    let pids: Vec<String> = pool
+        .worker_pids()
+        .iter()
+        .map(|p| p.as_u32().to_string())
+        .collect();
+    let tmp = dir.join("pids.tmp");
+    std::fs::write(&tmp, pids.join(" ")).expect("write");
+    std::fs::rename(tmp, dir.join("pids")).expect("rename");
+    match mode {
+        "wait" | "sigint" => std::thread::sleep(Duration::from_secs(60)),
+        other => panic!("unknown mode {other}"),
+    }
+}
+
+fn workers_die_with_sigkilled_parent() {
+    let (mut child, file) = helper("wait", "pool-parent-kill", false);
+    let workers = read_pids(&file);
+    assert_eq!(workers.len(), 2);
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    // The zygote and workers are adopted by this (subreaper) process.
+    for pid in workers {
+        assert!(
+            common::eventually(Duration::from_secs(10), || {
+                common::reap_adopted(pid);
+                common::proc_state(pid).is_none()
+            }),
+            "worker {pid} outlived its parent"
+        );
+    }
+}
+
+fn ctrl_c_stops_cleanly() {
+    let (mut child, file) = helper("sigint", "pool-sigint", true);
+    let workers = read_pids(&file);
+    let pgid = child.id() as i32;
+    // Ctrl-C: SIGINT to the whole foreground process group.
+    // SAFETY: a plain signal to the helper's process group.
+    unsafe { libc::kill(-pgid, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the helper hung on SIGINT");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGINT), "{status:?}");
+    let mut stderr = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read");
+    assert!(stderr.trim().is_empty(), "a storm of errors: {stderr}");
+    for pid in workers {
+        assert!(
+            common::eventually(Duration::from_secs(10), || {
+                common::reap_adopted(pid);
+                common::proc_state(pid).is_none()
+            }),
+            "worker {pid} outlived Ctrl-C"
+        );
+    }
+}
