@@ -192,3 +192,46 @@ pub fn bytes_crossbeam(n: usize, size: usize) -> f64 {
     assert_eq!(total, n * size);
     total as f64 / el / 1e9
 }
+
+/// The Python side of a pool workload (`benches/python/pool_workloads.py`).
+pub fn python_pool_system(workload: &'static str, n: u64) -> System<'static> {
+    System {
+        name: "python",
+        run: Box::new(move || python("pool_workloads.py", &[workload.to_owned(), n.to_string()])),
+    }
+}
+
+/// The in-process ceiling of the pool workloads: `workers` threads fed
+/// through one crossbeam channel, results back through another; runs
+/// `f` on each of `jobs`, returns the results in order.
+pub fn thread_pool_map(workers: usize, jobs: Vec<u64>, f: fn(u64) -> u64) -> Vec<u64> {
+    let n = jobs.len();
+    let (task_tx, task_rx) = crossbeam_channel::unbounded::<(usize, u64)>();
+    let (result_tx, result_rx) = crossbeam_channel::unbounded::<(usize, u64)>();
+    let threads: Vec<_> = (0..workers)
+        .map(|_| {
+            let rx = task_rx.clone();
+            let tx = result_tx.clone();
+            std::thread::spawn(move || {
+                for (i, x) in rx {
+                    if tx.send((i, f(x))).is_err() {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    for job in jobs.into_iter().enumerate() {
+        task_tx.send(job).expect("send");
+    }
+    drop(task_tx);
+    let mut out = vec![0; n];
+    for _ in 0..n {
+        let (i, v) = result_rx.recv().expect("recv");
+        out[i] = v;
+    }
+    for t in threads {
+        t.join().expect("thread");
+    }
+    out
+}
