@@ -253,23 +253,25 @@ impl Done {
         }
     }
 
+    /// Hands each item to `each`, in order, until it returns false.
+    pub(crate) fn for_each<R: DeserializeOwned>(
+        &self,
+        expected: usize,
+        each: impl FnMut(Result<R, TaskError>) -> bool,
+    ) -> Result<(), TaskError> {
+        match self {
+            Done::Output { message, start } => {
+                wire::for_each_item(&message[*start..], expected, each)
+            }
+            Done::Failed(e) => Err(e.clone()),
+        }
+    }
+
     /// Whether every item succeeded (without decoding the values).
     pub(crate) fn successful(&self) -> bool {
         match self {
             Done::Failed(_) => false,
-            Done::Output { message, start } => {
-                // Items are `Result`s: a tag 1 at the start of one is an error;
-                // without decoding values, only a single item can be checked.
-                let out = &message[*start..];
-                match out.split_first() {
-                    Some((&wire::ITEMS, rest)) => match wire::take_varint(rest) {
-                        Some((1, items)) => items.first() == Some(&0),
-                        Some((_, _)) => !out.is_empty(),
-                        None => false,
-                    },
-                    _ => false,
-                }
-            }
+            Done::Output { message, start } => wire::all_ok(&message[*start..]).unwrap_or(false),
         }
     }
 }
@@ -485,18 +487,15 @@ impl Pool {
         R: Serialize + DeserializeOwned,
     {
         let func = TaskFn::new(wire::run_chunk::<A, R>, f);
-        let mut chunks = Vec::with_capacity(items.len().div_ceil(chunksize));
-        let mut bytes = Vec::new();
         let mut result = MapResult::new(self.inner.clone());
+        let mut bytes = Vec::new();
+        // Each chunk goes out as soon as it is encoded: the workers start
+        // while the rest is being encoded.
         for chunk in items.chunks(chunksize) {
             bytes.clear();
             wire::encode_chunk(chunk, &mut bytes).map_err(TaskError::ArgsEncode)?;
-            chunks.push((bytes.clone(), chunk.len()));
-        }
-        drop(items);
-        for (bytes, len) in chunks {
             let id = self.inner.submit(func, &bytes)?;
-            result.push(id, len);
+            result.push(id, chunk.len());
         }
         Ok(result)
     }

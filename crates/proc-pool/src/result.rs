@@ -171,33 +171,34 @@ impl<R: DeserializeOwned> MapResult<R> {
         if self.taken {
             return Err(TaskError::Taken);
         }
-        if !self.wait_until(deadline) {
+        if deadline.is_some() && !self.wait_until(deadline) {
             return Err(TaskError::Timeout);
         }
         self.taken = true;
         let total = self.chunks.iter().map(|(_, n)| n).sum();
         let mut values = Vec::with_capacity(total);
         let mut first_error = None;
+        // Decoded in order as they arrive, while later chunks still run.
         for &(id, len) in &self.chunks {
             let Some(done) = self.inner.take(id, None) else {
+                first_error.get_or_insert(TaskError::Terminated);
                 continue;
             };
             if first_error.is_some() {
                 continue;
             }
-            match done.items::<R>(len) {
-                Ok(items) => {
-                    for item in items {
-                        match item {
-                            Ok(v) => values.push(v),
-                            Err(e) => {
-                                first_error = Some(e);
-                                break;
-                            }
-                        }
-                    }
+            let decoded = done.for_each::<R>(len, |item| match item {
+                Ok(v) => {
+                    values.push(v);
+                    true
                 }
-                Err(e) => first_error = Some(e),
+                Err(e) => {
+                    first_error = Some(e);
+                    false
+                }
+            });
+            if let Err(e) = decoded {
+                first_error.get_or_insert(e);
             }
         }
         match first_error {

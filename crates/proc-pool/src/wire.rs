@@ -7,13 +7,15 @@
 //!
 //! A result message (worker → the pool's result queue) is a postcard
 //! header `(worker index, id)` followed by the runner's output: a tag byte,
-//! then for [`ITEMS`] a varint count and that many postcard
-//! `Result<R, TaskError>`s, or for [`FAILED`] one postcard `TaskError` for
-//! the whole task.
+//! then for [`ITEMS`] a varint count, the number `k` of items before the
+//! first failure (8 bytes, little-endian), `k` postcard `R`s and then the
+//! other items as postcard `Result<R, TaskError>`s; or for [`FAILED`] one
+//! postcard `TaskError` for the whole task. (A chunk that fails nowhere is
+//! plain `R`s: no per-item tag to write or read.)
 
 use proc_core::task::{catch_panic, Panic, TaskFn};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::TaskError;
 
@@ -25,28 +27,53 @@ pub(crate) const FAILED: u8 = 1;
 /// The result id a worker uses to report that its initializer failed.
 pub(crate) const INIT_FAILED: u64 = u64::MAX;
 
-/// An `Extend<u8>` over a borrowed buffer, so postcard appends in place.
-struct Sink<'a>(&'a mut Vec<u8>);
+/// A postcard flavor that appends to a borrowed buffer, so one serializer
+/// can write many values in place.
+struct Append<'a>(&'a mut Vec<u8>);
 
-impl Extend<u8> for Sink<'_> {
-    fn extend<I: IntoIterator<Item = u8>>(&mut self, iter: I) {
-        self.0.extend(iter);
+impl postcard::ser_flavors::Flavor for Append<'_> {
+    type Output = ();
+
+    #[inline]
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        // Varints are 1–10 bytes: a call to memcpy costs more than they do.
+        if data.len() <= 16 {
+            self.0.reserve(16);
+            for &b in data {
+                self.0.push(b);
+            }
+        } else {
+            self.0.extend_from_slice(data);
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
     }
 }
 
-impl<'a> Extend<&'a u8> for Sink<'_> {
-    fn extend<I: IntoIterator<Item = &'a u8>>(&mut self, iter: I) {
-        self.0.extend(iter);
+/// A serializer appending to `out`.
+fn writer(out: &mut Vec<u8>) -> postcard::Serializer<Append<'_>> {
+    postcard::Serializer {
+        output: Append(out),
     }
 }
 
 /// Appends `value` in postcard; on failure `out` is as it was.
 pub(crate) fn append<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), String> {
     let mark = out.len();
-    match postcard::to_extend(value, Sink(out)) {
-        Ok(_) => Ok(()),
+    let mut ser = writer(out);
+    match value.serialize(&mut ser) {
+        Ok(()) => Ok(()),
         Err(e) => {
-            out.truncate(mark);
+            ser.output.0.truncate(mark);
             Err(e.to_string())
         }
     }
@@ -141,13 +168,10 @@ impl From<Panic> for TaskError {
     }
 }
 
-/// Encodes a chunk of arguments.
+/// Encodes a chunk of arguments (postcard's encoding of a sequence: a
+/// varint count, then the items).
 pub(crate) fn encode_chunk<A: Serialize>(items: &[A], out: &mut Vec<u8>) -> Result<(), String> {
-    append_varint(items.len() as u64, out);
-    for item in items {
-        append(item, out)?;
-    }
-    Ok(())
+    append(items, out)
 }
 
 /// The runner of every task: decodes the chunk item by item, runs `f` on
@@ -157,50 +181,77 @@ where
     A: DeserializeOwned,
     R: Serialize,
 {
-    let Some((count, mut rest)) = take_varint(input) else {
+    let Some((count, rest)) = take_varint(input) else {
         failed(&TaskError::ArgsDecode("malformed chunk".into()), out);
         return;
     };
     out.push(ITEMS);
     append_varint(count, out);
+    let plain_at = out.len();
+    out.extend_from_slice(&count.to_le_bytes());
+    let mut plain = true;
+    let mut de = postcard::Deserializer::from_bytes(rest);
+    let mut ser = writer(out);
     for done in 0..count {
-        let a = match postcard::take_from_bytes::<A>(rest) {
-            Ok((a, tail)) => {
-                rest = tail;
-                a
+        let fail = |ser: &mut postcard::Serializer<Append<'_>>, plain: &mut bool, error| {
+            if *plain {
+                // From here on every item carries its Result tag.
+                *plain = false;
+                ser.output.0[plain_at..plain_at + 8].copy_from_slice(&done.to_le_bytes());
             }
+            let _ = Err::<(), TaskError>(error).serialize(ser);
+        };
+        let a = match A::deserialize(&mut de) {
+            Ok(a) => a,
             Err(e) => {
                 // The rest of the chunk cannot be found: all of it fails.
                 let error = TaskError::ArgsDecode(e.to_string());
                 for _ in done..count {
-                    out.push(1);
-                    let _ = append(&error, out);
+                    fail(&mut ser, &mut plain, error.clone());
                 }
                 return;
             }
         };
         match catch_panic(|| f(a)) {
             Ok(value) => {
-                out.push(0);
-                if let Err(e) = append(&value, out) {
-                    out.pop();
-                    out.push(1);
-                    let _ = append(&TaskError::Encode(e), out);
+                let mark = ser.output.0.len();
+                let written = if plain {
+                    value.serialize(&mut ser)
+                } else {
+                    Ok::<&R, ()>(&value).serialize(&mut ser)
+                };
+                if let Err(e) = written {
+                    ser.output.0.truncate(mark);
+                    fail(&mut ser, &mut plain, TaskError::Encode(e.to_string()));
                 }
             }
-            Err(panic) => {
-                out.push(1);
-                let _ = append(&TaskError::from(panic), out);
-            }
+            Err(panic) => fail(&mut ser, &mut plain, TaskError::from(panic)),
         }
     }
 }
 
-/// Decodes runner output for `expected` items.
-pub(crate) fn decode_items<R: DeserializeOwned>(
+/// Whether runner output reports success for every item (without decoding
+/// them); `None` if malformed.
+pub(crate) fn all_ok(output: &[u8]) -> Option<bool> {
+    let (&tag, rest) = output.split_first()?;
+    match tag {
+        FAILED => Some(false),
+        ITEMS => {
+            let (count, rest) = take_varint(rest)?;
+            let plain = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
+            Some(plain == count)
+        }
+        _ => None,
+    }
+}
+
+/// Reads runner output for `expected` items, handing each to `each` in
+/// order; stops early when `each` returns false.
+pub(crate) fn for_each_item<R: DeserializeOwned>(
     output: &[u8],
     expected: usize,
-) -> Result<Vec<Result<R, TaskError>>, TaskError> {
+    mut each: impl FnMut(Result<R, TaskError>) -> bool,
+) -> Result<(), TaskError> {
     let bad = |what: &str| TaskError::Corrupted(format!("result message: {what}"));
     let (&tag, rest) = output.split_first().ok_or_else(|| bad("empty"))?;
     match tag {
@@ -209,27 +260,56 @@ pub(crate) fn decode_items<R: DeserializeOwned>(
             Err(error)
         }
         ITEMS => {
-            let (count, mut rest) = take_varint(rest).ok_or_else(|| bad("count"))?;
+            let (count, rest) = take_varint(rest).ok_or_else(|| bad("count"))?;
             if count as usize != expected {
                 return Err(bad("item count"));
             }
-            let mut items = Vec::with_capacity(expected);
-            for _ in 0..expected {
-                match postcard::take_from_bytes::<Result<R, TaskError>>(rest) {
-                    Ok((item, tail)) => {
-                        rest = tail;
-                        items.push(item);
+            let plain = rest
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes)
+                .filter(|&p| p <= count)
+                .ok_or_else(|| bad("plain count"))? as usize;
+            let mut de = postcard::Deserializer::from_bytes(&rest[8..]);
+            for done in 0..expected {
+                let item = if done < plain {
+                    R::deserialize(&mut de).map(Ok)
+                } else {
+                    <Result<R, TaskError>>::deserialize(&mut de)
+                };
+                match item {
+                    Ok(item) => {
+                        if !each(item) {
+                            return Ok(());
+                        }
                     }
                     Err(e) => {
                         // The rest cannot be found either.
                         let error = TaskError::ResultDecode(e.to_string());
-                        items.resize_with(expected, || Err(error.clone()));
-                        break;
+                        for _ in done..expected {
+                            if !each(Err(error.clone())) {
+                                break;
+                            }
+                        }
+                        return Ok(());
                     }
                 }
             }
-            Ok(items)
+            Ok(())
         }
         _ => Err(bad("tag")),
     }
+}
+
+/// Decodes runner output for `expected` items.
+pub(crate) fn decode_items<R: DeserializeOwned>(
+    output: &[u8],
+    expected: usize,
+) -> Result<Vec<Result<R, TaskError>>, TaskError> {
+    let mut items = Vec::with_capacity(expected);
+    for_each_item(output, expected, |item| {
+        items.push(item);
+        true
+    })?;
+    Ok(items)
 }
