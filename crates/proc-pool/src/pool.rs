@@ -38,6 +38,10 @@ const SINGLE_MAX: usize = TASK_RING / 2 - 64;
 const BATCH_BYTES: usize = 64 << 10;
 /// ...and this many tasks.
 const BATCH_TASKS: usize = 256;
+/// Tasks shorter than this (on average) are held back while every worker
+/// has work queued, and sent in batches: at most `BATCH_TASKS` of them,
+/// about 25 ms of work, wait for the caller's next call into the pool.
+const BATCH_BELOW_MICROS: u32 = 100;
 /// How often workers are checked for death while results flow.
 const CHECK_EVERY: Duration = Duration::from_millis(20);
 /// The longest a waiting caller sleeps on the result queue before it
@@ -166,8 +170,8 @@ impl PoolBuilder {
             workers: Vec::with_capacity(processes),
             zygote,
             pending: VecDeque::new(),
-            done: HashMap::new(),
-            abandoned: HashSet::new(),
+            done: HashMap::default(),
+            abandoned: HashSet::default(),
             next_id: 0,
             phase: Phase::Running,
             pumping: false,
@@ -175,6 +179,7 @@ impl PoolBuilder {
             last_check: Instant::now(),
             started: 0,
             unfinished: 0,
+            task_micros: f64::from(BATCH_BELOW_MICROS) * 10.0,
         };
         for index in 0..processes {
             let queue = Queue::builder().capacity(TASK_RING).build()?;
@@ -233,6 +238,29 @@ struct Worker {
     budget: Option<u64>,
 }
 
+/// Task ids are sequential: a multiply spreads them well enough, at a
+/// fraction of SipHash's cost.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = (self.0 ^ id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type IdBuild = std::hash::BuildHasherDefault<IdHasher>;
+
 /// A finished task: the result message and where the runner output starts
 /// in it, or an error the pool decided.
 #[derive(Debug)]
@@ -283,9 +311,9 @@ struct State {
     /// Tasks not yet in any worker's queue, in order.
     pending: VecDeque<Task>,
     /// Finished tasks whose results nobody has taken yet.
-    done: HashMap<u64, Done>,
+    done: HashMap<u64, Done, IdBuild>,
     /// Tasks whose result nobody will take (dropped handles).
-    abandoned: HashSet<u64>,
+    abandoned: HashSet<u64, IdBuild>,
     next_id: u64,
     phase: Phase,
     /// A caller is waiting on the result queue (without the lock).
@@ -297,6 +325,8 @@ struct State {
     started: u64,
     /// Tasks submitted and not finished.
     unfinished: usize,
+    /// A moving average of how long a task runs (µs).
+    task_micros: f64,
 }
 
 #[derive(Debug)]
@@ -395,10 +425,12 @@ impl Pool {
         R: Serialize + DeserializeOwned,
     {
         let func = TaskFn::new(wire::run_chunk::<A, R>, f);
-        let mut chunk = Vec::with_capacity(64);
-        wire::append_varint(1, &mut chunk);
-        wire::append(&args, &mut chunk).map_err(TaskError::ArgsEncode)?;
-        let id = self.inner.submit(func, &chunk)?;
+        let mut record = Vec::with_capacity(96);
+        wire::begin_record(func, &mut record);
+        wire::append_varint(1, &mut record);
+        wire::append(&args, &mut record).map_err(TaskError::ArgsEncode)?;
+        wire::end_record(&mut record).map_err(TaskError::ArgsEncode)?;
+        let id = self.inner.submit(record)?;
         Ok(AsyncResult::new(self.inner.clone(), id))
     }
 
@@ -488,13 +520,16 @@ impl Pool {
     {
         let func = TaskFn::new(wire::run_chunk::<A, R>, f);
         let mut result = MapResult::new(self.inner.clone());
-        let mut bytes = Vec::new();
+        let mut capacity = 64;
         // Each chunk goes out as soon as it is encoded: the workers start
         // while the rest is being encoded.
         for chunk in items.chunks(chunksize) {
-            bytes.clear();
-            wire::encode_chunk(chunk, &mut bytes).map_err(TaskError::ArgsEncode)?;
-            let id = self.inner.submit(func, &bytes)?;
+            let mut record = Vec::with_capacity(capacity);
+            wire::begin_record(func, &mut record);
+            wire::encode_chunk(chunk, &mut record).map_err(TaskError::ArgsEncode)?;
+            wire::end_record(&mut record).map_err(TaskError::ArgsEncode)?;
+            capacity = capacity.max(record.len() + record.len() / 8);
+            let id = self.inner.submit(record)?;
             result.push(id, chunk.len());
         }
         Ok(result)
@@ -612,7 +647,7 @@ impl Drop for Pool {
 
 impl Inner {
     /// Queues a task; returns its id.
-    pub(crate) fn submit(&self, func: TaskFn, chunk: &[u8]) -> Result<u64, TaskError> {
+    pub(crate) fn submit(&self, mut record: Vec<u8>) -> Result<u64, TaskError> {
         let mut state = self.state.lock();
         if state.phase != Phase::Running {
             return Err(TaskError::NotRunning);
@@ -624,15 +659,16 @@ impl Inner {
             state.done.insert(id, Done::Failed(error));
             return Ok(id);
         }
-        let mut record = Vec::with_capacity(chunk.len() + 48);
-        wire::task_record(id, func, chunk, &mut record);
+        wire::set_record_id(&mut record, id);
         state.pending.push_back(Task { id, record });
         state.unfinished += 1;
-        self.dispatch(&mut state);
+        self.dispatch_held(&mut state);
         if !self.results.empty() {
             self.drain_results(&mut state, None);
         }
-        if state.last_check.elapsed() > CHECK_EVERY {
+        // A clock read costs more than the rest of a submission: look every
+        // 64 tasks.
+        if id % 64 == 0 && state.last_check.elapsed() > CHECK_EVERY {
             self.check_workers(&mut state);
         }
         Ok(id)
@@ -757,9 +793,11 @@ impl Inner {
     }
 
     fn handle_result(&self, state: &mut State, message: Vec<u8>) {
-        let Some((worker, id, output)) = wire::take_result(&message) else {
+        let Some((worker, id, micros, output)) = wire::take_result(&message) else {
             return;
         };
+        // How long tasks take decides whether small ones are batched.
+        state.task_micros += (f64::from(micros) - state.task_micros) / 16.0;
         let start = message.len() - output.len();
         if id == wire::INIT_FAILED {
             let error = match wire::decode_items::<()>(output, 1) {
@@ -797,6 +835,22 @@ impl Inner {
         if !state.abandoned.remove(&id) {
             state.done.insert(id, done);
         }
+    }
+
+    /// As [`dispatch`](Inner::dispatch) for a caller that returns at once:
+    /// short tasks wait for a batch while every worker has work queued.
+    fn dispatch_held(&self, state: &mut State) {
+        let short = state.task_micros < f64::from(BATCH_BELOW_MICROS);
+        if short
+            && state.pending.len() < BATCH_TASKS
+            && state
+                .workers
+                .iter()
+                .all(|w| w.handle.is_none() || !w.queue.empty())
+        {
+            return;
+        }
+        self.dispatch(state);
     }
 
     /// Sends pending tasks to the least loaded workers.

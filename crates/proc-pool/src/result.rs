@@ -296,7 +296,6 @@ where
     /// Sends chunks until the window is full or the input ends.
     fn top_up(&mut self) {
         let mut chunk = Vec::with_capacity(self.chunksize);
-        let mut bytes = Vec::new();
         while self.inflight.len() < self.window {
             let Some(input) = self.input.as_mut() else {
                 return;
@@ -306,11 +305,13 @@ where
                 self.input = None;
                 return;
             }
-            bytes.clear();
             let len = chunk.len();
-            let sent = wire::encode_chunk(&chunk, &mut bytes)
+            let mut record = Vec::with_capacity(64);
+            wire::begin_record(self.func, &mut record);
+            let sent = wire::encode_chunk(&chunk, &mut record)
+                .and_then(|()| wire::end_record(&mut record))
                 .map_err(TaskError::ArgsEncode)
-                .and_then(|()| self.inner.submit(self.func, &bytes));
+                .and_then(|()| self.inner.submit(record));
             chunk.clear();
             match sent {
                 Ok(id) => self.inflight.push_back((id, len)),

@@ -100,11 +100,32 @@ pub(crate) fn take_varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
     None
 }
 
-/// Appends a task record: header, then the encoded chunk.
-pub(crate) fn task_record(id: u64, func: TaskFn, chunk: &[u8], out: &mut Vec<u8>) {
-    // A (u64, TaskFn, u32) header cannot fail to serialize.
-    let _ = append(&(id, func, chunk.len() as u32), out);
-    out.extend_from_slice(chunk);
+/// Starts a task record in `out` (empty): the id (set by [`set_record_id`]
+/// when the pool takes it), the function, room for the length. The encoded
+/// chunk goes after it, then [`end_record`].
+pub(crate) fn begin_record(func: TaskFn, out: &mut Vec<u8>) {
+    out.extend_from_slice(&[0; 8]);
+    // A TaskFn cannot fail to serialize.
+    let _ = append(&func, out);
+    out.extend_from_slice(&[0; 4]);
+}
+
+/// Ends the record begun by [`begin_record`]: writes the chunk's length.
+pub(crate) fn end_record(out: &mut [u8]) -> Result<(), String> {
+    let header = 8 + take_func(&out[8..]).map_or(0, |(_, rest)| out.len() - 8 - rest.len());
+    let len = out.len() - header - 4;
+    let len = u32::try_from(len).map_err(|_| format!("{len} bytes of arguments in one task"))?;
+    out[header..header + 4].copy_from_slice(&len.to_le_bytes());
+    Ok(())
+}
+
+/// Sets the id of a record made by [`begin_record`].
+pub(crate) fn set_record_id(out: &mut [u8], id: u64) {
+    out[..8].copy_from_slice(&id.to_le_bytes());
+}
+
+fn take_func(bytes: &[u8]) -> Option<(TaskFn, &[u8])> {
+    postcard::take_from_bytes::<TaskFn>(bytes).ok()
 }
 
 /// One task record read from a task message.
@@ -116,8 +137,10 @@ pub(crate) struct TaskRecord<'a> {
 
 /// Reads the next task record of `bytes`; `None` when malformed.
 pub(crate) fn take_task(bytes: &[u8]) -> Option<(TaskRecord<'_>, &[u8])> {
-    let ((id, func, len), rest) = postcard::take_from_bytes::<(u64, TaskFn, u32)>(bytes).ok()?;
-    let len = len as usize;
+    let id = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let (func, rest) = take_func(&bytes[8..])?;
+    let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    let rest = &rest[4..];
     if rest.len() < len {
         return None;
     }
@@ -142,15 +165,27 @@ pub(crate) fn task_ids(mut bytes: &[u8]) -> Vec<(u64, usize, usize)> {
     ids
 }
 
-/// Appends a result header.
-pub(crate) fn result_header(worker: u32, id: u64, out: &mut Vec<u8>) {
+/// Appends a result header; returns where its run time goes (see
+/// [`set_micros`]).
+pub(crate) fn result_header(worker: u32, id: u64, out: &mut Vec<u8>) -> usize {
     let _ = append(&(worker, id), out);
+    out.extend_from_slice(&[0; 4]);
+    out.len() - 4
 }
 
-/// Reads a result header: (worker index, id, runner output).
-pub(crate) fn take_result(bytes: &[u8]) -> Option<(u32, u64, &[u8])> {
+/// Records how long the task ran, in microseconds, in its result header.
+pub(crate) fn set_micros(out: &mut [u8], at: usize, micros: u32) {
+    if let Some(slot) = out.get_mut(at..at + 4) {
+        slot.copy_from_slice(&micros.to_le_bytes());
+    }
+}
+
+/// Reads a result header: (worker index, id, run time in µs, runner
+/// output).
+pub(crate) fn take_result(bytes: &[u8]) -> Option<(u32, u64, u32, &[u8])> {
     let ((worker, id), rest) = postcard::take_from_bytes::<(u32, u64)>(bytes).ok()?;
-    Some((worker, id, rest))
+    let micros = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
+    Some((worker, id, micros, &rest[4..]))
 }
 
 /// Appends a whole-task failure as runner output.

@@ -1,6 +1,8 @@
 //! The worker process: takes task messages from its own queue, runs each
 //! task, puts each result on the pool's result queue.
 
+use std::time::Instant;
+
 use proc_core::task::TaskFn;
 use proc_queue::Queue;
 use serde::{Deserialize, Serialize};
@@ -67,12 +69,15 @@ pub(crate) fn worker_main(args: WorkerArgs) {
             };
             rest = tail;
             out.clear();
-            wire::result_header(index, record.id, &mut out);
+            let micros_at = wire::result_header(index, record.id, &mut out);
             let mark = out.len();
+            let started = Instant::now();
             if let Err(e) = record.func.call(record.args, &mut out) {
                 out.truncate(mark);
                 wire::failed(&TaskError::Corrupted(e.to_string()), &mut out);
             }
+            let micros = started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+            wire::set_micros(&mut out, micros_at, micros);
             if results.put_bytes(&out).is_err() {
                 return;
             }
