@@ -59,6 +59,7 @@
 //! ```
 #![deny(unsafe_code)]
 
+mod codec;
 mod error;
 mod pool;
 mod result;

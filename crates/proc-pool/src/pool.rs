@@ -125,8 +125,7 @@ impl PoolBuilder {
         A: Serialize + DeserializeOwned,
     {
         let mut chunk = Vec::new();
-        wire::append_varint(1, &mut chunk);
-        wire::append(&args, &mut chunk).map_err(TaskError::ArgsEncode)?;
+        wire::encode_one(&args, &mut chunk).map_err(TaskError::ArgsEncode)?;
         self.initializer = Some((TaskFn::new(wire::run_chunk::<A, ()>, f), chunk));
         Ok(self)
     }
@@ -427,8 +426,7 @@ impl Pool {
         let func = TaskFn::new(wire::run_chunk::<A, R>, f);
         let mut record = Vec::with_capacity(96);
         wire::begin_record(func, &mut record);
-        wire::append_varint(1, &mut record);
-        wire::append(&args, &mut record).map_err(TaskError::ArgsEncode)?;
+        wire::encode_one(&args, &mut record).map_err(TaskError::ArgsEncode)?;
         wire::end_record(&mut record).map_err(TaskError::ArgsEncode)?;
         let id = self.inner.submit(record)?;
         Ok(AsyncResult::new(self.inner.clone(), id))
@@ -482,10 +480,21 @@ impl Pool {
         R: Serialize + DeserializeOwned,
         I: IntoIterator<Item = A>,
     {
-        let items: Vec<A> = items.into_iter().collect();
+        let items = items.into_iter();
         let quarters = self.processes() * 4;
-        let chunksize = items.len().div_ceil(quarters).max(1);
-        self.submit_chunks(f, items, chunksize)
+        match items.size_hint() {
+            // The length is known: chunks are taken straight from the
+            // iterator, with no copy of the whole input.
+            (low, Some(high)) if low == high => {
+                let chunksize = low.div_ceil(quarters).max(1);
+                self.submit_chunks(f, items, chunksize)
+            }
+            _ => {
+                let items: Vec<A> = items.collect();
+                let chunksize = items.len().div_ceil(quarters).max(1);
+                self.submit_chunks(f, items, chunksize)
+            }
+        }
     }
 
     /// [`map_async`](Pool::map_async) with an explicit chunk size.
@@ -504,35 +513,41 @@ impl Pool {
         R: Serialize + DeserializeOwned,
         I: IntoIterator<Item = A>,
     {
-        let items: Vec<A> = items.into_iter().collect();
         self.submit_chunks(f, items, chunksize.max(1))
     }
 
-    fn submit_chunks<A, R>(
+    fn submit_chunks<A, R, I>(
         &self,
         f: fn(A) -> R,
-        items: Vec<A>,
+        items: I,
         chunksize: usize,
     ) -> Result<MapResult<R>, TaskError>
     where
         A: Serialize + DeserializeOwned,
         R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
     {
         let func = TaskFn::new(wire::run_chunk::<A, R>, f);
         let mut result = MapResult::new(self.inner.clone());
+        let mut items = items.into_iter();
+        let mut chunk = Vec::with_capacity(chunksize.min(1 << 16));
         let mut capacity = 64;
         // Each chunk goes out as soon as it is encoded: the workers start
         // while the rest is being encoded.
-        for chunk in items.chunks(chunksize) {
+        loop {
+            chunk.clear();
+            chunk.extend(items.by_ref().take(chunksize));
+            if chunk.is_empty() {
+                return Ok(result);
+            }
             let mut record = Vec::with_capacity(capacity);
             wire::begin_record(func, &mut record);
-            wire::encode_chunk(chunk, &mut record).map_err(TaskError::ArgsEncode)?;
+            wire::encode_chunk(&chunk, &mut record).map_err(TaskError::ArgsEncode)?;
             wire::end_record(&mut record).map_err(TaskError::ArgsEncode)?;
             capacity = capacity.max(record.len() + record.len() / 8);
             let id = self.inner.submit(record)?;
             result.push(id, chunk.len());
         }
-        Ok(result)
     }
 
     /// Applies `f` to every item lazily, one item per task, yielding the
@@ -960,7 +975,7 @@ impl Inner {
             return;
         };
         let mut moved = Vec::new();
-        for (id, _, _) in wire::task_ids(&message) {
+        for id in wire::task_ids(&message) {
             if let Some(task) = take_outstanding(donor, id) {
                 donor.budget = donor.budget.map(|b| b + 1);
                 moved.push(task);
@@ -1014,7 +1029,7 @@ impl Inner {
         worker.handle = None;
         let mut queued = HashSet::new();
         while let Ok(message) = worker.queue.try_get_bytes() {
-            queued.extend(wire::task_ids(&message).into_iter().map(|(id, _, _)| id));
+            queued.extend(wire::task_ids(&message));
         }
         let mut back = Vec::new();
         let mut died = None;

@@ -1,22 +1,25 @@
 //! What travels between the pool and its workers.
 //!
 //! A task message (pool → one worker's queue) is one or more task records:
-//! a postcard header `(id, TaskFn, len)` followed by `len` bytes of
-//! arguments. The arguments of every task are a *chunk*: a varint count
-//! then that many postcard-encoded `A`s (an `apply` is a chunk of one).
+//! the id (8 bytes, little-endian), the postcard `TaskFn`, the length of
+//! the arguments (4 bytes) and the arguments. The arguments of every task
+//! are a *chunk*: a sequence of `A`s in the pool's [codec](crate::codec)
+//! (an `apply` is a chunk of one).
 //!
 //! A result message (worker → the pool's result queue) is a postcard
-//! header `(worker index, id)` followed by the runner's output: a tag byte,
-//! then for [`ITEMS`] a varint count, the number `k` of items before the
-//! first failure (8 bytes, little-endian), `k` postcard `R`s and then the
-//! other items as postcard `Result<R, TaskError>`s; or for [`FAILED`] one
-//! postcard `TaskError` for the whole task. (A chunk that fails nowhere is
-//! plain `R`s: no per-item tag to write or read.)
+//! header `(worker index, id)`, the task's run time in µs (4 bytes), then
+//! the runner's output: a tag byte, then for [`ITEMS`] the count (8
+//! bytes), the number `k` of items before the first failure (8 bytes),
+//! `k` plain `R`s and then the other items as `Result<R, TaskError>`s, all
+//! in the codec; or for [`FAILED`] one postcard `TaskError` for the whole
+//! task. (A chunk that fails nowhere is plain `R`s: no per-item tag to
+//! write or read.)
 
 use proc_core::task::{catch_panic, Panic, TaskFn};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+use crate::codec::{Decoder, Encoder};
 use crate::error::TaskError;
 
 /// The output holds one result per item.
@@ -27,77 +30,12 @@ pub(crate) const FAILED: u8 = 1;
 /// The result id a worker uses to report that its initializer failed.
 pub(crate) const INIT_FAILED: u64 = u64::MAX;
 
-/// A postcard flavor that appends to a borrowed buffer, so one serializer
-/// can write many values in place.
-struct Append<'a>(&'a mut Vec<u8>);
-
-impl postcard::ser_flavors::Flavor for Append<'_> {
-    type Output = ();
-
-    #[inline]
-    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-        // Varints are 1–10 bytes: a call to memcpy costs more than they do.
-        if data.len() <= 16 {
-            self.0.reserve(16);
-            for &b in data {
-                self.0.push(b);
-            }
-        } else {
-            self.0.extend_from_slice(data);
-        }
-        Ok(())
+/// Appends `value` in postcard (headers and errors); on failure `out` is
+/// as it was.
+fn append_postcard<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) {
+    if let Ok(bytes) = postcard::to_stdvec(value) {
+        out.extend_from_slice(&bytes);
     }
-
-    #[inline]
-    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
-        self.0.push(data);
-        Ok(())
-    }
-
-    fn finalize(self) -> postcard::Result<()> {
-        Ok(())
-    }
-}
-
-/// A serializer appending to `out`.
-fn writer(out: &mut Vec<u8>) -> postcard::Serializer<Append<'_>> {
-    postcard::Serializer {
-        output: Append(out),
-    }
-}
-
-/// Appends `value` in postcard; on failure `out` is as it was.
-pub(crate) fn append<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), String> {
-    let mark = out.len();
-    let mut ser = writer(out);
-    match value.serialize(&mut ser) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            ser.output.0.truncate(mark);
-            Err(e.to_string())
-        }
-    }
-}
-
-/// Appends a varint (postcard's encoding of lengths).
-pub(crate) fn append_varint(mut n: u64, out: &mut Vec<u8>) {
-    while n >= 0x80 {
-        out.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
-}
-
-/// Reads a varint.
-pub(crate) fn take_varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
-    let mut n = 0u64;
-    for (i, &b) in bytes.iter().enumerate().take(10) {
-        n |= u64::from(b & 0x7f) << (7 * i);
-        if b & 0x80 == 0 {
-            return Some((n, &bytes[i + 1..]));
-        }
-    }
-    None
 }
 
 /// Starts a task record in `out` (empty): the id (set by [`set_record_id`]
@@ -105,8 +43,7 @@ pub(crate) fn take_varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
 /// chunk goes after it, then [`end_record`].
 pub(crate) fn begin_record(func: TaskFn, out: &mut Vec<u8>) {
     out.extend_from_slice(&[0; 8]);
-    // A TaskFn cannot fail to serialize.
-    let _ = append(&func, out);
+    append_postcard(&func, out);
     out.extend_from_slice(&[0; 4]);
 }
 
@@ -149,18 +86,11 @@ pub(crate) fn take_task(bytes: &[u8]) -> Option<(TaskRecord<'_>, &[u8])> {
 }
 
 /// The ids of the task records of a task message (the valid prefix).
-pub(crate) fn task_ids(mut bytes: &[u8]) -> Vec<(u64, usize, usize)> {
-    let start = bytes.as_ptr() as usize;
+pub(crate) fn task_ids(mut bytes: &[u8]) -> Vec<u64> {
     let mut ids = Vec::new();
-    while !bytes.is_empty() {
-        let begin = bytes.as_ptr() as usize - start;
-        match take_task(bytes) {
-            Some((record, rest)) => {
-                bytes = rest;
-                ids.push((record.id, begin, bytes.as_ptr() as usize - start));
-            }
-            None => break,
-        }
+    while let Some((record, rest)) = take_task(bytes) {
+        ids.push(record.id);
+        bytes = rest;
     }
     ids
 }
@@ -168,7 +98,7 @@ pub(crate) fn task_ids(mut bytes: &[u8]) -> Vec<(u64, usize, usize)> {
 /// Appends a result header; returns where its run time goes (see
 /// [`set_micros`]).
 pub(crate) fn result_header(worker: u32, id: u64, out: &mut Vec<u8>) -> usize {
-    let _ = append(&(worker, id), out);
+    append_postcard(&(worker, id), out);
     out.extend_from_slice(&[0; 4]);
     out.len() - 4
 }
@@ -191,7 +121,7 @@ pub(crate) fn take_result(bytes: &[u8]) -> Option<(u32, u64, u32, &[u8])> {
 /// Appends a whole-task failure as runner output.
 pub(crate) fn failed(error: &TaskError, out: &mut Vec<u8>) {
     out.push(FAILED);
-    let _ = append(error, out);
+    append_postcard(error, out);
 }
 
 impl From<Panic> for TaskError {
@@ -203,10 +133,16 @@ impl From<Panic> for TaskError {
     }
 }
 
-/// Encodes a chunk of arguments (postcard's encoding of a sequence: a
-/// varint count, then the items).
+/// Encodes a chunk of arguments (a length, then the items).
 pub(crate) fn encode_chunk<A: Serialize>(items: &[A], out: &mut Vec<u8>) -> Result<(), String> {
-    append(items, out)
+    Encoder::new(out).encode(items).map_err(|e| e.to_string())
+}
+
+/// Encodes a chunk of one argument.
+pub(crate) fn encode_one<A: Serialize>(item: &A, out: &mut Vec<u8>) -> Result<(), String> {
+    Encoder::new(out)
+        .encode(&(1u64, item))
+        .map_err(|e| e.to_string())
 }
 
 /// The runner of every task: decodes the chunk item by item, runs `f` on
@@ -216,53 +152,58 @@ where
     A: DeserializeOwned,
     R: Serialize,
 {
-    let Some((count, rest)) = take_varint(input) else {
+    let mut de = Decoder::new(input);
+    let Ok(count) = de.decode::<u64>() else {
         failed(&TaskError::ArgsDecode("malformed chunk".into()), out);
         return;
     };
     out.push(ITEMS);
-    append_varint(count, out);
+    out.extend_from_slice(&count.to_le_bytes());
     let plain_at = out.len();
     out.extend_from_slice(&count.to_le_bytes());
     let mut plain = true;
-    let mut de = postcard::Deserializer::from_bytes(rest);
-    let mut ser = writer(out);
+    let mut enc = Encoder::new(out);
+    let fail = |enc: &mut Encoder<'_>, plain: &mut bool, done: u64, error: TaskError| {
+        if *plain {
+            // From here on every item carries its Result tag.
+            *plain = false;
+            enc.out[plain_at..plain_at + 8].copy_from_slice(&done.to_le_bytes());
+        }
+        let _ = enc.encode(&Err::<(), TaskError>(error));
+    };
     for done in 0..count {
-        let fail = |ser: &mut postcard::Serializer<Append<'_>>, plain: &mut bool, error| {
-            if *plain {
-                // From here on every item carries its Result tag.
-                *plain = false;
-                ser.output.0[plain_at..plain_at + 8].copy_from_slice(&done.to_le_bytes());
-            }
-            let _ = Err::<(), TaskError>(error).serialize(ser);
-        };
-        let a = match A::deserialize(&mut de) {
+        let a = match de.decode::<A>() {
             Ok(a) => a,
             Err(e) => {
                 // The rest of the chunk cannot be found: all of it fails.
                 let error = TaskError::ArgsDecode(e.to_string());
-                for _ in done..count {
-                    fail(&mut ser, &mut plain, error.clone());
+                for i in done..count {
+                    fail(&mut enc, &mut plain, i, error.clone());
                 }
                 return;
             }
         };
         match catch_panic(|| f(a)) {
             Ok(value) => {
-                let mark = ser.output.0.len();
                 let written = if plain {
-                    value.serialize(&mut ser)
+                    enc.encode(&value)
                 } else {
-                    Ok::<&R, ()>(&value).serialize(&mut ser)
+                    enc.encode(&Ok::<&R, ()>(&value))
                 };
                 if let Err(e) = written {
-                    ser.output.0.truncate(mark);
-                    fail(&mut ser, &mut plain, TaskError::Encode(e.to_string()));
+                    fail(&mut enc, &mut plain, done, TaskError::Encode(e.to_string()));
                 }
             }
-            Err(panic) => fail(&mut ser, &mut plain, TaskError::from(panic)),
+            Err(panic) => fail(&mut enc, &mut plain, done, TaskError::from(panic)),
         }
     }
+}
+
+/// The count and the plain-prefix length of `ITEMS` output.
+fn items_header(rest: &[u8]) -> Option<(u64, u64, &[u8])> {
+    let count = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
+    let plain = u64::from_le_bytes(rest.get(8..16)?.try_into().ok()?);
+    (plain <= count).then_some((count, plain, &rest[16..]))
 }
 
 /// Whether runner output reports success for every item (without decoding
@@ -271,11 +212,7 @@ pub(crate) fn all_ok(output: &[u8]) -> Option<bool> {
     let (&tag, rest) = output.split_first()?;
     match tag {
         FAILED => Some(false),
-        ITEMS => {
-            let (count, rest) = take_varint(rest)?;
-            let plain = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
-            Some(plain == count)
-        }
+        ITEMS => items_header(rest).map(|(count, plain, _)| plain == count),
         _ => None,
     }
 }
@@ -295,22 +232,17 @@ pub(crate) fn for_each_item<R: DeserializeOwned>(
             Err(error)
         }
         ITEMS => {
-            let (count, rest) = take_varint(rest).ok_or_else(|| bad("count"))?;
-            if count as usize != expected {
+            let (count, plain, rest) = items_header(rest).ok_or_else(|| bad("header"))?;
+            if count != expected as u64 {
                 return Err(bad("item count"));
             }
-            let plain = rest
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_le_bytes)
-                .filter(|&p| p <= count)
-                .ok_or_else(|| bad("plain count"))? as usize;
-            let mut de = postcard::Deserializer::from_bytes(&rest[8..]);
+            let plain = plain as usize;
+            let mut de = Decoder::new(rest);
             for done in 0..expected {
                 let item = if done < plain {
-                    R::deserialize(&mut de).map(Ok)
+                    de.decode::<R>().map(Ok)
                 } else {
-                    <Result<R, TaskError>>::deserialize(&mut de)
+                    de.decode::<Result<R, TaskError>>()
                 };
                 match item {
                     Ok(item) => {
