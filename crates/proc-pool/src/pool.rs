@@ -179,6 +179,7 @@ impl PoolBuilder {
             started: 0,
             unfinished: 0,
             task_micros: f64::from(BATCH_BELOW_MICROS) * 10.0,
+            spare: Vec::new(),
         };
         for index in 0..processes {
             let queue = Queue::builder().capacity(TASK_RING).build()?;
@@ -326,6 +327,27 @@ struct State {
     unfinished: usize,
     /// A moving average of how long a task runs (µs).
     task_micros: f64,
+    /// Buffers of finished messages, for the next ones.
+    spare: Vec<Vec<u8>>,
+}
+
+/// Buffers kept for reuse, and the largest kept: memory reused is memory
+/// whose pages are already mapped (a fresh megabyte costs 256 page faults,
+/// several µs each on a VM).
+const SPARE_BUFFERS: usize = 32;
+const SPARE_MAX_BYTES: usize = 8 << 20;
+
+impl State {
+    fn buffer(&mut self) -> Vec<u8> {
+        self.spare.pop().unwrap_or_default()
+    }
+
+    fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.spare.len() < SPARE_BUFFERS && buf.capacity() <= SPARE_MAX_BYTES {
+            buf.clear();
+            self.spare.push(buf);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -540,7 +562,8 @@ impl Pool {
             if chunk.is_empty() {
                 return Ok(result);
             }
-            let mut record = Vec::with_capacity(capacity);
+            let mut record = self.inner.buffer();
+            record.reserve(capacity);
             wire::begin_record(func, &mut record);
             wire::encode_chunk(&chunk, &mut record).map_err(TaskError::ArgsEncode)?;
             wire::end_record(&mut record).map_err(TaskError::ArgsEncode)?;
@@ -773,11 +796,17 @@ impl Inner {
                 return true;
             }
             state.pumping = true;
-            let got = MutexGuard::unlocked(state, || self.results.get_bytes_timeout(left));
+            let mut message = state.buffer();
+            let got = MutexGuard::unlocked(state, || {
+                self.results.get_bytes_into_timeout(&mut message, left)
+            });
             state.pumping = false;
             match got {
-                Ok(message) => self.drain_results(state, Some(message)),
-                Err(GetError::Timeout | GetError::Empty) => self.check_workers(state),
+                Ok(()) => self.drain_results(state, Some(message)),
+                Err(GetError::Timeout | GetError::Empty) => {
+                    state.recycle(message);
+                    self.check_workers(state)
+                }
                 Err(GetError::Closed) => {
                     // Only terminate() closes it; it failed every task.
                     self.cond.notify_all();
@@ -799,10 +828,14 @@ impl Inner {
         }
         // Bounded: a steady stream must not keep the caller here forever.
         for _ in 0..4096 {
-            match self.results.try_get_bytes() {
-                Ok(message) => self.handle_result(state, message),
-                Err(GetError::Empty | GetError::Closed | GetError::Timeout) => break,
-                Err(_) => continue,
+            let mut message = state.buffer();
+            match self.results.try_get_bytes_into(&mut message) {
+                Ok(()) => self.handle_result(state, message),
+                Err(GetError::Empty | GetError::Closed | GetError::Timeout) => {
+                    state.recycle(message);
+                    break;
+                }
+                Err(_) => state.recycle(message),
             }
         }
     }
@@ -838,10 +871,12 @@ impl Inner {
                     .iter_mut()
                     .find_map(|w| take_outstanding(w, id))
             });
-        if found.is_none() {
+        let Some(task) = found else {
             // Not (or no longer) expected: a duplicate or a stray.
+            state.recycle(message);
             return;
-        }
+        };
+        state.recycle(task.record);
         self.finish(state, id, Done::Output { message, start });
     }
 
@@ -849,6 +884,20 @@ impl Inner {
         state.unfinished = state.unfinished.saturating_sub(1);
         if !state.abandoned.remove(&id) {
             state.done.insert(id, done);
+        } else if let Done::Output { message, .. } = done {
+            state.recycle(message);
+        }
+    }
+
+    /// A buffer for a task record (recycled from finished tasks).
+    pub(crate) fn buffer(&self) -> Vec<u8> {
+        self.state.lock().buffer()
+    }
+
+    /// Takes back the buffer of a result that was read.
+    pub(crate) fn give_back(&self, done: Done) {
+        if let Done::Output { message, .. } = done {
+            self.state.lock().recycle(message);
         }
     }
 

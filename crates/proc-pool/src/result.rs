@@ -197,6 +197,7 @@ impl<R: DeserializeOwned> MapResult<R> {
                     false
                 }
             });
+            self.inner.give_back(done);
             if let Err(e) = decoded {
                 first_error.get_or_insert(e);
             }

@@ -57,11 +57,12 @@ pub(crate) fn worker_main(args: WorkerArgs) {
         }
     }
     let mut ran = 0u64;
+    let mut message = Vec::new();
     loop {
-        let Ok(message) = tasks.get_bytes() else {
+        if tasks.get_bytes_into(&mut message).is_err() {
             // Closed: the pool is done with this worker.
             return;
-        };
+        }
         let mut rest = &message[..];
         while !rest.is_empty() {
             let Some((record, tail)) = wire::take_task(rest) else {

@@ -123,14 +123,6 @@ impl Bytes<'_> {
             Bytes::Assembled(v) => v,
         }
     }
-
-    /// The bytes as an owned vector, copying only if they are in the ring.
-    pub(crate) fn into_vec(self) -> Vec<u8> {
-        match self {
-            Bytes::Ring(b) => b.to_vec(),
-            Bytes::Assembled(v) => v,
-        }
-    }
 }
 
 /// The ring over one segment.
