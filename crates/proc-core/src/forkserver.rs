@@ -75,6 +75,19 @@ enum Asked {
 /// Sends the prepared request to the server behind `sock`; returns the
 /// handle of the child it forked.
 fn ask<R>(sock: &OwnedFd, prepared: Prepared) -> Result<JoinHandle<R>, Asked> {
+    let sent = send(sock, prepared)?;
+    receive(sock, sent)
+}
+
+/// A request sent, its reply not yet read.
+struct Sent {
+    result: File,
+    status_read: File,
+    name: String,
+    daemon: bool,
+}
+
+fn send(sock: &OwnedFd, prepared: Prepared) -> Result<Sent, Asked> {
     let Prepared {
         request_file,
         result,
@@ -92,15 +105,24 @@ fn ask<R>(sock: &OwnedFd, prepared: Prepared) -> Result<JoinHandle<R>, Asked> {
         status_write.as_raw_fd(),
     ];
     send.extend_from_slice(&fds);
-    let (pid, pidfd) = sys::request(sock, &send).map_err(Asked::ServerGone)?;
-    drop(status_write);
-    crate::remote::register(pid, &pidfd, daemon);
+    sys::send_request(sock, &send).map_err(Asked::ServerGone)?;
+    Ok(Sent {
+        result,
+        status_read,
+        name,
+        daemon,
+    })
+}
+
+fn receive<R>(sock: &OwnedFd, sent: Sent) -> Result<JoinHandle<R>, Asked> {
+    let (pid, pidfd) = sys::receive_reply(sock).map_err(Asked::ServerGone)?;
+    crate::remote::register(pid, &pidfd, sent.daemon);
     Ok(JoinHandle::new_remote(
         Pid::from_raw(pid),
-        name,
-        result,
+        sent.name,
+        sent.result,
         pidfd,
-        status_read,
+        sent.status_read,
     ))
 }
 
@@ -238,6 +260,68 @@ impl Zygote {
             Ok(handle) => Ok(handle),
             Err(Asked::Local(e)) => Err(e),
             Err(Asked::ServerGone(e)) => {
+                *sock = None;
+                Err(SpawnError::Exec(e))
+            }
+        }
+    }
+}
+
+impl Zygote {
+    /// Starts one child per `(builder, args)` pair, each running `f`: all
+    /// requests go out before the first reply is read, so the zygote forks
+    /// them back to back (a pool's workers start this way).
+    ///
+    /// # Errors
+    ///
+    /// As [`spawn_entry`](Zygote::spawn_entry); children started before a
+    /// failure are dropped (and, as daemons, die with the zygote).
+    pub fn spawn_entries<A, R>(
+        &self,
+        f: fn(A) -> R,
+        starts: Vec<(Builder, A)>,
+    ) -> Result<Vec<JoinHandle<R>>, SpawnError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+    {
+        let gone = || SpawnError::Exec(std::io::Error::other("the zygote is gone"));
+        if sys::getpid() != self.owner {
+            return Err(gone());
+        }
+        let mut prepared = Vec::with_capacity(starts.len());
+        for (builder, args) in starts {
+            prepared.push(entry::prepare(&builder, f, args, false)?);
+        }
+        let mut sock = self.sock.lock();
+        let Some(conn) = sock.as_ref() else {
+            return Err(gone());
+        };
+        let mut sent = Vec::with_capacity(prepared.len());
+        let mut failure = None;
+        for p in prepared {
+            match send(conn, p) {
+                Ok(s) => sent.push(s),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let mut handles = Vec::with_capacity(sent.len());
+        for s in sent {
+            match receive(conn, s) {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    failure.get_or_insert(e);
+                    break;
+                }
+            }
+        }
+        match failure {
+            None => Ok(handles),
+            Some(Asked::Local(e)) => Err(e),
+            Some(Asked::ServerGone(e)) => {
                 *sock = None;
                 Err(SpawnError::Exec(e))
             }

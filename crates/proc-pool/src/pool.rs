@@ -183,15 +183,30 @@ impl PoolBuilder {
         };
         for index in 0..processes {
             let queue = Queue::builder().capacity(TASK_RING).build()?;
-            let mut worker = Worker {
+            state.workers.push(Worker {
                 index: index as u32,
                 queue,
                 handle: None,
                 outstanding: VecDeque::new(),
                 budget: config.maxtasks,
-            };
-            worker.handle = Some(start_worker(&config, &mut state, &worker, &results)?);
-            state.workers.push(worker);
+            });
+        }
+        if let Some(zygote) = &state.zygote {
+            // All requests at once: the zygote forks them back to back.
+            let mut starts = Vec::with_capacity(processes);
+            for i in 0..processes {
+                state.started += 1;
+                starts.push(worker_start(&config, &state, i, &results));
+            }
+            let handles = zygote.spawn_entries(worker_main, starts)?;
+            for (worker, handle) in state.workers.iter_mut().zip(handles) {
+                worker.handle = Some(handle);
+            }
+        } else {
+            for i in 0..processes {
+                let handle = start_worker(&config, &mut state, i, &results)?;
+                state.workers[i].handle = Some(handle);
+            }
         }
         Ok(Pool {
             inner: Arc::new(Inner {
@@ -358,13 +373,13 @@ pub(crate) struct Inner {
     config: Config,
 }
 
-fn start_worker(
+/// What worker `i`'s process is started with.
+fn worker_start(
     config: &Config,
-    state: &mut State,
-    worker: &Worker,
+    state: &State,
+    i: usize,
     results: &Queue<()>,
-) -> Result<JoinHandle<()>, SpawnError> {
-    state.started += 1;
+) -> (Builder, WorkerArgs) {
     let prefix = match config.method {
         StartMethod::Spawn => "Spawn",
         StartMethod::ForkServer => "ForkServer",
@@ -374,6 +389,7 @@ fn start_worker(
         .name(format!("{prefix}PoolWorker-{}", state.started))
         .daemon(true)
         .start_method(config.method);
+    let worker = &state.workers[i];
     let args = WorkerArgs {
         index: worker.index,
         tasks: worker.queue.clone(),
@@ -381,6 +397,18 @@ fn start_worker(
         maxtasks: config.maxtasks,
         initializer: config.initializer.clone(),
     };
+    (builder, args)
+}
+
+/// Starts a process for worker `i`.
+fn start_worker(
+    config: &Config,
+    state: &mut State,
+    i: usize,
+    results: &Queue<()>,
+) -> Result<JoinHandle<()>, SpawnError> {
+    state.started += 1;
+    let (builder, args) = worker_start(config, state, i, results);
     match &state.zygote {
         Some(zygote) => zygote.spawn_entry(builder, worker_main, args),
         None => builder.spawn_entry(worker_main, args),
@@ -1111,17 +1139,7 @@ impl Inner {
             return;
         }
         state.workers[i].budget = self.config.maxtasks;
-        let started = {
-            let worker = &state.workers[i];
-            let worker_view = Worker {
-                index: worker.index,
-                queue: worker.queue.clone(),
-                handle: None,
-                outstanding: VecDeque::new(),
-                budget: None,
-            };
-            start_worker(&self.config, state, &worker_view, &self.results)
-        };
+        let started = start_worker(&self.config, state, i, &self.results);
         match started {
             Ok(handle) => state.workers[i].handle = Some(handle),
             Err(e) => {

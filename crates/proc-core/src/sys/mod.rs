@@ -597,10 +597,15 @@ fn receive_with_fds(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, Vec<Ow
     Ok((msg.bytes, fds))
 }
 
-/// Sends one request carrying `fds` to the fork server and waits for the
-/// reply: a pid and a pidfd.
-pub(crate) fn request(sock: &OwnedFd, fds: &[RawFd]) -> io::Result<(libc::pid_t, OwnedFd)> {
-    send_with_fds(sock, b"r", fds)?;
+/// Sends one request carrying `fds` to the fork server (its reply comes
+/// with [`receive_reply`], in order).
+pub(crate) fn send_request(sock: &OwnedFd, fds: &[RawFd]) -> io::Result<()> {
+    send_with_fds(sock, b"r", fds)
+}
+
+/// Waits for the fork server's reply to the oldest unanswered request: a
+/// pid and a pidfd.
+pub(crate) fn receive_reply(sock: &OwnedFd) -> io::Result<(libc::pid_t, OwnedFd)> {
     let mut buf = [0u8; 4];
     let (n, received) = receive_with_fds(sock, &mut buf)?;
     if n != 4 {
