@@ -38,6 +38,11 @@ fn square(n: u64) -> u64 {
     n * n
 }
 
+/// A pool task that ends its worker, as the OOM killer would.
+fn die(_: ()) -> u64 {
+    std::process::abort()
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // First line of main: in a child started by the Spawn method, this runs
     // the entry instead of the tour.
@@ -134,7 +139,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         t.elapsed()
     );
 
-    section("8. start methods: fork (a copy of this process) and spawn (a fresh exec)");
+    section("8. pool: apply_async many tasks, map, close, join; a dead worker is a result");
+    let pool = proc::Pool::new(2)?;
+    let pending: Vec<_> = (1..=5u64)
+        .map(|i| pool.apply_async(square, i))
+        .collect::<Result<_, _>>()?;
+    let squares: Vec<u64> = pending
+        .into_iter()
+        .map(|r| r.get())
+        .collect::<Result<_, _>>()?;
+    println!("  apply_async square(1..=5) = {squares:?}");
+    println!(
+        "  map(square, 0..100_000) sums to {}",
+        pool.map(square, 0..100_000u64)?.iter().sum::<u64>()
+    );
+    println!(
+        "  a task that kills its worker: {}",
+        pool.apply(die, ()).unwrap_err()
+    );
+    println!("  the pool replaced it: workers {:?}", pool.worker_pids());
+    pool.close();
+    pool.join()?;
+
+    section("9. start methods: fork (a copy of this process) and spawn (a fresh exec)");
     for method in [proc::StartMethod::Fork, proc::StartMethod::Spawn] {
         let t = Instant::now();
         let child = proc::Builder::new()
@@ -147,7 +174,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
-    section("9. start+join cost");
+    section("10. start+join cost");
     let n = 100;
     let t = Instant::now();
     for _ in 0..n {
