@@ -118,6 +118,12 @@ fn main() {
             workers_die_with_sigkilled_parent,
         ),
         ("ctrl_c_stops_cleanly", 30, ctrl_c_stops_cleanly),
+        (
+            "large_arguments_and_results",
+            60,
+            large_arguments_and_results,
+        ),
+        ("shared_by_threads", 60, shared_by_threads),
     ];
     for group in [
         each_method!("apply_and_results", 30, apply_and_results),
@@ -778,4 +784,54 @@ fn ctrl_c_stops_cleanly() {
             "worker {pid} outlived Ctrl-C"
         );
     }
+}
+
+fn checksum(bytes: Vec<u8>) -> (usize, u64, Vec<u8>) {
+    let sum = bytes.iter().map(|&b| u64::from(b)).sum();
+    let echo = bytes.iter().rev().copied().collect();
+    (bytes.len(), sum, echo)
+}
+
+fn large_arguments_and_results() {
+    let pool = make_pool(2);
+    // Larger than half a task ring (streamed to an idle worker) and than
+    // half the result ring (streamed back), and small ones around them.
+    for size in [0usize, 1, 4096, 5 << 20] {
+        let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let sum: u64 = data.iter().map(|&b| u64::from(b)).sum();
+        let small = pool.apply_async(square, 3).expect("submit");
+        let (len, got, echo) = pool.apply(checksum, data.clone()).expect("large task");
+        assert_eq!((len, got), (size, sum), "size {size}");
+        assert!(echo.iter().eq(data.iter().rev()), "size {size}");
+        assert_eq!(small.get(), Ok(9));
+    }
+}
+
+fn sum_to(n: u64) -> u64 {
+    (0..=n).sum()
+}
+
+fn shared_by_threads() {
+    let pool = std::sync::Arc::new(make_pool(2));
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let pool = pool.clone();
+            std::thread::spawn(move || {
+                let pending: Vec<_> = (0..300u64)
+                    .map(|i| pool.apply_async(sum_to, t * 1000 + i).expect("submit"))
+                    .collect();
+                for (i, r) in pending.into_iter().enumerate() {
+                    let n = t * 1000 + i as u64;
+                    assert_eq!(r.get(), Ok(n * (n + 1) / 2));
+                }
+                let mapped = pool.map(square, 0..1000u64).expect("map");
+                assert_eq!(mapped[999], 999 * 999);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+    pool.close();
+    pool.join().expect("join");
 }
