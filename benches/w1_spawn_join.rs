@@ -99,6 +99,48 @@ fn main() {
         return;
     }
     let n = if common::quick() { 20 } else { 200 };
+    const SYSTEMS: [&str; 7] = [
+        "raw-fork",
+        "proc",
+        "proc-process",
+        "python",
+        "raw-exec",
+        "proc-spawn",
+        "proc-forkserver",
+    ];
+    if common::list_systems() {
+        common::print_systems("W1", &SYSTEMS);
+        return;
+    }
+    if let Some(only) = common::only_system() {
+        // One system alone, for the suite runner (which interleaves).
+        let m = n / 2;
+        // Five starts to warm up page tables and the allocator, as below.
+        let mean = |k: usize, f: &dyn Fn() -> f64| {
+            (0..5).for_each(|_| {
+                f();
+            });
+            (0..k).map(|_| f()).sum::<f64>() / k as f64
+        };
+        let figure = match only.as_str() {
+            "raw-fork" => Some(mean(n, &raw_fork)),
+            "proc" => Some(mean(n, &proc_spawn)),
+            "proc-process" => Some(mean(n, &proc_process)),
+            "python" => common::python("w1_spawn_join.py", &[n.to_string(), "fork".into()]),
+            "raw-exec" => Some(mean(m, &raw_exec)),
+            "proc-spawn" => Some(mean(m, &|| proc_entry(proc::StartMethod::Spawn))),
+            "proc-forkserver" => {
+                // The first start execs the server: not part of the figure.
+                proc_entry(proc::StartMethod::ForkServer);
+                Some(mean(m, &|| proc_entry(proc::StartMethod::ForkServer)))
+            }
+            _ => None,
+        };
+        if let Some(us) = figure {
+            common::result("W1", &only, &[us], "us");
+        }
+        return;
+    }
     let rounds = common::rounds();
     println!("W1 spawn-join: N = {n}, {rounds} interleaved rounds");
     // Warm up page tables and the allocator once.

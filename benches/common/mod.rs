@@ -11,9 +11,27 @@ pub fn quick() -> bool {
     std::env::var("PROC_BENCH_QUICK").is_ok_and(|v| v == "1")
 }
 
+/// The one system the suite runner (`proc-bench`) asks this target to
+/// measure (`PROC_BENCH_SYSTEM=<name>`): one round of it alone, so that the
+/// runner can interleave it with the peers' measurements.
+pub fn only_system() -> Option<String> {
+    std::env::var("PROC_BENCH_SYSTEM").ok()
+}
+
+/// Whether the runner asks for the names of this target's systems
+/// (`PROC_BENCH_LIST=1`): they are printed as one `SYSTEMS` line.
+pub fn list_systems() -> bool {
+    std::env::var("PROC_BENCH_LIST").is_ok_and(|v| v == "1")
+}
+
+/// Prints the `SYSTEMS` line for the runner.
+pub fn print_systems(workload: &str, names: &[&str]) {
+    println!("SYSTEMS {workload} {}", names.join(" "));
+}
+
 /// How many interleaved rounds to run (the median of them is reported).
 pub fn rounds() -> usize {
-    if quick() {
+    if quick() || only_system().is_some() {
         1
     } else {
         std::env::var("PROC_BENCH_ROUNDS")
@@ -97,6 +115,14 @@ pub fn interleave(
     higher_is_better: bool,
     mut systems: Vec<System<'_>>,
 ) {
+    if list_systems() {
+        let names: Vec<&str> = systems.iter().map(|s| s.name).collect();
+        print_systems(workload, &names);
+        return;
+    }
+    if let Some(only) = only_system() {
+        systems.retain(|s| s.name == only);
+    }
     let rounds = rounds();
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
     for round in 1..=rounds {
