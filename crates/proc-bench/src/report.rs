@@ -6,7 +6,7 @@ use std::process::Command;
 
 use crate::runner::{Row, Sample};
 
-/// Column order of the table (systems that appear nowhere are left out).
+/// Column order of the table (systems no workload plans are left out).
 const COLUMNS: [&str; 12] = [
     "proc",
     "proc-process",
@@ -205,8 +205,11 @@ pub fn markdown(rows: &[(String, Row)], facts: &[(String, String)], command: &st
         .iter()
         .copied()
         .filter(|c| {
-            rows.iter()
-                .any(|(_, r)| r.systems.iter().any(|(s, v)| s == c && !v.is_empty()))
+            rows.iter().any(|(_, r)| {
+                r.systems.iter().any(|(s, _)| s == c)
+                    || r.missing.contains_key(*c)
+                    || r.failed.contains_key(*c)
+            })
         })
         .collect();
     let mut md = String::new();
