@@ -277,14 +277,14 @@ pub(crate) fn run_request(
     let Some(request) = request else {
         finish_with(&result, &Outcome::Refused("malformed request".into()))
     };
-    let (Some(proof), Some(kept)) = (sys::same_exe(request.exe), sys::same_exe(request.exe)) else {
+    let Some(proof) = sys::same_exe(request.exe) else {
         finish_with(
             &result,
             &Outcome::Refused("this is not the executable that made the request".into()),
         )
     };
     // Task functions sent to this child later (pool workers) rely on it.
-    sys::remember_same_exe(kept);
+    sys::remember_same_exe(proof);
     let expected_parent = parent.unwrap_or(request.parent);
     if request.daemon
         && (sys::set_parent_death_signal(libc::SIGKILL).is_err()

@@ -710,7 +710,8 @@ pub(crate) fn pidfd_signal(fd: std::os::fd::BorrowedFd<'_>, signal: libc::c_int)
 }
 
 /// Proof that this process runs the very executable file whose identity a
-/// spawn request carried (made only by [`same_exe`]).
+/// spawn request carried (made only by [`same_exe`]; a copy proves the same).
+#[derive(Clone, Copy)]
 pub(crate) struct SameExe(());
 
 /// Checks that this process's executable is the file `(device, inode)`.
