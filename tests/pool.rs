@@ -124,6 +124,16 @@ fn main() {
             large_arguments_and_results,
         ),
         ("shared_by_threads", 60, shared_by_threads),
+        (
+            "polling_ready_makes_progress",
+            30,
+            polling_ready_makes_progress,
+        ),
+        (
+            "slow_initializer_and_large_task",
+            30,
+            slow_initializer_and_large_task,
+        ),
     ];
     for group in [
         each_method!("apply_and_results", 30, apply_and_results),
@@ -834,4 +844,80 @@ fn shared_by_threads() {
     }
     pool.close();
     pool.join().expect("join");
+}
+
+/// Waits for `ready()` by polling only (no get, no wait).
+fn poll_ready(ready: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready() {
+        assert!(Instant::now() < deadline, "ready() never became true");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn polling_ready_makes_progress() {
+    let pool = make_pool(1);
+    // Short tasks get batched while the worker has work queued; a caller
+    // that only polls ready() must still see every one of them finish.
+    let pending: Vec<_> = (0..300u64)
+        .map(|i| pool.apply_async(square, i).expect("submit"))
+        .collect();
+    let last = pending.last().expect("tasks");
+    poll_ready(|| last.ready());
+    assert!(pending.iter().all(|r| r.ready()));
+    // A worker death is noticed by polling too.
+    let fatal = pool.apply_async(die, Death::Kill).expect("submit");
+    poll_ready(|| fatal.ready());
+    assert_eq!(fatal.successful(), Some(false));
+    assert!(matches!(fatal.get(), Err(TaskError::WorkerDied { .. })));
+    // A MapResult taken by get_timeout: wait() returns at once.
+    let mut mapped = pool.map_async(square, 0..10u64).expect("map");
+    assert_eq!(
+        mapped
+            .get_timeout(Duration::from_secs(5))
+            .expect("get")
+            .len(),
+        10
+    );
+    mapped.wait();
+    assert!(mapped.wait_timeout(Duration::ZERO));
+}
+
+fn sleepy_init(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+fn slow_initializer_and_large_task() {
+    let pool = Pool::builder()
+        .processes(1)
+        .initializer(sleepy_init, 400)
+        .expect("initializer")
+        .build()
+        .expect("pool");
+    // Streamed to a worker still in its initializer: retried, not stuck.
+    let data = vec![3u8; 5 << 20];
+    let t = Instant::now();
+    let (len, sum, _) = pool.apply(checksum, data).expect("large task");
+    assert_eq!((len, sum), (5 << 20, 3 * (5 << 20)));
+    assert!(
+        t.elapsed() >= Duration::from_millis(350),
+        "{:?}",
+        t.elapsed()
+    );
+    // terminate() is not held up by a worker in its initializer.
+    let pool = Pool::builder()
+        .processes(1)
+        .initializer(sleepy_init, 5_000)
+        .expect("initializer")
+        .build()
+        .expect("pool");
+    let big = pool
+        .apply_async(checksum, vec![1u8; 5 << 20])
+        .expect("submit");
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!big.ready());
+    let t = Instant::now();
+    pool.terminate();
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(big.get(), Err(TaskError::Terminated));
 }

@@ -115,7 +115,12 @@ fn send(sock: &OwnedFd, prepared: Prepared) -> Result<Sent, Asked> {
 }
 
 fn receive<R>(sock: &OwnedFd, sent: Sent) -> Result<JoinHandle<R>, Asked> {
-    let (pid, pidfd) = sys::receive_reply(sock).map_err(Asked::ServerGone)?;
+    let Some((pid, pidfd)) = sys::receive_reply(sock).map_err(Asked::ServerGone)? else {
+        // The server is fine; this one child could not be started.
+        return Err(Asked::Local(SpawnError::Fork(std::io::Error::other(
+            "the fork server could not start the child (fork or pidfd_open failed there)",
+        ))));
+    };
     crate::remote::register(pid, &pidfd, sent.daemon);
     Ok(JoinHandle::new_remote(
         Pid::from_raw(pid),
@@ -297,24 +302,35 @@ impl Zygote {
         let Some(conn) = sock.as_ref() else {
             return Err(gone());
         };
-        let mut sent = Vec::with_capacity(prepared.len());
+        // In windows: every request carries descriptors, and a socket holds
+        // only so many in flight.
+        const WINDOW: usize = 16;
+        let mut handles = Vec::with_capacity(prepared.len());
         let mut failure = None;
-        for p in prepared {
-            match send(conn, p) {
-                Ok(s) => sent.push(s),
-                Err(e) => {
-                    failure = Some(e);
-                    break;
+        let mut prepared = prepared.into_iter().peekable();
+        while failure.is_none() && prepared.peek().is_some() {
+            let mut sent = Vec::with_capacity(WINDOW);
+            for p in prepared.by_ref().take(WINDOW) {
+                match send(conn, p) {
+                    Ok(s) => sent.push(s),
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
                 }
             }
-        }
-        let mut handles = Vec::with_capacity(sent.len());
-        for s in sent {
-            match receive(conn, s) {
-                Ok(h) => handles.push(h),
-                Err(e) => {
-                    failure.get_or_insert(e);
-                    break;
+            // Every request sent gets its reply read, so that the next
+            // exchange on this socket starts in step.
+            for s in sent {
+                match receive(conn, s) {
+                    Ok(h) => handles.push(h),
+                    Err(e @ Asked::ServerGone(_)) => {
+                        failure = Some(e);
+                        break;
+                    }
+                    Err(e) => {
+                        failure.get_or_insert(e);
+                    }
                 }
             }
         }
@@ -453,13 +469,19 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
                     Some(server),
                 )
             }
-            Ok(Fork::Parent(pid)) => {
-                let pidfd = sys::pidfd_open(pid).ok().flatten();
-                let _ = sys::reply(&sock, pid, pidfd.as_ref());
-                if let Some(pidfd) = pidfd {
+            Ok(Fork::Parent(pid)) => match sys::pidfd_open(pid).ok().flatten() {
+                Some(pidfd) => {
+                    let _ = sys::reply(&sock, pid, Some(&pidfd));
                     live.push((pid, pidfd, File::from(status)));
                 }
-            }
+                None => {
+                    // Without a pidfd neither side could wait for it: it
+                    // must not run unwatched (nor stay a zombie).
+                    let _ = sys::kill(pid, libc::SIGKILL);
+                    let _ = sys::waitpid_blocking(pid);
+                    let _ = sys::reply(&sock, -1, None);
+                }
+            },
             Err(_) => {
                 let _ = sys::reply(&sock, -1, None);
             }

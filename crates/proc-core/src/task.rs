@@ -13,8 +13,9 @@
 //!
 //! The checksum guards against corruption, not against a hostile peer: a
 //! `TaskFn` is as trusted as the channel it came through (Python's pool
-//! trusts its pickles the same way). Send them only over channels private
-//! to the pool's processes, as `proc-pool` does.
+//! trusts its pickles the same way), so [`TaskFn::call`] is `unsafe`: its
+//! caller vouches for where the value came from. `proc-pool` sends them
+//! only through queues private to the pool's processes.
 
 use std::panic::{self, AssertUnwindSafe};
 
@@ -43,7 +44,8 @@ pub type Runner<A, R> = fn(fn(A) -> R, &[u8], &mut Vec<u8>);
 /// }
 /// let task = TaskFn::new(run, square);
 /// // Only a child started as an entry may call it.
-/// assert!(task.call(&7u64.to_le_bytes(), &mut Vec::new()).is_err());
+/// // SAFETY: `task` was made here by TaskFn::new.
+/// assert!(unsafe { task.call(&7u64.to_le_bytes(), &mut Vec::new()) }.is_err());
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TaskFn {
@@ -107,13 +109,24 @@ impl TaskFn {
 
     /// Runs the runner on `input`, appending to `output`.
     ///
+    /// # Safety
+    ///
+    /// `self` was made by [`TaskFn::new`] in this process's requester (the
+    /// process that started it as an entry, which runs the same executable)
+    /// or in this process, and reached it unaltered: a `TaskFn` is three
+    /// code addresses, and one built or edited by hand (the checksum is no
+    /// secret) names arbitrary code. Send them only over channels private
+    /// to the requester and its children; the checksum then catches
+    /// accidental corruption.
+    ///
     /// # Errors
     ///
     /// [`TaskFnError::NotAnEntryChild`] unless this process was started as
     /// an entry ([`Builder::spawn_entry`](crate::Builder::spawn_entry) or
     /// [`Zygote::spawn_entry`](crate::Zygote::spawn_entry));
     /// [`TaskFnError::Corrupted`] if the offsets fail their checksum.
-    pub fn call(&self, input: &[u8], output: &mut Vec<u8>) -> Result<(), TaskFnError> {
+    #[allow(unsafe_code)] // the contract is the caller's; the transmutes are in `sys`
+    pub unsafe fn call(&self, input: &[u8], output: &mut Vec<u8>) -> Result<(), TaskFnError> {
         let proof = sys::started_same_exe().ok_or(TaskFnError::NotAnEntryChild)?;
         if checksum(self.shim, self.runner, self.entry) != self.check {
             return Err(TaskFnError::Corrupted);

@@ -63,6 +63,8 @@ mod codec;
 mod error;
 mod pool;
 mod result;
+#[allow(unsafe_code)]
+mod sys;
 mod wire;
 mod worker;
 

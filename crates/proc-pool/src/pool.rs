@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use proc_core::task::TaskFn;
 use proc_core::{Builder, JoinHandle, Pid, SpawnError, StartMethod, Zygote};
-use proc_queue::{GetError, PutError, Queue};
+use proc_queue::{GetError, Queue};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -191,22 +191,17 @@ impl PoolBuilder {
                 budget: config.maxtasks,
             });
         }
-        if let Some(zygote) = &state.zygote {
-            // All requests at once: the zygote forks them back to back.
-            let mut starts = Vec::with_capacity(processes);
-            for i in 0..processes {
-                state.started += 1;
-                starts.push(worker_start(&config, &state, i, &results));
+        if let Err(e) = start_all(&config, &mut state, &results) {
+            // Nothing half-made stays behind: started workers are stopped
+            // and reaped (the zygote, dropped with the state, ends too).
+            for w in &mut state.workers {
+                w.queue.close();
+                if let Some(mut handle) = w.handle.take() {
+                    let _ = handle.kill();
+                    let _ = handle.wait();
+                }
             }
-            let handles = zygote.spawn_entries(worker_main, starts)?;
-            for (worker, handle) in state.workers.iter_mut().zip(handles) {
-                worker.handle = Some(handle);
-            }
-        } else {
-            for i in 0..processes {
-                let handle = start_worker(&config, &mut state, i, &results)?;
-                state.workers[i].handle = Some(handle);
-            }
+            return Err(e.into());
         }
         Ok(Pool {
             inner: Arc::new(Inner {
@@ -371,6 +366,29 @@ pub(crate) struct Inner {
     cond: Condvar,
     results: Queue<()>,
     config: Config,
+}
+
+/// Starts a process for every worker of a new pool.
+fn start_all(config: &Config, state: &mut State, results: &Queue<()>) -> Result<(), SpawnError> {
+    let processes = state.workers.len();
+    if let Some(zygote) = &state.zygote {
+        // All requests at once: the zygote forks them back to back.
+        let mut starts = Vec::with_capacity(processes);
+        for i in 0..processes {
+            state.started += 1;
+            starts.push(worker_start(config, state, i, results));
+        }
+        let handles = zygote.spawn_entries(worker_main, starts)?;
+        for (worker, handle) in state.workers.iter_mut().zip(handles) {
+            worker.handle = Some(handle);
+        }
+    } else {
+        for i in 0..processes {
+            let handle = start_worker(config, state, i, results)?;
+            state.workers[i].handle = Some(handle);
+        }
+    }
+    Ok(())
 }
 
 /// What worker `i`'s process is started with.
@@ -801,8 +819,14 @@ impl Inner {
             let now = Instant::now();
             let left = match deadline {
                 Some(d) if d <= now => {
-                    // One last look at what has arrived.
+                    // One last step without waiting: send what is pending,
+                    // notice dead workers, look at what has arrived (a
+                    // caller polling `ready()` must see progress too).
                     if !state.pumping {
+                        self.dispatch(state);
+                        if state.last_check.elapsed() > CHECK_EVERY {
+                            self.check_workers(state);
+                        }
                         self.drain_results(state, None);
                     }
                     return until(state);
@@ -1085,6 +1109,12 @@ impl Inner {
 
     /// Looks for dead workers; settles their tasks and replaces them.
     fn check_workers(&self, state: &mut State) {
+        if state.pumping {
+            // Another thread is reading the result queue (and may hold a
+            // result it has not handed over yet): settling a death now could
+            // miss that result. The reader checks when it is back.
+            return;
+        }
         state.last_check = Instant::now();
         for i in 0..state.workers.len() {
             let status = match state.workers[i].handle.as_mut().map(JoinHandle::try_wait) {
@@ -1100,13 +1130,28 @@ impl Inner {
     /// still in its queue go back to pending, the one it was running fails.
     fn settle_dead(&self, state: &mut State, i: usize, status: Option<std::process::ExitStatus>) {
         use std::os::unix::process::ExitStatusExt;
-        // Everything it finished is in the result queue by now.
-        self.drain_results(state, None);
+        // Everything it finished is in the result queue by now (nobody else
+        // reads it: see check_workers); all of it, however much there is.
+        loop {
+            let mut message = state.buffer();
+            match self.results.try_get_bytes_into(&mut message) {
+                Ok(()) => self.handle_result(state, message),
+                Err(GetError::Failed(_)) => state.recycle(message),
+                Err(_) => {
+                    state.recycle(message);
+                    break;
+                }
+            }
+        }
         let worker = &mut state.workers[i];
         worker.handle = None;
         let mut queued = HashSet::new();
-        while let Ok(message) = worker.queue.try_get_bytes() {
-            queued.extend(wire::task_ids(&message));
+        loop {
+            match worker.queue.try_get_bytes() {
+                Ok(message) => queued.extend(wire::task_ids(&message)),
+                Err(GetError::Failed(_)) => continue,
+                Err(_) => break,
+            }
         }
         let mut back = Vec::new();
         let mut died = None;
@@ -1241,24 +1286,14 @@ fn take_outstanding(worker: &mut Worker, id: u64) -> Option<Task> {
 }
 
 /// Puts a task too large for one ring record: the worker is idle, so it
-/// takes the fragments as they come; gives up if the worker dies.
+/// takes the fragments as they come. One bounded attempt (the pool's lock is
+/// held): a worker still in its initializer, or stopped, does not read, and
+/// the task waits in pending for the next try.
 fn put_streamed(worker: &mut Worker, record: &[u8]) -> Result<(), ()> {
-    loop {
-        match worker
-            .queue
-            .put_bytes_timeout(record, Duration::from_millis(100))
-        {
-            Ok(()) => return Ok(()),
-            Err(PutError::Timeout(())) => {
-                let alive = worker
-                    .handle
-                    .as_mut()
-                    .is_some_and(|h| matches!(h.try_wait(), Ok(None)));
-                if !alive {
-                    return Err(());
-                }
-            }
-            Err(_) => return Err(()),
-        }
-    }
+    // At least 100 ms, and time for the copy at a slow 100 MB/s.
+    let timeout = Duration::from_millis(100) + Duration::from_micros(record.len() as u64 / 100);
+    worker
+        .queue
+        .put_bytes_timeout(record, timeout)
+        .map_err(|_| ())
 }

@@ -216,7 +216,9 @@ impl<R: DeserializeOwned> MapResult<R> {
 
     /// Waits until every result is in.
     pub fn wait(&self) {
-        self.wait_until(None);
+        if !self.taken {
+            self.wait_until(None);
+        }
     }
 
     /// Waits at most `timeout`; whether every result is in.

@@ -153,9 +153,15 @@ where
     R: Serialize,
 {
     let mut de = Decoder::new(input);
-    let Ok(count) = de.decode::<u64>() else {
-        failed(&TaskError::ArgsDecode("malformed chunk".into()), out);
-        return;
+    let start = out.len();
+    let count = match de.decode::<u64>() {
+        // Each item takes at least a byte, unless it is zero-sized (a map
+        // over `()`s): a garbled count cannot make the loop below run away.
+        Ok(n) if n <= input.len() as u64 || (std::mem::size_of::<A>() == 0 && n <= 1 << 24) => n,
+        _ => {
+            failed(&TaskError::ArgsDecode("malformed chunk".into()), out);
+            return;
+        }
     };
     out.push(ITEMS);
     out.extend_from_slice(&count.to_le_bytes());
@@ -175,11 +181,10 @@ where
         let a = match de.decode::<A>() {
             Ok(a) => a,
             Err(e) => {
-                // The rest of the chunk cannot be found: all of it fails.
-                let error = TaskError::ArgsDecode(e.to_string());
-                for i in done..count {
-                    fail(&mut enc, &mut plain, i, error.clone());
-                }
+                // The rest of the chunk cannot be found: the whole task
+                // fails (one error, not one per item).
+                enc.out.truncate(start);
+                failed(&TaskError::ArgsDecode(e.to_string()), enc.out);
                 return;
             }
         };
@@ -279,4 +284,68 @@ pub(crate) fn decode_items<R: DeserializeOwned>(
         true
     })?;
     Ok(items)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn double(x: u64) -> u64 {
+        x * 2
+    }
+
+    fn unit(_: ()) -> u8 {
+        1
+    }
+
+    #[test]
+    fn a_chunk_round_trips() {
+        let mut input = Vec::new();
+        encode_chunk(&[1u64, 2, 3], &mut input).expect("encode");
+        let mut out = Vec::new();
+        run_chunk(double, &input, &mut out);
+        assert_eq!(all_ok(&out), Some(true));
+        let items = decode_items::<u64>(&out, 3).expect("items");
+        assert_eq!(items, vec![Ok(2), Ok(4), Ok(6)]);
+        // A count the parent did not send is an error, not a guess.
+        assert!(decode_items::<u64>(&out, 4).is_err());
+    }
+
+    #[test]
+    fn a_garbled_count_is_one_failure() {
+        for count in [u64::MAX, 1 << 40, 4] {
+            let mut input = count.to_le_bytes().to_vec();
+            input.extend_from_slice(&[0; 8]);
+            let mut out = Vec::new();
+            run_chunk(double, &input, &mut out);
+            assert_eq!(out.first(), Some(&FAILED), "count {count}");
+            assert!(matches!(
+                decode_items::<u64>(&out, 1),
+                Err(TaskError::ArgsDecode(_))
+            ));
+        }
+        // Zero-sized arguments: a count beyond the bound is refused too.
+        let mut out = Vec::new();
+        run_chunk(unit, &u64::MAX.to_le_bytes(), &mut out);
+        assert_eq!(out.first(), Some(&FAILED));
+        let mut out = Vec::new();
+        run_chunk(unit, &3u64.to_le_bytes(), &mut out);
+        assert_eq!(decode_items::<u8>(&out, 3).expect("items").len(), 3);
+    }
+
+    #[test]
+    fn garbled_results_are_errors() {
+        let mut input = Vec::new();
+        encode_chunk(&[1u64, 2], &mut input).expect("encode");
+        let mut out = Vec::new();
+        run_chunk(double, &input, &mut out);
+        for cut in 0..out.len() {
+            let _ = decode_items::<u64>(&out[..cut], 2);
+        }
+        for i in 0..out.len() {
+            let mut bad = out.clone();
+            bad[i] ^= 0xff;
+            let _ = decode_items::<u64>(&bad, 2);
+        }
+    }
 }

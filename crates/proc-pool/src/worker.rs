@@ -42,7 +42,7 @@ pub(crate) fn worker_main(args: WorkerArgs) {
     let mut out = Vec::with_capacity(4096);
     if let Some((func, input)) = initializer {
         let mut output = Vec::new();
-        let failure = match func.call(&input, &mut output) {
+        let failure = match crate::sys::call_task(&func, &input, &mut output) {
             Err(e) => Some(TaskError::Corrupted(e.to_string())),
             Ok(()) => match wire::decode_items::<()>(&output, 1) {
                 Err(e) => Some(e),
@@ -73,7 +73,7 @@ pub(crate) fn worker_main(args: WorkerArgs) {
             let micros_at = wire::result_header(index, record.id, &mut out);
             let mark = out.len();
             let started = Instant::now();
-            if let Err(e) = record.func.call(record.args, &mut out) {
+            if let Err(e) = crate::sys::call_task(&record.func, record.args, &mut out) {
                 out.truncate(mark);
                 wire::failed(&TaskError::Corrupted(e.to_string()), &mut out);
             }

@@ -605,7 +605,9 @@ pub(crate) fn send_request(sock: &OwnedFd, fds: &[RawFd]) -> io::Result<()> {
 
 /// Waits for the fork server's reply to the oldest unanswered request: a
 /// pid and a pidfd.
-pub(crate) fn receive_reply(sock: &OwnedFd) -> io::Result<(libc::pid_t, OwnedFd)> {
+/// `Ok(None)` when the server answered but could not start the child (it
+/// goes on serving); `Err` when the server is gone.
+pub(crate) fn receive_reply(sock: &OwnedFd) -> io::Result<Option<(libc::pid_t, OwnedFd)>> {
     let mut buf = [0u8; 4];
     let (n, received) = receive_with_fds(sock, &mut buf)?;
     if n != 4 {
@@ -615,12 +617,10 @@ pub(crate) fn receive_reply(sock: &OwnedFd) -> io::Result<(libc::pid_t, OwnedFd)
         ));
     }
     let pid = i32::from_le_bytes(buf);
-    match (pid, received.into_iter().next()) {
-        (pid, Some(pidfd)) if pid > 0 => Ok((pid, pidfd)),
-        _ => Err(io::Error::other(
-            "the fork server could not start the child",
-        )),
-    }
+    Ok(match (pid, received.into_iter().next()) {
+        (pid, Some(pidfd)) if pid > 0 => Some((pid, pidfd)),
+        _ => None,
+    })
 }
 
 /// In the fork server: the next request's descriptors, or `None` when the
