@@ -3,6 +3,30 @@
 use serde::{Deserialize, Serialize};
 
 /// Why a task gave no result.
+///
+/// # Examples
+///
+/// A worker that dies mid-task fails that task, and only that one:
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use proc_pool::{Pool, TaskError};
+///
+/// fn crash(_: ()) {
+///     std::process::abort(); // as if the OOM killer struck
+/// }
+/// fn double(x: u32) -> u32 {
+///     x * 2
+/// }
+/// let pool = Pool::new(2)?;
+/// let before = pool.apply_async(double, 1)?;
+/// let fatal = pool.apply_async(crash, ())?;
+/// let after = pool.apply_async(double, 2)?;
+/// assert_eq!(fatal.get(), Err(TaskError::WorkerDied { signal: Some(6), code: None }));
+/// assert_eq!((before.get()?, after.get()?), (2, 4));
+/// assert_eq!(pool.worker_pids().len(), 2); // replaced
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[non_exhaustive]
 pub enum TaskError {

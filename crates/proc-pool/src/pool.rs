@@ -90,6 +90,31 @@ pub struct Pool {
 
 /// How a pool is made (Python's `Pool(processes, initializer, initargs,
 /// maxtasksperchild)` and `context`).
+///
+/// # Examples
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use proc_pool::Pool;
+///
+/// static SEED: AtomicU64 = AtomicU64::new(0);
+///
+/// fn init(seed: u64) {
+///     SEED.store(seed, Ordering::Relaxed); // once in every worker
+/// }
+/// fn salted(x: u64) -> u64 {
+///     x + SEED.load(Ordering::Relaxed)
+/// }
+///
+/// let pool = Pool::builder()
+///     .processes(2)
+///     .initializer(init, 1000)?
+///     .maxtasksperchild(50) // each worker is replaced after 50 tasks
+///     .build()?;
+/// assert_eq!(pool.map(salted, 0..200)?[199], 1199);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Default)]
 pub struct PoolBuilder {
     processes: Option<usize>,
@@ -467,6 +492,23 @@ impl Pool {
     /// Runs `f(args)` in a worker and waits for its result (Python's
     /// `apply`).
     ///
+    /// # Examples
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use proc_pool::{Pool, TaskError};
+    ///
+    /// fn divide((a, b): (u32, u32)) -> u32 {
+    ///     a / b
+    /// }
+    /// let pool = Pool::new(1)?;
+    /// assert_eq!(pool.apply(divide, (84, 2)), Ok(42));
+    /// // A panic is the task's error; the worker goes on.
+    /// assert!(matches!(pool.apply(divide, (1, 0)), Err(TaskError::Panicked { .. })));
+    /// assert_eq!(pool.apply(divide, (9, 3)), Ok(3));
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     ///
     /// The task's [`TaskError`].
@@ -480,6 +522,25 @@ impl Pool {
 
     /// Sends `f(args)` to a worker and returns at once (Python's
     /// `apply_async`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use proc_pool::{Pool, TaskError};
+    ///
+    /// fn slow_square(x: u64) -> u64 {
+    ///     std::thread::sleep(Duration::from_millis(100));
+    ///     x * x
+    /// }
+    /// let pool = Pool::new(2)?;
+    /// let mut pending = pool.apply_async(slow_square, 9)?;
+    /// assert!(!pending.ready());
+    /// assert_eq!(pending.get_timeout(Duration::from_millis(1)), Err(TaskError::Timeout));
+    /// assert_eq!(pending.get_timeout(Duration::from_secs(5)), Ok(81));
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     ///
@@ -504,6 +565,19 @@ impl Pool {
     /// order (Python's `map`), or the first failure in order.
     ///
     /// The chunk size is Python's: `ceil(n / (4 × processes))`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// fn area((w, h): (u32, u32)) -> u32 {
+    ///     w * h
+    /// }
+    /// let pool = proc_pool::Pool::new(2)?;
+    /// // A tuple argument is Python's starmap.
+    /// assert_eq!(pool.map(area, [(2, 3), (4, 5)])?, vec![6, 20]);
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     ///
@@ -622,6 +696,28 @@ impl Pool {
     /// Applies `f` to every item lazily, one item per task, yielding the
     /// results in order (Python's `imap`). Only a bounded number of tasks
     /// is in flight, so an endless iterator works.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// fn collatz_steps(mut n: u64) -> u32 {
+    ///     let mut steps = 0;
+    ///     while n != 1 {
+    ///         n = if n % 2 == 0 { n / 2 } else { 3 * n + 1 };
+    ///         steps += 1;
+    ///     }
+    ///     steps
+    /// }
+    /// let pool = proc_pool::Pool::new(2)?;
+    /// // The first number needing more than 100 steps, from an endless input.
+    /// let first = (1u64..)
+    ///     .zip(pool.imap(collatz_steps, 1u64..))
+    ///     .find(|(_, steps)| *steps.as_ref().unwrap_or(&0) > 100)
+    ///     .map(|(n, _)| n);
+    /// assert_eq!(first, Some(27));
+    /// # Ok(()) }
+    /// ```
     pub fn imap<A, R, I>(&self, f: fn(A) -> R, items: I) -> IMap<R, I::IntoIter>
     where
         A: Serialize + DeserializeOwned,
@@ -703,6 +799,24 @@ impl Pool {
     /// Stops the workers now (SIGTERM, then SIGKILL after a second) and
     /// reaps them; tasks not finished fail with [`TaskError::Terminated`]
     /// (Python's `terminate`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use proc_pool::{Pool, TaskError};
+    ///
+    /// fn forever(_: ()) {
+    ///     loop {
+    ///         std::thread::sleep(std::time::Duration::from_secs(1));
+    ///     }
+    /// }
+    /// let pool = Pool::new(1)?;
+    /// let stuck = pool.apply_async(forever, ())?;
+    /// pool.terminate();
+    /// assert_eq!(stuck.get(), Err(TaskError::Terminated));
+    /// # Ok(()) }
+    /// ```
     pub fn terminate(&self) {
         self.inner.terminate();
     }

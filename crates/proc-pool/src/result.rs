@@ -22,6 +22,21 @@ fn deadline(timeout: Duration) -> Option<Instant> {
 /// The result of one task, on its way (Python's `AsyncResult`).
 ///
 /// Dropping it forgets the result (the task still runs).
+///
+/// # Examples
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// fn greet(name: String) -> String {
+///     format!("hello, {name}")
+/// }
+/// let pool = proc_pool::Pool::new(1)?;
+/// let pending = pool.apply_async(greet, "world".to_string())?;
+/// pending.wait();
+/// assert_eq!(pending.successful(), Some(true));
+/// assert_eq!(pending.get()?, "hello, world");
+/// # Ok(()) }
+/// ```
 pub struct AsyncResult<R> {
     inner: Arc<Inner>,
     id: u64,
@@ -119,6 +134,20 @@ fn one<R: DeserializeOwned>(done: &Done) -> Result<R, TaskError> {
 }
 
 /// The results of a [`map_async`](crate::Pool::map_async), on their way.
+///
+/// # Examples
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// fn cube(x: i64) -> i64 {
+///     x * x * x
+/// }
+/// let pool = proc_pool::Pool::new(2)?;
+/// let pending = pool.map_async(cube, -3..=3)?;
+/// // ... other work meanwhile ...
+/// assert_eq!(pending.get()?, vec![-27, -8, -1, 0, 1, 8, 27]);
+/// # Ok(()) }
+/// ```
 pub struct MapResult<R> {
     inner: Arc<Inner>,
     /// (task id, items in its chunk), in order.
@@ -248,6 +277,23 @@ impl<R> Drop for MapResult<R> {
 /// [`imap_unordered`](crate::Pool::imap_unordered): one `Result` per input
 /// item. It pulls input only to keep a bounded number of tasks in flight,
 /// so the input may be endless; dropping it forgets the tasks in flight.
+///
+/// # Examples
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// fn nap(ms: u64) -> u64 {
+///     std::thread::sleep(std::time::Duration::from_millis(ms));
+///     ms
+/// }
+/// let pool = proc_pool::Pool::new(2)?;
+/// // In the order they finish: the short naps overtake the long one.
+/// let done: Vec<u64> = pool
+///     .imap_unordered(nap, [300, 1, 2])
+///     .collect::<Result<_, _>>()?;
+/// assert_eq!(done.last(), Some(&300));
+/// # Ok(()) }
+/// ```
 pub struct IMap<R, I> {
     inner: Arc<Inner>,
     func: TaskFn,
