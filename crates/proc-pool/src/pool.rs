@@ -1115,7 +1115,15 @@ impl Inner {
                 match put_streamed(worker, &task.record) {
                     Ok(()) => {
                         worker.budget = worker.budget.map(|b| b - 1);
-                        worker.outstanding.push_back(task);
+                        // Alone in its message: if the worker dies before
+                        // taking it, it is read back from the queue; once
+                        // taken, it is the one running. No copy is kept.
+                        let Task { id, record } = task;
+                        worker.outstanding.push_back(Task {
+                            id,
+                            record: Vec::new(),
+                        });
+                        state.recycle(record);
                     }
                     Err(()) => {
                         state.pending.push_front(task);
@@ -1154,7 +1162,19 @@ impl Inner {
             match sent {
                 Ok(()) => {
                     worker.budget = worker.budget.map(|b| b - batch.len() as u64);
-                    worker.outstanding.extend(batch);
+                    if batch.len() == 1 {
+                        // As for a streamed task: no copy needed.
+                        let Task { id, record } = batch.pop().expect("one task");
+                        worker.outstanding.push_back(Task {
+                            id,
+                            record: Vec::new(),
+                        });
+                        state.recycle(record);
+                    } else {
+                        // A batch: if the worker dies in it, the tasks after
+                        // the running one are sent again from these copies.
+                        worker.outstanding.extend(batch);
+                    }
                 }
                 Err(_) => {
                     for task in batch.into_iter().rev() {
@@ -1190,10 +1210,10 @@ impl Inner {
             return;
         };
         let mut moved = Vec::new();
-        for id in wire::task_ids(&message) {
-            if let Some(task) = take_outstanding(donor, id) {
+        for (id, record) in wire::task_records(&message) {
+            if take_outstanding(donor, id).is_some() {
                 donor.budget = donor.budget.map(|b| b + 1);
-                moved.push(task);
+                moved.push(Task { id, record });
             }
         }
         for task in moved.into_iter().rev() {
@@ -1259,19 +1279,38 @@ impl Inner {
         }
         let worker = &mut state.workers[i];
         worker.handle = None;
-        let mut queued = HashSet::new();
+        // What it had not taken yet, read back with the records themselves.
+        let mut queued: HashMap<u64, Vec<u8>, IdBuild> = HashMap::default();
         loop {
             match worker.queue.try_get_bytes() {
-                Ok(message) => queued.extend(wire::task_ids(&message)),
+                Ok(message) => queued.extend(wire::task_records(&message)),
                 Err(GetError::Failed(_)) => continue,
                 Err(_) => break,
             }
         }
+        let error = TaskError::WorkerDied {
+            signal: status.and_then(|s| s.signal()),
+            code: status.and_then(|s| s.code()),
+        };
+        // It runs one message at a time and reports each task as it ends:
+        // the tasks it took without reporting are those of one message, and
+        // the first of them is the one it was running. The others were
+        // kept (a batch's copies); a single task has no others.
         let mut back = Vec::new();
-        let mut died = None;
+        let mut failed = Vec::new();
+        let mut died = false;
         for task in std::mem::take(&mut worker.outstanding) {
-            if died.is_none() && !queued.contains(&task.id) {
-                died = Some(task.id);
+            if let Some(record) = queued.remove(&task.id) {
+                back.push(Task {
+                    id: task.id,
+                    record,
+                });
+            } else if !died {
+                died = true;
+                failed.push(task.id);
+            } else if task.record.is_empty() {
+                // No copy to send again: it cannot run, so it fails too.
+                failed.push(task.id);
             } else {
                 back.push(task);
             }
@@ -1279,12 +1318,8 @@ impl Inner {
         for task in back.into_iter().rev() {
             state.pending.push_front(task);
         }
-        if let Some(id) = died {
-            let error = TaskError::WorkerDied {
-                signal: status.and_then(|s| s.signal()),
-                code: status.and_then(|s| s.code()),
-            };
-            self.finish(state, id, Done::Failed(error));
+        for id in failed {
+            self.finish(state, id, Done::Failed(error.clone()));
         }
         self.restart(state, i);
         self.cond.notify_all();

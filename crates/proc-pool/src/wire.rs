@@ -85,14 +85,17 @@ pub(crate) fn take_task(bytes: &[u8]) -> Option<(TaskRecord<'_>, &[u8])> {
     Some((TaskRecord { id, func, args }, rest))
 }
 
-/// The ids of the task records of a task message (the valid prefix).
-pub(crate) fn task_ids(mut bytes: &[u8]) -> Vec<u64> {
-    let mut ids = Vec::new();
-    while let Some((record, rest)) = take_task(bytes) {
-        ids.push(record.id);
-        bytes = rest;
+/// The task records of a task message (the valid prefix): each id with a
+/// copy of its whole record, ready to be sent again.
+pub(crate) fn task_records(message: &[u8]) -> Vec<(u64, Vec<u8>)> {
+    let mut records = Vec::new();
+    let mut rest = message;
+    while let Some((record, tail)) = take_task(rest) {
+        let len = rest.len() - tail.len();
+        records.push((record.id, rest[..len].to_vec()));
+        rest = tail;
     }
-    ids
+    records
 }
 
 /// Appends a result header; returns where its run time goes (see
