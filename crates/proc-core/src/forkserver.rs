@@ -252,23 +252,10 @@ impl Zygote {
         A: Serialize + DeserializeOwned,
         R: Serialize + DeserializeOwned,
     {
-        let gone = || SpawnError::Exec(std::io::Error::other("the zygote is gone"));
-        if sys::getpid() != self.owner {
-            return Err(gone());
-        }
-        let prepared = entry::prepare(&builder, f, args, false)?;
-        let mut sock = self.sock.lock();
-        let Some(conn) = sock.as_ref() else {
-            return Err(gone());
-        };
-        match ask(conn, prepared) {
-            Ok(handle) => Ok(handle),
-            Err(Asked::Local(e)) => Err(e),
-            Err(Asked::ServerGone(e)) => {
-                *sock = None;
-                Err(SpawnError::Exec(e))
-            }
-        }
+        let mut handles = self.spawn_entries(f, vec![(builder, args)])?;
+        handles
+            .pop()
+            .ok_or_else(|| SpawnError::Exec(std::io::Error::other("the zygote gave no child")))
     }
 }
 

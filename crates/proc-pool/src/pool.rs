@@ -739,16 +739,7 @@ impl Pool {
         R: Serialize + DeserializeOwned,
         I: IntoIterator<Item = A>,
     {
-        let func = TaskFn::new(wire::run_chunk::<A, R>, f);
-        let window = self.processes() * 8;
-        IMap::new(
-            self.inner.clone(),
-            func,
-            items.into_iter(),
-            chunksize,
-            window,
-            true,
-        )
+        self.imap_with(f, items, chunksize, true)
     }
 
     /// As [`imap`](Pool::imap), yielding results in the order they finish
@@ -775,6 +766,23 @@ impl Pool {
         R: Serialize + DeserializeOwned,
         I: IntoIterator<Item = A>,
     {
+        self.imap_with(f, items, chunksize, false)
+    }
+
+    /// The iterator behind the four `imap` calls: at most 8 tasks per
+    /// worker in flight.
+    fn imap_with<A, R, I>(
+        &self,
+        f: fn(A) -> R,
+        items: I,
+        chunksize: usize,
+        ordered: bool,
+    ) -> IMap<R, I::IntoIter>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
         let func = TaskFn::new(wire::run_chunk::<A, R>, f);
         let window = self.processes() * 8;
         IMap::new(
@@ -783,7 +791,7 @@ impl Pool {
             items.into_iter(),
             chunksize,
             window,
-            false,
+            ordered,
         )
     }
 
