@@ -425,8 +425,15 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
         }
         let fds = match sys::receive(&sock) {
             Ok(Some(fds)) => fds,
-            // The requester closed its end: it is gone.
-            Ok(None) => sys::exit_now(0),
+            // The requester closed its end (it is gone, or dropped its
+            // zygote): reap the children that have ended, so that none is
+            // left a zombie for whoever adopts it, and go.
+            Ok(None) => {
+                for (pid, _, _) in &live {
+                    let _ = sys::waitpid_nohang(*pid);
+                }
+                sys::exit_now(0)
+            }
             Err(_) => continue,
         };
         if fds.len() < 3 {

@@ -141,6 +141,39 @@ impl<T> JoinHandle<T> {
         }
     }
 
+    /// Waits at most `timeout` for the child to end; whether it has.
+    ///
+    /// Unlike [`wait_timeout`](Self::wait_timeout) this does not collect
+    /// the exit status: for a child of the fork server or a
+    /// [`Zygote`](crate::Zygote), which reap it and then report its status,
+    /// it returns as soon as the child is gone, one hop earlier. (For a
+    /// child of this process it waits for the same moment, without reaping.)
+    ///
+    /// # Errors
+    ///
+    /// The OS error of the wait.
+    pub fn wait_ended_timeout(&self, timeout: Duration) -> std::io::Result<bool> {
+        if self.is_finished() {
+            return Ok(true);
+        }
+        match &self.remote {
+            Some(remote) => sys::poll_readable(remote.pidfd.as_fd(), timeout),
+            None => {
+                let deadline = Instant::now() + timeout;
+                loop {
+                    if self.is_finished() {
+                        return Ok(true);
+                    }
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Ok(false);
+                    }
+                    std::thread::sleep((deadline - now).min(Duration::from_micros(200)));
+                }
+            }
+        }
+    }
+
     /// The exit status if the child has ended, without reaping it (so that
     /// `&self` suffices); `None` while it runs.
     pub(crate) fn peek_status(&self) -> Option<ExitStatus> {

@@ -1424,11 +1424,26 @@ impl Inner {
         }
         let zygote = state.zygote.take();
         drop(state);
-        for mut handle in handles {
-            let _ = handle.wait();
+        match zygote {
+            Some(zygote) => {
+                // The zygote reaps them: waiting for each to be gone (its
+                // pidfd) is enough, and one hop shorter than waiting for the
+                // status the zygote reports. The zygote reaps the ended ones
+                // when it sees the end of its connection.
+                for handle in &handles {
+                    while !matches!(
+                        handle.wait_ended_timeout(Duration::from_secs(1)),
+                        Ok(true) | Err(_)
+                    ) {}
+                }
+                drop(zygote);
+            }
+            None => {
+                for mut handle in handles {
+                    let _ = handle.wait();
+                }
+            }
         }
-        // The zygote reaped them; now it may go.
-        drop(zygote);
         Ok(())
     }
 }
