@@ -44,6 +44,11 @@ fn main() {
         both!("panic_comes_back", 20, panic_comes_back),
         both!("exit_code_comes_back", 20, exit_code_comes_back),
         both!("sigkill_comes_back", 20, sigkill_comes_back),
+        both!(
+            "killed_after_returning_is_a_signal",
+            20,
+            killed_after_returning_is_a_signal
+        ),
         both!("threaded_parent", 20, threaded_parent),
         both!("child_is_a_fresh_process", 20, child_is_a_fresh_process),
         both!("queues_cross_a_spawn", 30, queues_cross_a_spawn),
@@ -148,6 +153,35 @@ fn sigkill_comes_back() {
         child.join(),
         Err(JoinError::Signaled { signal: 9, .. })
     ));
+}
+
+/// Returns at once, but leaves a non-daemon child of its own, which its
+/// exit waits for (as Python's does).
+fn returns_with_a_child(ms: u64) -> u64 {
+    proc::spawn(move || std::thread::sleep(Duration::from_millis(ms)))
+        .map(std::mem::forget)
+        .expect("grandchild");
+    7
+}
+
+fn killed_after_returning_is_a_signal() {
+    // The value is written, then the child waits for its own child at
+    // exit and is killed there: join reports the signal, as it does for
+    // every start method, not the value.
+    let child = spawn()
+        .spawn_entry(returns_with_a_child, 2_000)
+        .expect("spawn");
+    std::thread::sleep(Duration::from_millis(300));
+    child.terminate().expect("terminate");
+    match child.join() {
+        Err(JoinError::Signaled { signal, .. }) => assert_eq!(signal, libc::SIGTERM),
+        other => panic!("{other:?}"),
+    }
+    // Without the kill the value comes back (after the grandchild ends).
+    let child = spawn()
+        .spawn_entry(returns_with_a_child, 50)
+        .expect("spawn");
+    assert_eq!(child.join().expect("join"), 7);
 }
 
 fn threaded_parent() {

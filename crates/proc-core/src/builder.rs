@@ -447,9 +447,20 @@ where
     // At offset 0 whatever the shared file offset says. A failed write
     // leaves the parent with an exit status and no value, which it reports
     // as such.
-    let _ = result.write_all_at(bytes, 0);
-    current::finish_child(code)
+    let written = result.write_all_at(bytes, 0).is_ok();
+    let end = bytes.len() as u64;
+    current::finish_child_then(code, move || {
+        // Everything is done and the exit status will be 0: the mark after
+        // the outcome says so, for a parent that learns of the exit before
+        // it can read the status (a fork-server child, see `join`).
+        if written && code == 0 {
+            let _ = result.write_all_at(&[EXITING_ZERO], end);
+        }
+    })
 }
+
+/// Written after a child's outcome just before it exits with status 0.
+pub(crate) const EXITING_ZERO: u8 = 0xE0;
 
 fn encode_failure(message: &str) -> Vec<u8> {
     postcard::to_stdvec(&Outcome::<()>::EncodeFailed(message.to_owned())).unwrap_or_default()

@@ -275,8 +275,15 @@ pub fn exit(info: impl Into<ExitInfo>) -> ! {
 /// Ends a child started by `proc`: flushes stdio, terminates its daemon
 /// children and joins the others, then `_exit`s.
 pub(crate) fn finish_child(code: i32) -> ! {
+    finish_child_then(code, || {})
+}
+
+/// As [`finish_child`], running `last` just before the exit itself (after
+/// the flush and the wait for this child's own children).
+pub(crate) fn finish_child_then(code: i32, last: impl FnOnce()) -> ! {
     // stderr is unbuffered; stdout keeps a partial line until flushed.
     let _ = std::io::stdout().flush();
     children::finish_children();
+    last();
     sys::exit_now(code)
 }

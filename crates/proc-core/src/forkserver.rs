@@ -394,6 +394,9 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
     }
     // Ctrl-C reaches the whole process group: the requester decides.
     let _ = sys::ignore_sigint(true);
+    // A requester that learned of a child's end from its pidfd may have
+    // closed the status pipe already: writing the status must not kill us.
+    let sigpipe = sys::set_sigpipe(sys::SIG_IGN);
     // Children not yet reaped: (pid, pidfd, status pipe).
     let mut live: Vec<(libc::pid_t, OwnedFd, File)> = Vec::new();
     loop {
@@ -456,6 +459,8 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
                 drop(live);
                 drop(status);
                 let _ = sys::ignore_sigint(false);
+                // The child gets the program's own disposition back.
+                sys::set_sigpipe(sigpipe);
                 entry::run_request(
                     File::from(request),
                     File::from(result),

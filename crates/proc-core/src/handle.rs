@@ -364,23 +364,19 @@ impl<T: DeserializeOwned> JoinHandle<T> {
     /// if its result does not decode as `T`; [`JoinError::Io`] if waiting
     /// failed.
     pub fn join(mut self) -> Result<T, JoinError> {
-        if let Some(remote) = &self.remote {
-            // A fork-server child: once it is gone (its pidfd), a value in
-            // its result file is the answer, without waiting for the status
-            // the server reports after reaping it (one hop later). A child
-            // writes its value just before exiting with status 0; anything
-            // else still goes by the status.
-            if self.status.is_none() {
-                loop {
-                    if sys::poll_readable(remote.pidfd.as_fd(), Duration::from_secs(3600))
-                        .map_err(JoinError::Io)?
-                    {
-                        break;
-                    }
-                }
-            }
+        if let (Some(remote), None) = (&self.remote, self.status) {
+            // A fork-server child: once it is gone (its pidfd), a value
+            // followed by the mark a child writes at the very end of a clean
+            // exit (status 0, see `run_and_exit`) is the answer, without
+            // waiting for the status the server reports after reaping it,
+            // one hop later. Anything else goes by the status.
+            while !sys::poll_readable(remote.pidfd.as_fd(), Duration::from_secs(3600))
+                .map_err(JoinError::Io)?
+            {}
             let bytes = read_result(&self.result).map_err(JoinError::Io)?;
-            if let Ok(Outcome::Value(value)) = postcard::from_bytes::<Outcome<T>>(&bytes) {
+            if let Ok((Outcome::Value(value), [crate::builder::EXITING_ZERO])) =
+                postcard::take_from_bytes::<Outcome<T>>(&bytes)
+            {
                 return Ok(value);
             }
         }

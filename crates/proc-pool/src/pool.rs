@@ -378,7 +378,10 @@ impl State {
     }
 
     fn recycle(&mut self, mut buf: Vec<u8>) {
-        if self.spare.len() < SPARE_BUFFERS && buf.capacity() <= SPARE_MAX_BYTES {
+        if buf.capacity() > 0
+            && self.spare.len() < SPARE_BUFFERS
+            && buf.capacity() <= SPARE_MAX_BYTES
+        {
             buf.clear();
             self.spare.push(buf);
         }
@@ -1274,11 +1277,16 @@ impl Inner {
         use std::os::unix::process::ExitStatusExt;
         // Everything it finished is in the result queue by now (nobody else
         // reads it: see check_workers); all of it, however much there is.
-        loop {
+        // (A queue that keeps failing on the same bytes is given up on.)
+        let mut failures = 0;
+        while failures < 64 {
             let mut message = state.buffer();
             match self.results.try_get_bytes_into(&mut message) {
                 Ok(()) => self.handle_result(state, message),
-                Err(GetError::Failed(_)) => state.recycle(message),
+                Err(GetError::Failed(_)) => {
+                    failures += 1;
+                    state.recycle(message);
+                }
                 Err(_) => {
                     state.recycle(message);
                     break;
@@ -1289,10 +1297,11 @@ impl Inner {
         worker.handle = None;
         // What it had not taken yet, read back with the records themselves.
         let mut queued: HashMap<u64, Vec<u8>, IdBuild> = HashMap::default();
-        loop {
+        let mut failures = 0;
+        while failures < 64 {
             match worker.queue.try_get_bytes() {
                 Ok(message) => queued.extend(wire::task_records(&message)),
-                Err(GetError::Failed(_)) => continue,
+                Err(GetError::Failed(_)) => failures += 1,
                 Err(_) => break,
             }
         }

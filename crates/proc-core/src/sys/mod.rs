@@ -438,6 +438,17 @@ pub(crate) fn ignore_sigint(ignore: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Sets SIGPIPE's disposition to `action` (`SIG_IGN`, `SIG_DFL`, or one
+/// this function returned); returns the previous one.
+pub(crate) fn set_sigpipe(action: libc::sighandler_t) -> libc::sighandler_t {
+    // SAFETY: `action` is SIG_IGN, SIG_DFL or a disposition signal()
+    // returned for SIGPIPE in this process (inherited across fork).
+    unsafe { libc::signal(libc::SIGPIPE, action) }
+}
+
+/// SIG_IGN, for [`set_sigpipe`].
+pub(crate) const SIG_IGN: libc::sighandler_t = libc::SIG_IGN;
+
 /// Closes descriptor `fd`, a copy this (just forked) process inherited and
 /// that nothing in it owns: a zygote drops the sockets of its siblings.
 pub(crate) fn close_inherited(fd: RawFd) {
