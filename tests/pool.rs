@@ -134,6 +134,11 @@ fn main() {
             30,
             slow_initializer_and_large_task,
         ),
+        (
+            "a_killed_zygote_is_replaced",
+            30,
+            a_killed_zygote_is_replaced,
+        ),
     ];
     for group in [
         each_method!("apply_and_results", 30, apply_and_results),
@@ -920,4 +925,45 @@ fn slow_initializer_and_large_task() {
     pool.terminate();
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     assert_eq!(big.get(), Err(TaskError::Terminated));
+}
+
+/// The parent pid of `pid`, from `/proc/<pid>/stat`.
+fn ppid_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn a_killed_zygote_is_replaced() {
+    let pool = Pool::new(2).expect("pool");
+    assert_eq!(pool.apply(square, 2), Ok(4));
+    let workers: Vec<u32> = pool.worker_pids().iter().map(|p| p.as_u32()).collect();
+    let zygote = ppid_of(workers[0]).expect("worker's parent");
+    assert_ne!(zygote, std::process::id(), "workers come from a zygote");
+    // SAFETY: a plain kill of this pool's zygote.
+    unsafe { libc::kill(zygote as i32, libc::SIGKILL) };
+    // Its workers die with it; the pool starts a new zygote and new workers.
+    assert!(common::eventually(Duration::from_secs(5), || {
+        workers.iter().all(|&w| {
+            common::reap_adopted(w);
+            common::proc_state(w).is_none_or(|s| s == 'Z')
+        })
+    }));
+    assert_eq!(
+        pool.map(square, 0..100u64)
+            .expect("map after the zygote died"),
+        (0..100u64).map(|i| i * i).collect::<Vec<_>>()
+    );
+    let now: Vec<u32> = pool.worker_pids().iter().map(|p| p.as_u32()).collect();
+    assert_eq!(now.len(), 2);
+    for w in &now {
+        assert!(!workers.contains(w));
+        let parent = ppid_of(*w).expect("new worker's parent");
+        assert_ne!(parent, zygote);
+    }
+    pool.close();
+    pool.join().expect("join");
 }

@@ -188,7 +188,6 @@ impl PoolBuilder {
         let config = Config {
             maxtasks: self.maxtasks,
             initializer: self.initializer,
-            method,
         };
         let mut state = State {
             workers: Vec::with_capacity(processes),
@@ -205,6 +204,7 @@ impl PoolBuilder {
             unfinished: 0,
             task_micros: f64::from(BATCH_BELOW_MICROS) * 10.0,
             spare: Vec::new(),
+            method,
         };
         for index in 0..processes {
             let queue = Queue::builder().capacity(TASK_RING).build()?;
@@ -243,7 +243,6 @@ impl PoolBuilder {
 struct Config {
     maxtasks: Option<u64>,
     initializer: Option<(TaskFn, Vec<u8>)>,
-    method: StartMethod,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -364,6 +363,9 @@ struct State {
     task_micros: f64,
     /// Buffers of finished messages, for the next ones.
     spare: Vec<Vec<u8>>,
+    /// How workers are started now: the configured method, or the fork
+    /// server once a `Fork` pool's zygote is gone in a threaded process.
+    method: StartMethod,
 }
 
 /// Buffers kept for reuse, and the largest kept: memory reused is memory
@@ -426,7 +428,7 @@ fn worker_start(
     i: usize,
     results: &Queue<()>,
 ) -> (Builder, WorkerArgs) {
-    let prefix = match config.method {
+    let prefix = match state.method {
         StartMethod::Spawn => "Spawn",
         StartMethod::ForkServer => "ForkServer",
         _ => "Fork",
@@ -434,7 +436,7 @@ fn worker_start(
     let builder = Builder::new()
         .name(format!("{prefix}PoolWorker-{}", state.started))
         .daemon(true)
-        .start_method(config.method);
+        .start_method(state.method);
     let worker = &state.workers[i];
     let args = WorkerArgs {
         index: worker.index,
@@ -1350,7 +1352,18 @@ impl Inner {
             return;
         }
         state.workers[i].budget = self.config.maxtasks;
-        let started = start_worker(&self.config, state, i, &self.results);
+        let mut started = start_worker(&self.config, state, i, &self.results);
+        if started.is_err() && state.zygote.is_some() {
+            // The zygote may be gone (killed: its workers died with it). A
+            // new one if this process is still single-threaded; else the
+            // fork server from now on (it needs `init()` in main).
+            state.zygote = None;
+            match Zygote::new() {
+                Ok(zygote) => state.zygote = Some(zygote),
+                Err(_) => state.method = StartMethod::ForkServer,
+            }
+            started = start_worker(&self.config, state, i, &self.results);
+        }
         match started {
             Ok(handle) => state.workers[i].handle = Some(handle),
             Err(e) => {
