@@ -206,10 +206,9 @@ impl PoolBuilder {
             spare: Vec::new(),
             method,
         };
-        for index in 0..processes {
+        for _ in 0..processes {
             let queue = Queue::builder().capacity(TASK_RING).build()?;
             state.workers.push(Worker {
-                index: index as u32,
                 queue,
                 handle: None,
                 outstanding: VecDeque::new(),
@@ -262,7 +261,8 @@ struct Task {
 
 #[derive(Debug)]
 struct Worker {
-    index: u32,
+    /// Its task queue; its index in `State::workers` is its name in
+    /// result messages.
     queue: Queue<()>,
     /// `None` while no process serves this queue.
     handle: Option<JoinHandle<()>>,
@@ -309,10 +309,12 @@ impl Done {
         &self,
         expected: usize,
     ) -> Result<Vec<Result<R, TaskError>>, TaskError> {
-        match self {
-            Done::Output { message, start } => wire::decode_items(&message[*start..], expected),
-            Done::Failed(e) => Err(e.clone()),
-        }
+        let mut items = Vec::with_capacity(expected);
+        self.for_each(expected, |item| {
+            items.push(item);
+            true
+        })?;
+        Ok(items)
     }
 
     /// Hands each item to `each`, in order, until it returns false.
@@ -379,6 +381,13 @@ impl State {
         self.spare.pop().unwrap_or_default()
     }
 
+    /// Puts `tasks` back at the front of the pending ones, in their order.
+    fn requeue_front(&mut self, tasks: Vec<Task>) {
+        for task in tasks.into_iter().rev() {
+            self.pending.push_front(task);
+        }
+    }
+
     fn recycle(&mut self, mut buf: Vec<u8>) {
         if buf.capacity() > 0
             && self.spare.len() < SPARE_BUFFERS
@@ -439,7 +448,7 @@ fn worker_start(
         .start_method(state.method);
     let worker = &state.workers[i];
     let args = WorkerArgs {
-        index: worker.index,
+        index: i as u32,
         tasks: worker.queue.clone(),
         results: results.clone(),
         maxtasks: config.maxtasks,
@@ -1000,21 +1009,32 @@ impl Inner {
         }
     }
 
-    /// Handles `first` and every result already in the queue.
+    /// Handles `first` and the results already in the queue (at most
+    /// 4096: a steady stream must not keep the caller here forever).
     fn drain_results(&self, state: &mut State, first: Option<Vec<u8>>) {
         if let Some(message) = first {
             self.handle_result(state, message);
         }
-        // Bounded: a steady stream must not keep the caller here forever.
-        for _ in 0..4096 {
+        self.read_results(state, 4096);
+    }
+
+    /// Handles up to `limit` results already in the queue; stops when it
+    /// is empty, or after 64 reads that failed (a queue that keeps failing
+    /// on the same bytes is given up on, not spun on under the lock).
+    fn read_results(&self, state: &mut State, limit: usize) {
+        let mut failures = 0;
+        for _ in 0..limit {
             let mut message = state.buffer();
             match self.results.try_get_bytes_into(&mut message) {
                 Ok(()) => self.handle_result(state, message),
-                Err(GetError::Empty | GetError::Closed | GetError::Timeout) => {
+                Err(GetError::Failed(_)) if failures < 64 => {
+                    failures += 1;
+                    state.recycle(message);
+                }
+                Err(_) => {
                     state.recycle(message);
                     break;
                 }
-                Err(_) => state.recycle(message),
             }
         }
     }
@@ -1190,9 +1210,7 @@ impl Inner {
                     }
                 }
                 Err(_) => {
-                    for task in batch.into_iter().rev() {
-                        state.pending.push_front(task);
-                    }
+                    state.requeue_front(batch);
                     full[w] = true;
                 }
             }
@@ -1229,9 +1247,7 @@ impl Inner {
                 moved.push(Task { id, record });
             }
         }
-        for task in moved.into_iter().rev() {
-            state.pending.push_front(task);
-        }
+        state.requeue_front(moved);
         self.dispatch(state);
     }
 
@@ -1279,22 +1295,7 @@ impl Inner {
         use std::os::unix::process::ExitStatusExt;
         // Everything it finished is in the result queue by now (nobody else
         // reads it: see check_workers); all of it, however much there is.
-        // (A queue that keeps failing on the same bytes is given up on.)
-        let mut failures = 0;
-        while failures < 64 {
-            let mut message = state.buffer();
-            match self.results.try_get_bytes_into(&mut message) {
-                Ok(()) => self.handle_result(state, message),
-                Err(GetError::Failed(_)) => {
-                    failures += 1;
-                    state.recycle(message);
-                }
-                Err(_) => {
-                    state.recycle(message);
-                    break;
-                }
-            }
-        }
+        self.read_results(state, usize::MAX);
         let worker = &mut state.workers[i];
         worker.handle = None;
         // What it had not taken yet, read back with the records themselves.
@@ -1334,9 +1335,7 @@ impl Inner {
                 back.push(task);
             }
         }
-        for task in back.into_iter().rev() {
-            state.pending.push_front(task);
-        }
+        state.requeue_front(back);
         for id in failed {
             self.finish(state, id, Done::Failed(error.clone()));
         }
@@ -1379,6 +1378,12 @@ impl Inner {
         if state.broken.is_none() {
             state.broken = Some(error.clone());
         }
+        self.fail_unfinished(state, &error);
+        self.cond.notify_all();
+    }
+
+    /// Fails every task not finished yet (pending or sent) with `error`.
+    fn fail_unfinished(&self, state: &mut State, error: &TaskError) {
         let mut failed: Vec<u64> = state.pending.drain(..).map(|t| t.id).collect();
         for w in &mut state.workers {
             failed.extend(w.outstanding.drain(..).map(|t| t.id));
@@ -1386,7 +1391,6 @@ impl Inner {
         for id in failed {
             self.finish(state, id, Done::Failed(error.clone()));
         }
-        self.cond.notify_all();
     }
 
     fn terminate(&self) {
@@ -1403,13 +1407,7 @@ impl Inner {
                 handles.push(handle);
             }
         }
-        let mut failed: Vec<u64> = state.pending.drain(..).map(|t| t.id).collect();
-        for w in &mut state.workers {
-            failed.extend(w.outstanding.drain(..).map(|t| t.id));
-        }
-        for id in failed {
-            self.finish(&mut state, id, Done::Failed(TaskError::Terminated));
-        }
+        self.fail_unfinished(&mut state, &TaskError::Terminated);
         // The zygote reaps the workers: it goes after them.
         let zygote = state.zygote.take();
         self.results.close();
