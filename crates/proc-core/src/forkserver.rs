@@ -393,10 +393,11 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
         sys::exit_now(0);
     }
     // Ctrl-C reaches the whole process group: the requester decides.
-    let _ = sys::ignore_sigint(true);
+    let _ = sys::set_disposition(libc::SIGINT, sys::Disposition::IGNORE);
     // A requester that learned of a child's end from its pidfd may have
     // closed the status pipe already: writing the status must not kill us.
-    let sigpipe = sys::set_sigpipe(sys::SIG_IGN);
+    let sigpipe = sys::set_disposition(libc::SIGPIPE, sys::Disposition::IGNORE)
+        .unwrap_or(sys::Disposition::DEFAULT);
     // Children not yet reaped: (pid, pidfd, status pipe).
     let mut live: Vec<(libc::pid_t, OwnedFd, File)> = Vec::new();
     loop {
@@ -458,9 +459,9 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
                 drop(sock);
                 drop(live);
                 drop(status);
-                let _ = sys::ignore_sigint(false);
+                let _ = sys::set_disposition(libc::SIGINT, sys::Disposition::DEFAULT);
                 // The child gets the program's own disposition back.
-                sys::set_sigpipe(sigpipe);
+                let _ = sys::set_disposition(libc::SIGPIPE, sigpipe);
                 entry::run_request(
                     File::from(request),
                     File::from(result),

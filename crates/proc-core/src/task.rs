@@ -179,7 +179,7 @@ pub fn catch_panic<R>(f: impl FnOnce() -> R) -> Result<R, Panic> {
 ///
 /// The OS error if the disposition could not be changed.
 pub fn ignore_sigint() -> std::io::Result<()> {
-    sys::ignore_sigint(true)
+    sys::set_disposition(libc::SIGINT, sys::Disposition::IGNORE).map(|_| ())
 }
 
 /// Stops printing panic messages in this process: for workers whose panics

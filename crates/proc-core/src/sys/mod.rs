@@ -427,27 +427,30 @@ extern "C" fn on_sigchld(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
     unsafe { *libc::__errno_location() = errno };
 }
 
-/// Sets SIGINT to be ignored (`true`) or to its default action (`false`).
-pub(crate) fn ignore_sigint(ignore: bool) -> io::Result<()> {
-    let action = if ignore { libc::SIG_IGN } else { libc::SIG_DFL };
-    // SAFETY: SIG_IGN and SIG_DFL are valid dispositions; no handler code
-    // is involved.
-    if unsafe { libc::signal(libc::SIGINT, action) } == libc::SIG_ERR {
+/// A signal's disposition: [`IGNORE`](Disposition::IGNORE),
+/// [`DEFAULT`](Disposition::DEFAULT), or one [`set_disposition`] returned
+/// (so never an arbitrary address).
+#[derive(Clone, Copy)]
+pub(crate) struct Disposition(libc::sighandler_t);
+
+impl Disposition {
+    /// The signal is ignored.
+    pub(crate) const IGNORE: Disposition = Disposition(libc::SIG_IGN);
+    /// The signal's default action.
+    pub(crate) const DEFAULT: Disposition = Disposition(libc::SIG_DFL);
+}
+
+/// Sets `signal`'s disposition to `to`; returns the previous one.
+pub(crate) fn set_disposition(signal: libc::c_int, to: Disposition) -> io::Result<Disposition> {
+    // SAFETY: `to` is SIG_IGN, SIG_DFL, or what signal() returned for a
+    // signal in this process (a handler of this program, possibly
+    // inherited across fork): a valid disposition in every case.
+    let previous = unsafe { libc::signal(signal, to.0) };
+    if previous == libc::SIG_ERR {
         return Err(io::Error::last_os_error());
     }
-    Ok(())
+    Ok(Disposition(previous))
 }
-
-/// Sets SIGPIPE's disposition to `action` (`SIG_IGN`, `SIG_DFL`, or one
-/// this function returned); returns the previous one.
-pub(crate) fn set_sigpipe(action: libc::sighandler_t) -> libc::sighandler_t {
-    // SAFETY: `action` is SIG_IGN, SIG_DFL or a disposition signal()
-    // returned for SIGPIPE in this process (inherited across fork).
-    unsafe { libc::signal(libc::SIGPIPE, action) }
-}
-
-/// SIG_IGN, for [`set_sigpipe`].
-pub(crate) const SIG_IGN: libc::sighandler_t = libc::SIG_IGN;
 
 /// Closes descriptor `fd`, a copy this (just forked) process inherited and
 /// that nothing in it owns: a zygote drops the sockets of its siblings.
