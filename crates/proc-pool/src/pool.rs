@@ -568,9 +568,9 @@ impl Pool {
     {
         let func = TaskFn::new(wire::run_chunk::<A, R>, f);
         let mut record = Vec::with_capacity(96);
-        wire::begin_record(func, &mut record);
+        let len_at = wire::begin_record(func, &mut record);
         wire::encode_one(&args, &mut record).map_err(TaskError::ArgsEncode)?;
-        wire::end_record(&mut record).map_err(TaskError::ArgsEncode)?;
+        wire::end_record(&mut record, len_at).map_err(TaskError::ArgsEncode)?;
         let id = self.inner.submit(record)?;
         Ok(AsyncResult::new(self.inner.clone(), id))
     }
@@ -698,9 +698,9 @@ impl Pool {
             }
             let mut record = self.inner.buffer();
             record.reserve(capacity);
-            wire::begin_record(func, &mut record);
+            let len_at = wire::begin_record(func, &mut record);
             wire::encode_chunk(&chunk, &mut record).map_err(TaskError::ArgsEncode)?;
-            wire::end_record(&mut record).map_err(TaskError::ArgsEncode)?;
+            wire::end_record(&mut record, len_at).map_err(TaskError::ArgsEncode)?;
             capacity = capacity.max(record.len() + record.len() / 8);
             let id = self.inner.submit(record)?;
             result.push(id, chunk.len());

@@ -356,9 +356,9 @@ where
             }
             let len = chunk.len();
             let mut record = Vec::with_capacity(64);
-            wire::begin_record(self.func, &mut record);
+            let len_at = wire::begin_record(self.func, &mut record);
             let sent = wire::encode_chunk(&chunk, &mut record)
-                .and_then(|()| wire::end_record(&mut record))
+                .and_then(|()| wire::end_record(&mut record, len_at))
                 .map_err(TaskError::ArgsEncode)
                 .and_then(|()| self.inner.submit(record));
             chunk.clear();

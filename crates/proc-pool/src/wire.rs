@@ -31,28 +31,35 @@ pub(crate) const FAILED: u8 = 1;
 pub(crate) const INIT_FAILED: u64 = u64::MAX;
 
 /// Appends `value` in postcard (headers and errors); on failure `out` is
-/// as it was.
+/// as it was. Headers fit a stack buffer: no allocation per task.
 fn append_postcard<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) {
-    if let Ok(bytes) = postcard::to_stdvec(value) {
-        out.extend_from_slice(&bytes);
+    let mut small = [0u8; 64];
+    match postcard::to_slice(value, &mut small) {
+        Ok(bytes) => out.extend_from_slice(bytes),
+        Err(_) => {
+            if let Ok(bytes) = postcard::to_stdvec(value) {
+                out.extend_from_slice(&bytes);
+            }
+        }
     }
 }
 
 /// Starts a task record in `out` (empty): the id (set by [`set_record_id`]
 /// when the pool takes it), the function, room for the length. The encoded
-/// chunk goes after it, then [`end_record`].
-pub(crate) fn begin_record(func: TaskFn, out: &mut Vec<u8>) {
+/// chunk goes after it, then [`end_record`] with the position returned.
+pub(crate) fn begin_record(func: TaskFn, out: &mut Vec<u8>) -> usize {
     out.extend_from_slice(&[0; 8]);
     append_postcard(&func, out);
     out.extend_from_slice(&[0; 4]);
+    out.len() - 4
 }
 
-/// Ends the record begun by [`begin_record`]: writes the chunk's length.
-pub(crate) fn end_record(out: &mut [u8]) -> Result<(), String> {
-    let header = 8 + take_func(&out[8..]).map_or(0, |(_, rest)| out.len() - 8 - rest.len());
-    let len = out.len() - header - 4;
+/// Ends the record begun by [`begin_record`] (`len_at`: what it returned):
+/// writes the chunk's length.
+pub(crate) fn end_record(out: &mut [u8], len_at: usize) -> Result<(), String> {
+    let len = out.len() - len_at - 4;
     let len = u32::try_from(len).map_err(|_| format!("{len} bytes of arguments in one task"))?;
-    out[header..header + 4].copy_from_slice(&len.to_le_bytes());
+    out[len_at..len_at + 4].copy_from_slice(&len.to_le_bytes());
     Ok(())
 }
 
