@@ -185,9 +185,10 @@ impl Builder {
         let Some(slot) = children::reserve() else {
             return Err((SpawnError::TooManyChildren, f));
         };
-        let null = match (self.stdin, dev_null()) {
+        let (null, cover) = match (self.stdin, dev_null()) {
             (Stdin::Null, Err(e)) => return Err((SpawnError::Stdin(e), f)),
-            (_, null) => null.ok(),
+            (Stdin::Null, Ok(null)) => (Some(null), Some(null)),
+            (_, null) => (None, null.ok()),
         };
         let result = match sys::memfd(c"proc-result") {
             Ok(fd) => fd,
@@ -216,6 +217,7 @@ impl Builder {
             Ok(Fork::Child) => {
                 let setup = ChildSetup {
                     null,
+                    cover,
                     name,
                     path,
                     daemon: self.daemon,
@@ -268,7 +270,12 @@ impl Builder {
         R: Serialize + DeserializeOwned,
     {
         match self.start_method {
-            crate::entry::StartMethod::Fork => self.spawn(move || f(args)),
+            crate::entry::StartMethod::Fork => self.spawn(move || {
+                // Task functions named by the parent name the same code
+                // here (see `task`).
+                sys::remember_same_exe(sys::forked_same_exe());
+                f(args)
+            }),
             crate::entry::StartMethod::Spawn => crate::entry::spawn_exec(self, f, args),
             crate::entry::StartMethod::ForkServer => crate::forkserver::spawn(self, f, args),
         }
@@ -329,6 +336,8 @@ pub(crate) enum Outcome<T> {
 struct ChildSetup {
     /// `/dev/null`, opened in the parent, when stdin is `Stdin::Null`.
     null: Option<&'static File>,
+    /// `/dev/null` whatever stdin is (`None` if it could not be opened).
+    cover: Option<&'static File>,
     name: String,
     path: Vec<u32>,
     daemon: bool,
@@ -402,6 +411,11 @@ where
         if sys::stdin_from_dev_null(null).is_err() {
             sys::exit_now(1);
         }
+    }
+    if let Some(null) = setup.cover {
+        // The parent's zygotes must see their connections end when the
+        // parent drops them, not when this child exits.
+        crate::forkserver::release_inherited_zygotes(setup.parent, null);
     }
     current::enter_child(setup.name, setup.path, setup.daemon, setup.parent);
     run_and_exit(result, f)

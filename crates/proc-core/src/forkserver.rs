@@ -169,6 +169,25 @@ pub struct Zygote {
     owner: libc::pid_t,
 }
 
+/// In a child just forked from `parent`: lets go of the copies of the
+/// parent's zygote sockets (each zygote exits when its connection ends, so
+/// a copy kept here would keep it alive for as long as this child lives).
+/// Each number is pointed at `null` rather than closed, since the
+/// `Zygote` objects this child's memory holds still own the numbers.
+pub(crate) fn release_inherited_zygotes(parent: libc::pid_t, null: &File) {
+    // Only a child of a threaded parent (`spawn_unchecked`) can find the
+    // lock held: it then keeps the copies rather than wait forever.
+    let Some(mut siblings) = ZYGOTE_SOCKETS.try_lock() else {
+        return;
+    };
+    if siblings.0 == parent {
+        for &fd in &siblings.1 {
+            sys::cover_inherited(fd, null);
+        }
+    }
+    *siblings = (sys::getpid(), Vec::new());
+}
+
 impl Zygote {
     /// Forks the zygote.
     ///

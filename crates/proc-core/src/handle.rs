@@ -159,6 +159,15 @@ impl<T> JoinHandle<T> {
         match &self.remote {
             Some(remote) => sys::poll_readable(remote.pidfd.as_fd(), timeout),
             None => {
+                // A pidfd wakes us the moment the child ends (a zombie). It
+                // names our child if the child is still unreaped after it
+                // was opened: until then nobody else can have its pid.
+                if let Ok(Some(pidfd)) = sys::pidfd_open(self.pid.raw()) {
+                    if self.is_finished() {
+                        return Ok(true);
+                    }
+                    return sys::poll_readable(pidfd.as_fd(), timeout);
+                }
                 let deadline = Instant::now() + timeout;
                 loop {
                     if self.is_finished() {

@@ -461,6 +461,16 @@ pub(crate) fn close_inherited(fd: RawFd) {
     unsafe { libc::close(fd) };
 }
 
+/// Points descriptor `fd`, a copy this (just forked) process inherited,
+/// at `null` instead: the copy is let go, while the number stays taken
+/// for the object here that owns it and may close it later.
+pub(crate) fn cover_inherited(fd: RawFd, null: &std::fs::File) {
+    // SAFETY: dup3 onto an open descriptor number replaces it atomically;
+    // `null` is open. The caller names a number whose owner here only
+    // ever closes it.
+    unsafe { libc::dup3(null.as_raw_fd(), fd, libc::O_CLOEXEC) };
+}
+
 /// Installs (once) a SIGCHLD handler that calls `reap` and then whatever
 /// handler was installed before. Where SIGCHLD was ignored (the kernel then
 /// reaps every child itself) nothing is installed. `reap` must be
@@ -731,6 +741,12 @@ pub(crate) struct SameExe(());
 /// Checks that this process's executable is the file `(device, inode)`.
 pub(crate) fn same_exe(expected: (u64, u64)) -> Option<SameExe> {
     (exe_identity().ok()? == expected).then_some(SameExe(()))
+}
+
+/// The proof a forked child has without checking: it runs its parent's
+/// very image, the same code at the same addresses.
+pub(crate) fn forked_same_exe() -> SameExe {
+    SameExe(())
 }
 
 /// The proof a child made when it started its entry: its requester runs the
