@@ -139,6 +139,11 @@ fn main() {
             30,
             a_killed_zygote_is_replaced,
         ),
+        (
+            "zygote_ends_with_its_pool_not_with_other_children",
+            30,
+            zygote_ends_with_its_pool_not_with_other_children,
+        ),
     ];
     for group in [
         each_method!("apply_and_results", 30, apply_and_results),
@@ -938,19 +943,37 @@ fn ppid_of(pid: u32) -> Option<u32> {
 }
 
 fn a_killed_zygote_is_replaced() {
+    let me = std::process::id();
     let pool = Pool::new(2).expect("pool");
     assert_eq!(pool.apply(square, 2), Ok(4));
+    let first: Vec<u32> = pool.worker_pids().iter().map(|p| p.as_u32()).collect();
+    for w in &first {
+        assert_eq!(
+            ppid_of(*w),
+            Some(me),
+            "the first workers are forked directly"
+        );
+    }
+    // A replacement comes from the zygote.
+    // SAFETY: a plain kill of one of this pool's workers.
+    unsafe { libc::kill(first[0] as i32, libc::SIGKILL) };
+    assert!(common::eventually(Duration::from_secs(5), || {
+        let _ = pool.apply(square, 3);
+        !pool.worker_pids().iter().any(|p| p.as_u32() == first[0])
+    }));
     let workers: Vec<u32> = pool.worker_pids().iter().map(|p| p.as_u32()).collect();
-    let zygote = ppid_of(workers[0]).expect("worker's parent");
-    assert_ne!(zygote, std::process::id(), "workers come from a zygote");
+    let replacement = *workers
+        .iter()
+        .find(|w| !first.contains(w))
+        .expect("a replacement");
+    let zygote = ppid_of(replacement).expect("the replacement's parent");
+    assert_ne!(zygote, me, "replacements come from a zygote");
     // SAFETY: a plain kill of this pool's zygote.
     unsafe { libc::kill(zygote as i32, libc::SIGKILL) };
     // Its workers die with it; the pool starts a new zygote and new workers.
     assert!(common::eventually(Duration::from_secs(5), || {
-        workers.iter().all(|&w| {
-            common::reap_adopted(w);
-            common::proc_state(w).is_none_or(|s| s == 'Z')
-        })
+        common::reap_adopted(replacement);
+        common::proc_state(replacement).is_none_or(|s| s == 'Z')
     }));
     assert_eq!(
         pool.map(square, 0..100u64)
@@ -959,11 +982,50 @@ fn a_killed_zygote_is_replaced() {
     );
     let now: Vec<u32> = pool.worker_pids().iter().map(|p| p.as_u32()).collect();
     assert_eq!(now.len(), 2);
+    assert!(!now.contains(&replacement));
     for w in &now {
-        assert!(!workers.contains(w));
-        let parent = ppid_of(*w).expect("new worker's parent");
+        let parent = ppid_of(*w).expect("a worker's parent");
         assert_ne!(parent, zygote);
+        if !workers.contains(w) {
+            assert_ne!(parent, me, "a replacement of the new zygote");
+        }
     }
     pool.close();
     pool.join().expect("join");
+}
+
+/// A process forked from the parent while a pool lives inherits a copy of
+/// the pool's zygote socket: it must let go of it, or the zygote would live
+/// on after its pool until that process ends.
+fn zygote_ends_with_its_pool_not_with_other_children() {
+    let me = std::process::id();
+    // (The fork server of the earlier tests is a child too.)
+    let before: Vec<u32> = common::children_of(me)
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    let pool = Pool::new(2).expect("pool");
+    assert_eq!(pool.apply(square, 2), Ok(4));
+    let workers: Vec<u32> = pool.worker_pids().iter().map(|p| p.as_u32()).collect();
+    let zygote: Vec<u32> = common::children_of(me)
+        .into_iter()
+        .filter(|(pid, state)| *state != 'Z' && !workers.contains(pid) && !before.contains(pid))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(
+        zygote.len(),
+        1,
+        "one zygote besides the workers: {zygote:?}"
+    );
+    let zygote = zygote[0];
+    let sleeper = proc::spawn(|| std::thread::sleep(Duration::from_secs(20))).expect("spawn");
+    pool.close();
+    pool.join().expect("join");
+    drop(pool);
+    let gone = common::eventually(Duration::from_secs(5), || {
+        common::proc_state(zygote).is_none_or(|s| s == 'Z')
+    });
+    sleeper.kill().expect("kill");
+    let _ = sleeper.join();
+    assert!(gone, "the zygote outlived its pool");
 }

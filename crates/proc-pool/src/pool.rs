@@ -180,10 +180,6 @@ impl PoolBuilder {
             return Err(PoolError::NoProcesses);
         }
         let method = self.method.unwrap_or_else(proc_core::get_start_method);
-        let zygote = match method {
-            StartMethod::Fork => Some(Zygote::new()?),
-            _ => None,
-        };
         let results = Queue::builder().capacity(RESULT_RING).build()?;
         let config = Config {
             maxtasks: self.maxtasks,
@@ -191,7 +187,7 @@ impl PoolBuilder {
         };
         let mut state = State {
             workers: Vec::with_capacity(processes),
-            zygote,
+            zygote: None,
             pending: VecDeque::new(),
             done: HashMap::default(),
             abandoned: HashSet::default(),
@@ -410,16 +406,17 @@ pub(crate) struct Inner {
 /// Starts a process for every worker of a new pool.
 fn start_all(config: &Config, state: &mut State, results: &Queue<()>) -> Result<(), SpawnError> {
     let processes = state.workers.len();
-    if let Some(zygote) = &state.zygote {
-        // All requests at once: the zygote forks them back to back.
-        let mut starts = Vec::with_capacity(processes);
+    if state.method == StartMethod::Fork {
+        // This process is single-threaded now (each fork checks): the
+        // first workers are forked from it directly, and the zygote, forked
+        // right after them with the same memory picture, starts the
+        // replacements (the process may have threads by then).
+        state.zygote = Some(Zygote::new()?);
         for i in 0..processes {
             state.started += 1;
-            starts.push(worker_start(config, state, i, results));
-        }
-        let handles = zygote.spawn_entries(worker_main, starts)?;
-        for (worker, handle) in state.workers.iter_mut().zip(handles) {
-            worker.handle = Some(handle);
+            let (builder, args) = worker_start(config, state, i, results);
+            let handle = builder.spawn_entry(worker_main, args)?;
+            state.workers[i].handle = Some(handle);
         }
     } else {
         for i in 0..processes {

@@ -35,6 +35,10 @@ pub(crate) fn worker_main(args: WorkerArgs) {
         maxtasks,
         initializer,
     } = args;
+    // The process ends when this returns: unmapping the rings one by one
+    // first would only add work (and TLB shootdowns) to the exit.
+    let tasks = std::mem::ManuallyDrop::new(tasks);
+    let results = std::mem::ManuallyDrop::new(results);
     // Ctrl-C goes to the whole process group; the parent decides.
     let _ = proc_core::task::ignore_sigint();
     // A panic is the task's result, with message and location.
