@@ -29,10 +29,11 @@
 //!
 //! # Workers outlive threads
 //!
-//! With the `Fork` start method the workers come from a [`Zygote`]
-//! forked when the pool is made, so the pool keeps replacing workers after
-//! the program has started threads; with `ForkServer` they come from the
-//! fork server, with `Spawn` from a fresh exec.
+//! With the `Fork` start method the first workers are forked from the
+//! caller when the pool is made, and so is a [`Zygote`] that starts their
+//! replacements, with the same memory picture: the pool keeps replacing
+//! workers after the program has started threads. With `ForkServer` they
+//! come from the fork server, with `Spawn` from a fresh exec.
 //!
 //! [`Zygote`]: proc_core::Zygote
 //!

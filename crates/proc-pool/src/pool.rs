@@ -156,11 +156,12 @@ impl PoolBuilder {
     }
 
     /// How workers are started (default: the process-wide
-    /// [`proc_core::get_start_method`]). With [`StartMethod::Fork`] they
-    /// come from a [`Zygote`] forked now (this process must be
-    /// single-threaded now, not later); with `ForkServer` from the fork
-    /// server; with `Spawn` each is a fresh exec. The last two need
-    /// [`proc_core::init`] in `main`.
+    /// [`proc_core::get_start_method`]). With [`StartMethod::Fork`] the
+    /// first ones are forked from this process when the pool is made and
+    /// their replacements come from a [`Zygote`] forked then too (this
+    /// process must be single-threaded then, not later); with
+    /// `ForkServer` from the fork server; with `Spawn` each is a fresh
+    /// exec. The last two need [`proc_core::init`] in `main`.
     pub fn start_method(mut self, method: StartMethod) -> Self {
         self.method = Some(method);
         self
@@ -1443,10 +1444,11 @@ impl Inner {
         drop(state);
         match zygote {
             Some(zygote) => {
-                // The zygote reaps them: waiting for each to be gone (its
-                // pidfd) is enough, and one hop shorter than waiting for the
-                // status the zygote reports. The zygote reaps the ended ones
-                // when it sees the end of its connection.
+                // Waiting for each to be gone (its pidfd) is enough: the
+                // zygote reaps its children when it sees the end of its
+                // connection (one hop shorter than waiting for the status
+                // it reports), this process reaps its own (the first
+                // workers) as their handles drop.
                 for handle in &handles {
                     while !matches!(
                         handle.wait_ended_timeout(Duration::from_secs(1)),
