@@ -27,10 +27,14 @@ use crate::result::{AsyncResult, IMap, MapResult};
 use crate::wire;
 use crate::worker::{worker_main, WorkerArgs};
 
-/// Each worker's task ring (bytes).
-const TASK_RING: usize = 4 << 20;
-/// The result ring (bytes).
-const RESULT_RING: usize = 8 << 20;
+/// Each worker's task ring (bytes). A fresh pool pays for every ring page
+/// it touches the first time (a page fault and a zeroed page: several µs
+/// each on a VM), so the rings are no larger than a map's chunks need to
+/// travel whole: a chunk of a map of a million `u64`s over two workers
+/// (125,000 items, 1 MB) fits in half of it.
+const TASK_RING: usize = 2 << 20;
+/// The result ring (bytes), shared by the workers.
+const RESULT_RING: usize = 4 << 20;
 /// Largest task message put without streaming (half the ring, less the
 /// record header).
 const SINGLE_MAX: usize = TASK_RING / 2 - 64;

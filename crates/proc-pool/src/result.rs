@@ -206,6 +206,7 @@ impl<R: DeserializeOwned> MapResult<R> {
         self.taken = true;
         let total = self.chunks.iter().map(|(_, n)| n).sum();
         let mut values = Vec::with_capacity(total);
+        crate::sys::advise_huge_pages(&values);
         let mut first_error = None;
         // Decoded in order as they arrive, while later chunks still run.
         for &(id, len) in &self.chunks {

@@ -1,4 +1,5 @@
-//! The one `unsafe` call of `proc-pool`.
+//! The `unsafe` calls of `proc-pool`: running a task function, and advice
+//! to the kernel about a large result vector.
 
 use proc_core::task::{TaskFn, TaskFnError};
 
@@ -18,4 +19,39 @@ pub(crate) fn call_task(
     // SAFETY: as above: `func` was made by TaskFn::new in this worker's
     // requester and reached it through a queue only that process writes.
     unsafe { func.call(input, output) }
+}
+
+/// Asks the kernel to back the 2 MiB-aligned part of `buf`'s allocation
+/// with transparent huge pages (where THP is on for `madvise`): a large
+/// result vector is then faulted in a few 2 MiB pages instead of 512 small
+/// ones per 2 MiB (each small fault costs µs on a VM).
+pub(crate) fn advise_huge_pages<T>(buf: &Vec<T>) {
+    const HUGE: usize = 2 << 20;
+    let start = buf.as_ptr() as usize;
+    let bytes = buf.capacity().saturating_mul(std::mem::size_of::<T>());
+    let from = start.next_multiple_of(HUGE);
+    let to = (start + bytes) / HUGE * HUGE;
+    if to <= from {
+        return;
+    }
+    // SAFETY: [from, to) lies inside `buf`'s allocation, which is mapped
+    // memory of this process; MADV_HUGEPAGE changes only how the kernel
+    // backs it, never its contents or validity.
+    unsafe { libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_HUGEPAGE) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advise_huge_pages;
+
+    #[test]
+    fn advised_vectors_keep_their_contents() {
+        // Small (no 2 MiB-aligned part) and large (several) allocations.
+        for n in [0usize, 10, 1 << 20, 3 << 20] {
+            let mut v: Vec<u64> = Vec::with_capacity(n);
+            advise_huge_pages(&v);
+            v.extend(0..n as u64);
+            assert!(v.iter().enumerate().all(|(i, &x)| x == i as u64));
+        }
+    }
 }
