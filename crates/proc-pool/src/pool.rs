@@ -414,8 +414,9 @@ fn start_all(config: &Config, state: &mut State, results: &Queue<()>) -> Result<
     if state.method == StartMethod::Fork {
         // This process is single-threaded now (each fork checks): the
         // first workers are forked from it directly, and the zygote, forked
-        // right after them with the same memory picture, starts the
-        // replacements (the process may have threads by then).
+        // just before them with the same memory picture, starts the
+        // replacements (the process may have threads by then). (The zygote
+        // forking half of them meanwhile measured no faster here.)
         state.zygote = Some(Zygote::new()?);
         for i in 0..processes {
             state.started += 1;
