@@ -52,6 +52,11 @@ fn main() {
         both!("threaded_parent", 20, threaded_parent),
         both!("child_is_a_fresh_process", 20, child_is_a_fresh_process),
         both!("queues_cross_a_spawn", 30, queues_cross_a_spawn),
+        both!(
+            "an_active_child_while_it_runs",
+            20,
+            an_active_child_while_it_runs
+        ),
     ]
     .into_iter()
     .flatten()
@@ -65,6 +70,11 @@ fn main() {
             "forkserver_dies_with_its_parent",
             30,
             forkserver_dies_with_its_parent as fn(),
+        ),
+        (
+            "a_dead_zygotes_number_reused_is_left_alone",
+            20,
+            a_dead_zygotes_number_reused_is_left_alone as fn(),
         ),
     ])
     .collect();
@@ -140,6 +150,19 @@ fn exit_code_comes_back() {
 
 fn nap(ms: u64) {
     std::thread::sleep(Duration::from_millis(ms));
+}
+
+fn an_active_child_while_it_runs() {
+    let child = spawn().name("napper").spawn_entry(nap, 300).expect("spawn");
+    let listed = proc::active_children();
+    let me = listed
+        .iter()
+        .find(|c| c.pid() == child.pid())
+        .unwrap_or_else(|| panic!("{:?} not among {listed:?}", child.pid()));
+    assert_eq!(me.name(), "napper");
+    let pid = child.pid();
+    child.join().expect("join");
+    assert!(proc::active_children().iter().all(|c| c.pid() != pid));
 }
 
 fn sigkill_comes_back() {
@@ -329,4 +352,73 @@ fn forkserver_dies_with_its_parent() {
         );
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// This process's descriptors and what each names.
+fn open_fds() -> Vec<(i32, String)> {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("fd dir")
+        .filter_map(|e| {
+            let fd = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+            Some((fd, link.to_string_lossy().into_owned()))
+        })
+        .collect()
+}
+
+/// A zygote found dead closes its socket; the number, free again, may be
+/// reused for anything, and forked children must leave that alone (they
+/// let go only of live zygote sockets they inherited).
+fn a_dead_zygotes_number_reused_is_left_alone() {
+    let before = open_fds();
+    let zygote = proc::Zygote::new().expect("zygote");
+    let with = open_fds();
+    let (socket, link) = with
+        .into_iter()
+        .find(|fd| !before.contains(fd) && fd.1.starts_with("socket:"))
+        .expect("the zygote's socket");
+    // SAFETY: a plain kill of the zygote this test started.
+    unsafe { libc::kill(zygote.pid().as_u32() as i32, libc::SIGKILL) };
+    assert!(common::eventually(Duration::from_secs(5), || {
+        common::proc_state(zygote.pid().as_u32()).is_none_or(|s| s == 'Z')
+    }));
+    assert!(zygote.spawn_entry(Builder::new(), boom, 1).is_err());
+    assert!(
+        !open_fds().contains(&(socket, link)),
+        "the socket is closed"
+    );
+    // The number now names a pipe's write end (the read end well away).
+    let mut ends = [0; 2];
+    // SAFETY: `ends` is valid storage for two descriptors.
+    assert_eq!(unsafe { libc::pipe(ends.as_mut_ptr()) }, 0);
+    // SAFETY: plain descriptor calls on this test's own descriptors.
+    let read = unsafe {
+        let read = libc::fcntl(ends[0], libc::F_DUPFD_CLOEXEC, 100);
+        assert!(read >= 100);
+        libc::close(ends[0]);
+        if ends[1] != socket {
+            assert_eq!(libc::dup2(ends[1], socket), socket);
+            libc::close(ends[1]);
+        }
+        read
+    };
+    let child = proc::spawn(move || {
+        // SAFETY: writing two bytes from a valid buffer.
+        unsafe { libc::write(socket, b"ok".as_ptr().cast(), 2) }
+    })
+    .expect("spawn");
+    assert_eq!(
+        child.join().expect("join"),
+        2,
+        "the child could write to it"
+    );
+    let mut got = [0u8; 2];
+    // SAFETY: reading into a valid two-byte buffer.
+    assert_eq!(unsafe { libc::read(read, got.as_mut_ptr().cast(), 2) }, 2);
+    assert_eq!(&got, b"ok");
+    for fd in [read, socket] {
+        // SAFETY: descriptors this test opened.
+        unsafe { libc::close(fd) };
+    }
+    drop(zygote);
 }

@@ -121,7 +121,7 @@ fn receive<R>(sock: &OwnedFd, sent: Sent) -> Result<JoinHandle<R>, Asked> {
             "the fork server could not start the child (fork or pidfd_open failed there)",
         ))));
     };
-    crate::remote::register(pid, &pidfd, sent.daemon);
+    crate::remote::register(pid, &pidfd, sent.daemon, &sent.name);
     Ok(JoinHandle::new_remote(
         Pid::from_raw(pid),
         sent.name,
@@ -131,17 +131,31 @@ fn receive<R>(sock: &OwnedFd, sent: Sent) -> Result<JoinHandle<R>, Asked> {
     ))
 }
 
-/// The sockets of this process's zygotes: a new zygote closes its copies,
-/// so that each zygote sees the end of its own connection.
-static ZYGOTE_SOCKETS: parking_lot::Mutex<(libc::pid_t, Vec<RawFd>)> =
+/// The sockets of this process's zygotes, with the identity of the socket
+/// each number held when registered: a new zygote closes its copies, and
+/// any other forked child lets go of them, so that each zygote sees the
+/// end of its own connection. A number is acted on only while it still
+/// names that socket (a number closed and reused since must be left
+/// alone).
+static ZYGOTE_SOCKETS: parking_lot::Mutex<(libc::pid_t, Vec<(RawFd, sys::FdIdentity)>)> =
     parking_lot::const_mutex((0, Vec::new()));
+
+/// Takes `sock`, the socket of a zygote of `owner`, out of the registry
+/// (before it is closed).
+fn unregister_socket(owner: libc::pid_t, sock: &OwnedFd) {
+    let mut siblings = ZYGOTE_SOCKETS.lock();
+    if siblings.0 == owner {
+        let raw = sock.as_raw_fd();
+        siblings.1.retain(|&(fd, _)| fd != raw);
+    }
+}
 
 /// A private fork server forked (not exec'd) from this process while it
 /// is single-threaded: it keeps this process's memory picture as of its
 /// creation and forks children that run entries on request, from then on,
-/// whatever threads this process starts later. A process pool's workers
-/// come from one (Python's `fork` pools have no such thing and fork the
-/// threaded parent).
+/// whatever threads this process starts later. A process pool's
+/// replacement workers come from one (Python's `fork` pools have no such
+/// thing and fork the threaded parent).
 ///
 /// No [`init`](crate::init) is needed: the zygote was never exec'd. It
 /// ignores SIGINT (the parent decides what Ctrl-C means), dies with this
@@ -181,8 +195,10 @@ pub(crate) fn release_inherited_zygotes(parent: libc::pid_t, null: &File) {
         return;
     };
     if siblings.0 == parent {
-        for &fd in &siblings.1 {
-            sys::cover_inherited(fd, null);
+        for &(fd, identity) in &siblings.1 {
+            if sys::fd_identity(fd) == Some(identity) {
+                sys::cover_inherited(fd, null);
+            }
         }
     }
     *siblings = (sys::getpid(), Vec::new());
@@ -224,8 +240,10 @@ impl Zygote {
             }
             Ok(Fork::Child) => {
                 drop(ours);
-                for &fd in &siblings.1 {
-                    sys::close_inherited(fd);
+                for &(fd, identity) in &siblings.1 {
+                    if sys::fd_identity(fd) == Some(identity) {
+                        sys::close_inherited(fd);
+                    }
                 }
                 drop(siblings);
                 // Nor is the parent's fork server connection this one's.
@@ -233,7 +251,9 @@ impl Zygote {
                 serve_on(theirs, me)
             }
             Ok(Fork::Parent(pid)) => {
-                siblings.1.push(ours.as_raw_fd());
+                if let Some(identity) = sys::fd_identity(ours.as_raw_fd()) {
+                    siblings.1.push((ours.as_raw_fd(), identity));
+                }
                 drop(siblings);
                 children::register_hidden(slot, pid);
                 drop(theirs);
@@ -281,7 +301,7 @@ impl Zygote {
 impl Zygote {
     /// Starts one child per `(builder, args)` pair, each running `f`: all
     /// requests go out before the first reply is read, so the zygote forks
-    /// them back to back (a pool's workers start this way).
+    /// them back to back.
     ///
     /// # Errors
     ///
@@ -344,7 +364,9 @@ impl Zygote {
             None => Ok(handles),
             Some(Asked::Local(e)) => Err(e),
             Some(Asked::ServerGone(e)) => {
-                *sock = None;
+                if let Some(gone) = sock.take() {
+                    unregister_socket(self.owner, &gone);
+                }
                 Err(SpawnError::Exec(e))
             }
         }
@@ -354,11 +376,7 @@ impl Zygote {
 impl Drop for Zygote {
     fn drop(&mut self) {
         if let Some(sock) = self.sock.get_mut().take() {
-            let mut siblings = ZYGOTE_SOCKETS.lock();
-            if siblings.0 == self.owner {
-                let raw = sock.as_raw_fd();
-                siblings.1.retain(|&fd| fd != raw);
-            }
+            unregister_socket(self.owner, &sock);
             // The zygote sees the end of its connection and exits; the
             // child table reaps it.
             drop(sock);

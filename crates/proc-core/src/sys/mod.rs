@@ -461,6 +461,22 @@ pub(crate) fn close_inherited(fd: RawFd) {
     unsafe { libc::close(fd) };
 }
 
+/// What a descriptor refers to: (device, inode) of its open file.
+pub(crate) type FdIdentity = (u64, u64);
+
+/// The identity of the open file behind `fd`, `None` if it is not open.
+pub(crate) fn fd_identity(fd: RawFd) -> Option<FdIdentity> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a `stat` into valid storage; any descriptor
+    // number may be asked about.
+    if unsafe { libc::fstat(fd, st.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: fstat succeeded, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    Some((st.st_dev, st.st_ino))
+}
+
 /// Points descriptor `fd`, a copy this (just forked) process inherited,
 /// at `null` instead: the copy is let go, while the number stays taken
 /// for the object here that owns it and may close it later.
