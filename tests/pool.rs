@@ -983,6 +983,17 @@ fn a_killed_zygote_is_replaced() {
     let now: Vec<u32> = pool.worker_pids().iter().map(|p| p.as_u32()).collect();
     assert_eq!(now.len(), 2);
     assert!(!now.contains(&replacement));
+    // Forked directly or by a zygote, the workers are this process's
+    // active children.
+    let active = proc::active_children();
+    for w in &now {
+        let child = active
+            .iter()
+            .find(|c| c.pid().as_u32() == *w)
+            .unwrap_or_else(|| panic!("worker {w} not among {active:?}"));
+        assert!(child.name().starts_with("ForkPoolWorker-"), "{child:?}");
+        assert!(child.daemon());
+    }
     for w in &now {
         let parent = ppid_of(*w).expect("a worker's parent");
         assert_ne!(parent, zygote);

@@ -252,10 +252,12 @@ pub(crate) struct LiveChild {
     pub(crate) daemon: bool,
 }
 
-/// The children that are still running; reaps detached ones that ended.
+/// The children that are still running, this process's own and those the
+/// fork server or a zygote started for it; reaps detached ones that ended.
 pub(crate) fn live() -> Vec<LiveChild> {
+    let remote = crate::remote::live();
     if !owned() {
-        return Vec::new();
+        return remote;
     }
     sweep();
     let high = HIGH.load(Ordering::Acquire);
@@ -277,6 +279,7 @@ pub(crate) fn live() -> Vec<LiveChild> {
             });
         }
     }
+    out.extend(remote);
     out
 }
 

@@ -169,9 +169,11 @@ pub fn parent_process() -> Option<ProcessInfo> {
     with_identity(|id| id.parent.clone())
 }
 
-/// The children of this process that are still running (Python's
-/// `active_children()`); children whose handles were dropped and that have
-/// ended are reaped on the way.
+/// The children this process started that are still running (Python's
+/// `active_children()`), whatever their start method: those the fork
+/// server or a [`Zygote`](crate::Zygote) forked for it are listed too.
+/// Children whose handles were dropped and that have ended are reaped on
+/// the way.
 ///
 /// # Examples
 ///
