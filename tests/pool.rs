@@ -932,16 +932,6 @@ fn slow_initializer_and_large_task() {
     assert_eq!(big.get(), Err(TaskError::Terminated));
 }
 
-/// The parent pid of `pid`, from `/proc/<pid>/stat`.
-fn ppid_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 1..]
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 fn a_killed_zygote_is_replaced() {
     let me = std::process::id();
     let pool = Pool::new(2).expect("pool");
@@ -949,7 +939,7 @@ fn a_killed_zygote_is_replaced() {
     let first: Vec<u32> = pool.worker_pids().iter().map(|p| p.as_u32()).collect();
     for w in &first {
         assert_eq!(
-            ppid_of(*w),
+            common::ppid_of(*w),
             Some(me),
             "the first workers are forked directly"
         );
@@ -966,7 +956,7 @@ fn a_killed_zygote_is_replaced() {
         .iter()
         .find(|w| !first.contains(w))
         .expect("a replacement");
-    let zygote = ppid_of(replacement).expect("the replacement's parent");
+    let zygote = common::ppid_of(replacement).expect("the replacement's parent");
     assert_ne!(zygote, me, "replacements come from a zygote");
     // SAFETY: a plain kill of this pool's zygote.
     unsafe { libc::kill(zygote as i32, libc::SIGKILL) };
@@ -995,7 +985,7 @@ fn a_killed_zygote_is_replaced() {
         assert!(child.daemon());
     }
     for w in &now {
-        let parent = ppid_of(*w).expect("a worker's parent");
+        let parent = common::ppid_of(*w).expect("a worker's parent");
         assert_ne!(parent, zygote);
         if !workers.contains(w) {
             assert_ne!(parent, me, "a replacement of the new zygote");

@@ -72,6 +72,16 @@ fn main() {
             forkserver_dies_with_its_parent as fn(),
         ),
         (
+            "a_killed_spare_is_replaced_by_a_fork",
+            20,
+            a_killed_spare_is_replaced_by_a_fork as fn(),
+        ),
+        (
+            "the_spare_holds_no_request_descriptors",
+            20,
+            the_spare_holds_no_request_descriptors as fn(),
+        ),
+        (
             "a_dead_zygotes_number_reused_is_left_alone",
             20,
             a_dead_zygotes_number_reused_is_left_alone as fn(),
@@ -320,14 +330,31 @@ fn forkserver_dies_with_its_parent() {
             .daemon(true)
             .spawn_entry(nap, 60_000)
             .expect("forkserver start");
-        let me = std::process::id();
-        let server = common::children_of(me)
-            .into_iter()
-            .map(|(p, _)| p)
-            .find(|&p| p != child.pid().as_u32());
+        // The second start goes to the spare the server forked after the
+        // first: not a daemon, it must outlive the server.
+        let lasting = Builder::new()
+            .start_method(StartMethod::ForkServer)
+            .spawn_entry(nap, 60_000)
+            .expect("forkserver start");
+        let server = common::ppid_of(child.pid().as_u32()).expect("server pid");
+        assert_eq!(common::ppid_of(lasting.pid().as_u32()), Some(server));
+        // The spare made after the second start.
+        let mut spare = None;
+        assert!(common::eventually(Duration::from_secs(5), || {
+            spare = common::children_of(server)
+                .into_iter()
+                .map(|(p, _)| p)
+                .find(|&p| p != child.pid().as_u32() && p != lasting.pid().as_u32());
+            spare.is_some()
+        }));
         std::fs::write(
             &pids_in_child,
-            format!("{} {}\n", server.expect("server pid"), child.pid()),
+            format!(
+                "{server} {} {} {}\n",
+                child.pid(),
+                spare.expect("spare"),
+                lasting.pid()
+            ),
         )
         .expect("write");
         nap(60_000);
@@ -337,13 +364,14 @@ fn forkserver_dies_with_its_parent() {
         std::fs::read_to_string(&pids).is_ok_and(|s| s.ends_with('\n'))
     }));
     let text = std::fs::read_to_string(&pids).expect("pids");
-    let mut it = text
+    let all: Vec<u32> = text
         .split_whitespace()
-        .map(|s| s.parse::<u32>().expect("pid"));
-    let (server, daemon) = (it.next().expect("server"), it.next().expect("daemon"));
+        .map(|s| s.parse::<u32>().expect("pid"))
+        .collect();
+    let (server, daemon, spare, lasting) = (all[0], all[1], all[2], all[3]);
     middle.kill().expect("kill");
     let _ = middle.join();
-    for pid in [server, daemon] {
+    for pid in [server, daemon, spare] {
         assert!(
             common::eventually(Duration::from_secs(10), || {
                 common::reap_adopted(pid).is_some() || common::proc_state(pid).is_none()
@@ -351,6 +379,16 @@ fn forkserver_dies_with_its_parent() {
             "process {pid} outlived its SIGKILLed requester"
         );
     }
+    let survived = common::proc_state(lasting).is_some_and(|s| s != 'Z');
+    // SAFETY: a plain kill of the child this test made outlive its parent.
+    unsafe { libc::kill(lasting as i32, libc::SIGKILL) };
+    assert!(common::eventually(Duration::from_secs(10), || {
+        common::reap_adopted(lasting).is_some() || common::proc_state(lasting).is_none()
+    }));
+    assert!(
+        survived,
+        "a child that is not a daemon died with the server"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -421,4 +459,83 @@ fn a_dead_zygotes_number_reused_is_left_alone() {
         unsafe { libc::close(fd) };
     }
     drop(zygote);
+}
+
+/// The fork server keeps a spare child forked ahead of the next request;
+/// one killed while it waits is replaced by a fork, and nothing fails.
+fn a_killed_spare_is_replaced_by_a_fork() {
+    let server_start = || Builder::new().start_method(StartMethod::ForkServer);
+    let napping = server_start().spawn_entry(nap, 30_000).expect("spawn");
+    let server = common::ppid_of(napping.pid().as_u32()).expect("server");
+    let mut spare = None;
+    assert!(common::eventually(Duration::from_secs(5), || {
+        spare = common::children_of(server)
+            .into_iter()
+            .find(|&(p, s)| p != napping.pid().as_u32() && s != 'Z')
+            .map(|(p, _)| p);
+        spare.is_some()
+    }));
+    let spare = spare.expect("spare");
+    // SAFETY: a plain kill of the fork server's idle spare.
+    unsafe { libc::kill(spare as i32, libc::SIGKILL) };
+    assert!(common::eventually(Duration::from_secs(5), || {
+        common::proc_state(spare).is_none()
+    }));
+    let child = server_start()
+        .spawn_entry(stats, ("after".to_owned(), vec![4]))
+        .expect("spawn");
+    assert_ne!(child.pid().as_u32(), spare);
+    assert_eq!(child.join().expect("join").label, "after");
+    napping.kill().expect("kill");
+    assert!(matches!(
+        napping.join(),
+        Err(JoinError::Signaled { signal: 9, .. })
+    ));
+}
+
+fn produce_then_parent((q, n): (Queue<u64>, u64)) -> u32 {
+    for i in 0..n {
+        q.put(i).expect("put");
+    }
+    // SAFETY: getppid has no preconditions.
+    unsafe { libc::getppid() as u32 }
+}
+
+/// The spare forked after a request holds none of that request's
+/// descriptors (a queue's memory, a result file): a copy held by an idle
+/// process would keep them alive, or a pipe from ever seeing its end.
+fn the_spare_holds_no_request_descriptors() {
+    let q: Queue<u64> = Queue::new().expect("queue");
+    let child = Builder::new()
+        .start_method(StartMethod::ForkServer)
+        .spawn_entry(produce_then_parent, (q.clone(), 3))
+        .expect("spawn");
+    let pid = child.pid().as_u32();
+    let server = child.join().expect("join");
+    assert_eq!(q.qsize(), 3);
+    let mut spare = None;
+    assert!(common::eventually(Duration::from_secs(5), || {
+        spare = common::children_of(server)
+            .into_iter()
+            .find(|&(p, s)| p != pid && s != 'Z')
+            .map(|(p, _)| p);
+        spare.is_some()
+    }));
+    let spare = spare.expect("spare");
+    let links: Vec<String> = std::fs::read_dir(format!("/proc/{spare}/fd"))
+        .expect("the spare's descriptors")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        links.iter().all(|l| !l.contains("memfd:proc-")),
+        "the spare holds {links:?}"
+    );
+    // One socket: its own channel (not the server's connection, nor the
+    // channel of the spare before it).
+    assert_eq!(
+        links.iter().filter(|l| l.starts_with("socket:")).count(),
+        1,
+        "the spare holds {links:?}"
+    );
 }

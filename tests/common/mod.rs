@@ -80,6 +80,16 @@ pub fn proc_state(pid: u32) -> Option<char> {
     after.split_whitespace().next()?.chars().next()
 }
 
+/// The parent pid of `pid`, from `/proc/<pid>/stat`.
+pub fn ppid_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// The pids and states of this process's children, read from `/proc`.
 pub fn children_of(parent: u32) -> Vec<(u32, char)> {
     let mut out = Vec::new();

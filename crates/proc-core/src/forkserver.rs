@@ -1,6 +1,10 @@
 //! The fork server: this executable, exec'd once (when the first
 //! `StartMethod::ForkServer` start asks for it) and kept single-threaded,
-//! forks a child for every request (Python's `forkserver`).
+//! forks a child for every request (Python's `forkserver`). After its
+//! first request it keeps one child forked ahead, a *spare* waiting for
+//! the next request's descriptors: a request then costs the server a
+//! message instead of a fork, and the fork of the next spare comes after
+//! the reply. (A zygote serves the same way.)
 //!
 //! Requests travel over a `SOCK_SEQPACKET` socket pair (no socket file, so
 //! only this process can talk to its server and nothing is left behind),
@@ -423,6 +427,16 @@ pub(crate) fn serve(fd: &str) -> ! {
     serve_on(sock, sys::getppid())
 }
 
+/// A child forked ahead of the next request: it waits on `chan` for the
+/// request's descriptors, so that a request costs the server a message
+/// instead of a fork (the fork happens after the reply, off the
+/// requester's path).
+struct Spare {
+    pid: libc::pid_t,
+    pidfd: OwnedFd,
+    chan: OwnedFd,
+}
+
 /// The server loop on `sock`, for `requester`: never returns.
 fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
     let server = sys::getpid();
@@ -437,10 +451,14 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
         .unwrap_or(sys::Disposition::DEFAULT);
     // Children not yet reaped: (pid, pidfd, status pipe).
     let mut live: Vec<(libc::pid_t, OwnedFd, File)> = Vec::new();
+    // Made after the first request (a zygote that never gets one, the
+    // common case for a pool, never makes one).
+    let mut spare: Option<Spare> = None;
     loop {
         let ready = {
             let mut watch: Vec<std::os::fd::BorrowedFd<'_>> = vec![sock.as_fd()];
             watch.extend(live.iter().map(|(_, pidfd, _)| pidfd.as_fd()));
+            watch.extend(spare.iter().map(|s| s.pidfd.as_fd()));
             match sys::poll_many(&watch) {
                 Ok(ready) => ready,
                 Err(_) => continue,
@@ -461,6 +479,12 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
                 _ => true,
             }
         });
+        if ended.next().copied().unwrap_or(false) {
+            // The spare died waiting (killed from outside).
+            if let Some(gone) = spare.take() {
+                let _ = sys::waitpid_nohang(gone.pid);
+            }
+        }
         if !ready[0] {
             continue;
         }
@@ -470,6 +494,10 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
             // zygote): reap the children that have ended, so that none is
             // left a zombie for whoever adopts it, and go.
             Ok(None) => {
+                if let Some(spare) = spare.take() {
+                    let _ = sys::kill(spare.pid, libc::SIGKILL);
+                    let _ = sys::waitpid_blocking(spare.pid);
+                }
                 for (pid, _, _) in &live {
                     let _ = sys::waitpid_nohang(*pid);
                 }
@@ -487,6 +515,27 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
             continue;
         };
         let shared: Vec<OwnedFd> = fds.collect();
+        let status = File::from(status);
+        // The spare takes it if there is one; else a child is forked now.
+        if let Some(Spare { pid, pidfd, chan }) = spare.take() {
+            let mut handed: Vec<RawFd> = vec![request.as_raw_fd(), result.as_raw_fd()];
+            handed.extend(shared.iter().map(|fd| fd.as_raw_fd()));
+            let sent = sys::send_request(&chan, &handed).is_ok();
+            drop(chan);
+            if sent {
+                let _ = sys::reply(&sock, pid, Some(&pidfd));
+                live.push((pid, pidfd, status));
+                // The next spare must not hold copies of this request's
+                // descriptors (a pipe in the arguments would never see
+                // its end).
+                drop((request, result, shared));
+                spare = make_spare(server, &sock, &live, sigpipe);
+                continue;
+            }
+            // It died meanwhile: a fork, as without one.
+            let _ = sys::kill(pid, libc::SIGKILL);
+            let _ = sys::waitpid_blocking(pid);
+        }
         let permit = match ForkPermit::single_threaded() {
             Ok(permit) => permit,
             Err(_) => sys::exit_now(1),
@@ -509,7 +558,7 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
             Ok(Fork::Parent(pid)) => match sys::pidfd_open(pid).ok().flatten() {
                 Some(pidfd) => {
                     let _ = sys::reply(&sock, pid, Some(&pidfd));
-                    live.push((pid, pidfd, File::from(status)));
+                    live.push((pid, pidfd, status));
                 }
                 None => {
                     // Without a pidfd neither side could wait for it: it
@@ -523,5 +572,67 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
                 let _ = sys::reply(&sock, -1, None);
             }
         }
+        // (As above: the spare gets none of this request's descriptors.)
+        drop((request, result, shared));
+        spare = make_spare(server, &sock, &live, sigpipe);
+    }
+}
+
+/// Forks a spare child (see [`Spare`]); `None` if that fails (the next
+/// request forks then).
+fn make_spare(
+    server: libc::pid_t,
+    sock: &OwnedFd,
+    live: &[(libc::pid_t, OwnedFd, File)],
+    sigpipe: sys::Disposition,
+) -> Option<Spare> {
+    let (ours, theirs) = sys::seqpacket_pair().ok()?;
+    let permit = ForkPermit::single_threaded().ok()?;
+    match sys::fork(permit) {
+        Ok(Fork::Child) => {
+            drop(ours);
+            // Nothing of the server's: its connection, its other children.
+            sys::close_inherited(sock.as_raw_fd());
+            for (_, pidfd, status) in live {
+                sys::close_inherited(pidfd.as_raw_fd());
+                sys::close_inherited(status.as_raw_fd());
+            }
+            // Idle, it dies with the server; a request says whether the
+            // child outlives it (a daemon does not).
+            if sys::set_parent_death_signal(libc::SIGKILL).is_err() || sys::getppid() != server {
+                sys::exit_now(0);
+            }
+            let fds = match sys::receive(&theirs) {
+                Ok(Some(fds)) if fds.len() >= 2 => fds,
+                // The server is gone or dropped it.
+                _ => sys::exit_now(0),
+            };
+            drop(theirs);
+            let _ = sys::set_disposition(libc::SIGINT, sys::Disposition::DEFAULT);
+            let _ = sys::set_disposition(libc::SIGPIPE, sigpipe);
+            let mut fds = fds.into_iter();
+            let (Some(request), Some(result)) = (fds.next(), fds.next()) else {
+                sys::exit_now(0)
+            };
+            entry::run_spare_request(
+                File::from(request),
+                File::from(result),
+                fds.collect(),
+                server,
+            )
+        }
+        Ok(Fork::Parent(pid)) => match sys::pidfd_open(pid).ok().flatten() {
+            Some(pidfd) => Some(Spare {
+                pid,
+                pidfd,
+                chan: ours,
+            }),
+            None => {
+                let _ = sys::kill(pid, libc::SIGKILL);
+                let _ = sys::waitpid_blocking(pid);
+                None
+            }
+        },
+        Err(_) => None,
     }
 }
