@@ -330,21 +330,30 @@ fn forkserver_dies_with_its_parent() {
             .daemon(true)
             .spawn_entry(nap, 60_000)
             .expect("forkserver start");
-        // The second start goes to the spare the server forked after the
-        // first: not a daemon, it must outlive the server.
+        // From its second request on the server keeps a spare forked
+        // ahead: the third start goes to it. Not a daemon, it must outlive
+        // the server.
+        Builder::new()
+            .start_method(StartMethod::ForkServer)
+            .spawn_entry(nap, 0)
+            .expect("forkserver start")
+            .join()
+            .expect("join");
         let lasting = Builder::new()
             .start_method(StartMethod::ForkServer)
             .spawn_entry(nap, 60_000)
             .expect("forkserver start");
         let server = common::ppid_of(child.pid().as_u32()).expect("server pid");
         assert_eq!(common::ppid_of(lasting.pid().as_u32()), Some(server));
-        // The spare made after the second start.
+        // The spare made after the third start.
         let mut spare = None;
         assert!(common::eventually(Duration::from_secs(5), || {
             spare = common::children_of(server)
                 .into_iter()
-                .map(|(p, _)| p)
-                .find(|&p| p != child.pid().as_u32() && p != lasting.pid().as_u32());
+                .find(|&(p, s)| {
+                    s != 'Z' && p != child.pid().as_u32() && p != lasting.pid().as_u32()
+                })
+                .map(|(p, _)| p);
             spare.is_some()
         }));
         std::fs::write(
@@ -379,7 +388,14 @@ fn forkserver_dies_with_its_parent() {
             "process {pid} outlived its SIGKILLed requester"
         );
     }
-    let survived = common::proc_state(lasting).is_some_and(|s| s != 'Z');
+    // Alive, and still alive a while later (a signal on its way would
+    // have landed by then).
+    let alive = || common::proc_state(lasting).is_some_and(|s| s != 'Z');
+    let mut survived = alive();
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(10));
+        survived &= alive();
+    }
     // SAFETY: a plain kill of the child this test made outlive its parent.
     unsafe { libc::kill(lasting as i32, libc::SIGKILL) };
     assert!(common::eventually(Duration::from_secs(10), || {
@@ -465,6 +481,12 @@ fn a_dead_zygotes_number_reused_is_left_alone() {
 /// one killed while it waits is replaced by a fork, and nothing fails.
 fn a_killed_spare_is_replaced_by_a_fork() {
     let server_start = || Builder::new().start_method(StartMethod::ForkServer);
+    // The server makes a spare once it has served two requests.
+    server_start()
+        .spawn_entry(nap, 0)
+        .expect("spawn")
+        .join()
+        .expect("join");
     let napping = server_start().spawn_entry(nap, 30_000).expect("spawn");
     let server = common::ppid_of(napping.pid().as_u32()).expect("server");
     let mut spare = None;
@@ -485,7 +507,14 @@ fn a_killed_spare_is_replaced_by_a_fork() {
         .spawn_entry(stats, ("after".to_owned(), vec![4]))
         .expect("spawn");
     assert_ne!(child.pid().as_u32(), spare);
+    let replaced = child.pid().as_u32();
     assert_eq!(child.join().expect("join").label, "after");
+    // And a new spare is made.
+    assert!(common::eventually(Duration::from_secs(5), || {
+        common::children_of(server)
+            .into_iter()
+            .any(|(p, s)| s != 'Z' && p != napping.pid().as_u32() && p != replaced && p != spare)
+    }));
     napping.kill().expect("kill");
     assert!(matches!(
         napping.join(),
@@ -505,6 +534,16 @@ fn produce_then_parent((q, n): (Queue<u64>, u64)) -> u32 {
 /// descriptors (a queue's memory, a result file): a copy held by an idle
 /// process would keep them alive, or a pipe from ever seeing its end.
 fn the_spare_holds_no_request_descriptors() {
+    // Two requests first: the server keeps a spare from then on, and the
+    // third goes to it.
+    for _ in 0..2 {
+        Builder::new()
+            .start_method(StartMethod::ForkServer)
+            .spawn_entry(nap, 0)
+            .expect("spawn")
+            .join()
+            .expect("join");
+    }
     let q: Queue<u64> = Queue::new().expect("queue");
     let child = Builder::new()
         .start_method(StartMethod::ForkServer)
@@ -522,20 +561,28 @@ fn the_spare_holds_no_request_descriptors() {
         spare.is_some()
     }));
     let spare = spare.expect("spare");
-    let links: Vec<String> = std::fs::read_dir(format!("/proc/{spare}/fd"))
-        .expect("the spare's descriptors")
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .map(|l| l.to_string_lossy().into_owned())
-        .collect();
+    let links = || -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{spare}/fd"))
+            .map(|dir| {
+                dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                    .map(|l| l.to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // None of the request's files, none of the server's children
+    // (pidfds), one socket: its own channel (not the server's connection,
+    // nor the channel of the spare before it). The spare lets go of what
+    // it inherited just after the fork: give it a moment.
+    let clean = |links: &[String]| {
+        links
+            .iter()
+            .all(|l| !l.contains("memfd:proc-") && !l.contains("pidfd"))
+            && links.iter().filter(|l| l.starts_with("socket:")).count() == 1
+    };
     assert!(
-        links.iter().all(|l| !l.contains("memfd:proc-")),
-        "the spare holds {links:?}"
-    );
-    // One socket: its own channel (not the server's connection, nor the
-    // channel of the spare before it).
-    assert_eq!(
-        links.iter().filter(|l| l.starts_with("socket:")).count(),
-        1,
-        "the spare holds {links:?}"
+        common::eventually(Duration::from_secs(2), || clean(&links())),
+        "the spare holds {:?}",
+        links()
     );
 }

@@ -264,28 +264,6 @@ pub(crate) fn run_request(
     shared: Option<Vec<std::os::fd::OwnedFd>>,
     parent: Option<i32>,
 ) -> ! {
-    run_request_as(request_file, result, shared, parent, false)
-}
-
-/// [`run_request`] in a fork server's spare child, which was set to die
-/// with the server while it waited: a child that is not a daemon must
-/// outlive the server, so that death signal is cleared for it.
-pub(crate) fn run_spare_request(
-    request_file: File,
-    result: File,
-    shared: Vec<std::os::fd::OwnedFd>,
-    server: i32,
-) -> ! {
-    run_request_as(request_file, result, Some(shared), Some(server), true)
-}
-
-fn run_request_as(
-    request_file: File,
-    result: File,
-    shared: Option<Vec<std::os::fd::OwnedFd>>,
-    parent: Option<i32>,
-    spare: bool,
-) -> ! {
     let request = request_file
         .metadata()
         .ok()
@@ -312,9 +290,6 @@ fn run_request_as(
         && (sys::set_parent_death_signal(libc::SIGKILL).is_err()
             || sys::getppid() != expected_parent)
     {
-        sys::exit_now(1);
-    }
-    if spare && !request.daemon && sys::set_parent_death_signal(0).is_err() {
         sys::exit_now(1);
     }
     let shared = match shared {

@@ -1,8 +1,8 @@
 //! The fork server: this executable, exec'd once (when the first
 //! `StartMethod::ForkServer` start asks for it) and kept single-threaded,
-//! forks a child for every request (Python's `forkserver`). After its
-//! first request it keeps one child forked ahead, a *spare* waiting for
-//! the next request's descriptors: a request then costs the server a
+//! forks a child for every request (Python's `forkserver`). From its
+//! second request on it keeps one child forked ahead, a *spare* waiting
+//! for the next request's descriptors: a request then costs the server a
 //! message instead of a fork, and the fork of the next spare comes after
 //! the reply. (A zygote serves the same way.)
 //!
@@ -451,9 +451,10 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
         .unwrap_or(sys::Disposition::DEFAULT);
     // Children not yet reaped: (pid, pidfd, status pipe).
     let mut live: Vec<(libc::pid_t, OwnedFd, File)> = Vec::new();
-    // Made after the first request (a zygote that never gets one, the
-    // common case for a pool, never makes one).
+    // Made once a second request came (a zygote whose pool never replaces
+    // a worker, or replaces one, never keeps an idle copy of itself).
     let mut spare: Option<Spare> = None;
+    let mut served = 0u32;
     loop {
         let ready = {
             let mut watch: Vec<std::os::fd::BorrowedFd<'_>> = vec![sock.as_fd()];
@@ -516,6 +517,7 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
         };
         let shared: Vec<OwnedFd> = fds.collect();
         let status = File::from(status);
+        served = served.saturating_add(1);
         // The spare takes it if there is one; else a child is forked now.
         if let Some(Spare { pid, pidfd, chan }) = spare.take() {
             let mut handed: Vec<RawFd> = vec![request.as_raw_fd(), result.as_raw_fd()];
@@ -548,12 +550,7 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
                 let _ = sys::set_disposition(libc::SIGINT, sys::Disposition::DEFAULT);
                 // The child gets the program's own disposition back.
                 let _ = sys::set_disposition(libc::SIGPIPE, sigpipe);
-                entry::run_request(
-                    File::from(request),
-                    File::from(result),
-                    Some(shared),
-                    Some(server),
-                )
+                run_child(request, result, shared, server)
             }
             Ok(Fork::Parent(pid)) => match sys::pidfd_open(pid).ok().flatten() {
                 Some(pidfd) => {
@@ -574,12 +571,34 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
         }
         // (As above: the spare gets none of this request's descriptors.)
         drop((request, result, shared));
-        spare = make_spare(server, &sock, &live, sigpipe);
+        if served >= 2 {
+            spare = make_spare(server, &sock, &live, sigpipe);
+        }
     }
+}
+
+/// In a child of the server: runs the request's entry; never returns into
+/// the server's (or, in a zygote, its requester's) frames, not even by a
+/// panic before the entry's own catch.
+fn run_child(request: OwnedFd, result: OwnedFd, shared: Vec<OwnedFd>, server: libc::pid_t) -> ! {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        entry::run_request(
+            File::from(request),
+            File::from(result),
+            Some(shared),
+            Some(server),
+        )
+    }));
+    sys::exit_now(1)
 }
 
 /// Forks a spare child (see [`Spare`]); `None` if that fails (the next
 /// request forks then).
+///
+/// The spare is set up as a child forked for a request would be (SIGINT
+/// and SIGPIPE as the program has them) and then waits. It needs no death
+/// signal: only the server holds the other end of its channel, so when
+/// the server goes, however it goes, the wait ends and so does the spare.
 fn make_spare(
     server: libc::pid_t,
     sock: &OwnedFd,
@@ -592,34 +611,29 @@ fn make_spare(
         Ok(Fork::Child) => {
             drop(ours);
             // Nothing of the server's: its connection, its other children.
+            // (Their owners live in the server's frame, which this process
+            // never returns to.)
             sys::close_inherited(sock.as_raw_fd());
             for (_, pidfd, status) in live {
                 sys::close_inherited(pidfd.as_raw_fd());
                 sys::close_inherited(status.as_raw_fd());
             }
-            // Idle, it dies with the server; a request says whether the
-            // child outlives it (a daemon does not).
-            if sys::set_parent_death_signal(libc::SIGKILL).is_err() || sys::getppid() != server {
-                sys::exit_now(0);
-            }
-            let fds = match sys::receive(&theirs) {
-                Ok(Some(fds)) if fds.len() >= 2 => fds,
-                // The server is gone or dropped it.
-                _ => sys::exit_now(0),
-            };
-            drop(theirs);
             let _ = sys::set_disposition(libc::SIGINT, sys::Disposition::DEFAULT);
             let _ = sys::set_disposition(libc::SIGPIPE, sigpipe);
+            let fds = loop {
+                match sys::receive(&theirs) {
+                    Ok(Some(fds)) if fds.len() >= 2 => break fds,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    // The server is gone, or dropped it.
+                    _ => sys::exit_now(0),
+                }
+            };
+            drop(theirs);
             let mut fds = fds.into_iter();
             let (Some(request), Some(result)) = (fds.next(), fds.next()) else {
                 sys::exit_now(0)
             };
-            entry::run_spare_request(
-                File::from(request),
-                File::from(result),
-                fds.collect(),
-                server,
-            )
+            run_child(request, result, fds.collect(), server)
         }
         Ok(Fork::Parent(pid)) => match sys::pidfd_open(pid).ok().flatten() {
             Some(pidfd) => Some(Spare {
