@@ -164,7 +164,10 @@ fn unregister_socket(owner: libc::pid_t, sock: &OwnedFd) {
 /// No [`init`](crate::init) is needed: the zygote was never exec'd. It
 /// ignores SIGINT (the parent decides what Ctrl-C means), dies with this
 /// process (even by SIGKILL), and ends when the `Zygote` is dropped; the
-/// children it forked stay (a daemon child dies with it).
+/// children it forked stay (a daemon child dies with it). From its second
+/// request on it keeps one child forked ahead, waiting for the next
+/// request (a copy-on-write copy of the zygote: one more process while the
+/// zygote lives).
 ///
 /// # Examples
 ///
