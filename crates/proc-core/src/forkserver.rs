@@ -452,6 +452,9 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
     // closed the status pipe already: writing the status must not kill us.
     let sigpipe = sys::set_disposition(libc::SIGPIPE, sys::Disposition::IGNORE)
         .unwrap_or(sys::Disposition::DEFAULT);
+    // Known once here, every child inherits it for its same-executable
+    // check.
+    let _ = sys::exe_identity();
     // Children not yet reaped: (pid, pidfd, status pipe).
     let mut live: Vec<(libc::pid_t, OwnedFd, File)> = Vec::new();
     // Made once a second request came (a zygote whose pool never replaces

@@ -10,7 +10,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// The result of [`fork`], seen from each side.
@@ -529,9 +529,27 @@ pub(crate) fn install_sigchld_reaper(reap: fn()) -> io::Result<()> {
 }
 
 /// (device, inode) of this process's executable file.
+///
+/// A process's executable changes only by exec, which starts it with fresh
+/// statics: the first answer stays true for the process's life, and for
+/// the children it forks, which inherit it (a `stat` of `/proc/self/exe`
+/// per start saved). Plain atomics, not a `OnceLock`: a child forked while
+/// another thread filled it must not find it half-initialised.
 pub(crate) fn exe_identity() -> io::Result<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
+    static KNOWN: AtomicBool = AtomicBool::new(false);
+    static DEV: AtomicU64 = AtomicU64::new(0);
+    static INO: AtomicU64 = AtomicU64::new(0);
+    // SYNC: Acquire pairs with the Release below: DEV and INO are set.
+    if KNOWN.load(Ordering::Acquire) {
+        return Ok((DEV.load(Ordering::Relaxed), INO.load(Ordering::Relaxed)));
+    }
     let meta = std::fs::metadata("/proc/self/exe")?;
+    // Racing threads store the same values.
+    DEV.store(meta.dev(), Ordering::Relaxed);
+    INO.store(meta.ino(), Ordering::Relaxed);
+    // SYNC: Release publishes DEV and INO.
+    KNOWN.store(true, Ordering::Release);
     Ok((meta.dev(), meta.ino()))
 }
 
