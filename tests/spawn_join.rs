@@ -23,6 +23,11 @@ fn main() {
         ),
         ("exit_codes_and_messages", 10, exit_codes_and_messages),
         ("signals", 10, signals),
+        (
+            "signalling_a_child_reaped_elsewhere_is_harmless",
+            10,
+            signalling_a_child_reaped_elsewhere_is_harmless,
+        ),
         ("decode_mismatch_is_typed", 10, decode_mismatch_is_typed),
         ("encode_failure_is_typed", 10, encode_failure_is_typed),
         ("large_result", 20, large_result),
@@ -375,4 +380,21 @@ fn helper_mode(mode: &str) {
         }
         other => panic!("unknown mode {other}"),
     }
+}
+
+/// Other code of the program reaped the child (`waitpid` on its pid): its
+/// pid may belong to an unrelated process by now, so `terminate` and
+/// `kill` send nothing (and say so by succeeding, as Python's do), and
+/// `join` reports the status as lost.
+fn signalling_a_child_reaped_elsewhere_is_harmless() {
+    let child = proc::spawn(|| 7u8).expect("spawn");
+    let pid = child.pid().as_u32() as i32;
+    let mut status = 0;
+    // SAFETY: waiting for our own child, with a valid out-pointer.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    child
+        .terminate()
+        .expect("terminate after someone else reaped it");
+    child.kill().expect("kill after someone else reaped it");
+    assert!(matches!(child.join(), Err(JoinError::StatusLost)));
 }

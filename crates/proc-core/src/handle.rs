@@ -226,7 +226,8 @@ impl<T> JoinHandle<T> {
     }
 
     /// Sends `SIGTERM` to the child (Python's `terminate()`); nothing if it
-    /// has already been reaped.
+    /// has ended, or was reaped (here, or by other code of this program:
+    /// its pid may name another process by then).
     ///
     /// # Errors
     ///
@@ -236,7 +237,7 @@ impl<T> JoinHandle<T> {
     }
 
     /// Sends `SIGKILL` to the child (Python's `kill()`); nothing if it has
-    /// already been reaped.
+    /// ended, or was reaped (as for [`terminate`](Self::terminate)).
     ///
     /// # Errors
     ///
@@ -253,7 +254,17 @@ impl<T> JoinHandle<T> {
         }
         match &self.remote {
             Some(remote) => sys::pidfd_signal(remote.pidfd.as_fd(), signal),
-            None => sys::kill(self.pid.raw(), signal),
+            None => match sys::peek_exit(self.pid.raw()) {
+                // Still running, and ours: its pid cannot be anyone else's.
+                Ok(None) => sys::kill(self.pid.raw(), signal),
+                // Ended (a zombie): nothing to signal.
+                Ok(Some(_)) => Ok(()),
+                // No longer our child: reaped by other code of this program
+                // (a `waitpid(-1)`, SIGCHLD ignored); its pid may name an
+                // unrelated process by now, which must not get the signal.
+                Err(e) if e.raw_os_error() == Some(libc::ECHILD) => Ok(()),
+                Err(e) => Err(e),
+            },
         }
     }
 
