@@ -140,6 +140,11 @@ fn main() {
             a_killed_zygote_is_replaced,
         ),
         (
+            "a_zygotes_spare_goes_with_it",
+            30,
+            a_zygotes_spare_goes_with_it,
+        ),
+        (
             "zygote_ends_with_its_pool_not_with_other_children",
             30,
             zygote_ends_with_its_pool_not_with_other_children,
@@ -1029,4 +1034,49 @@ fn zygote_ends_with_its_pool_not_with_other_children() {
     sleeper.kill().expect("kill");
     let _ = sleeper.join();
     assert!(gone, "the zygote outlived its pool");
+}
+
+/// A zygote that started several replacements keeps a spare child forked
+/// ahead; joining the pool ends the zygote, and the spare with it.
+fn a_zygotes_spare_goes_with_it() {
+    let pool = Pool::builder()
+        .processes(1)
+        .maxtasksperchild(1)
+        .build()
+        .expect("pool");
+    // One task per worker process: the later ones run in replacements.
+    let pids: Vec<u32> = (0..5)
+        .map(|_| pool.apply(worker_pid, ()).expect("task"))
+        .collect();
+    let zygote = common::ppid_of(*pids.last().expect("a pid")).expect("its parent");
+    assert_ne!(
+        zygote,
+        std::process::id(),
+        "replacements come from the zygote"
+    );
+    let mut spare = None;
+    assert!(common::eventually(Duration::from_secs(5), || {
+        // Neither a worker that ran a task nor the one waiting for the
+        // next.
+        let workers: Vec<u32> = pool.worker_pids().iter().map(|p| p.as_u32()).collect();
+        spare = common::children_of(zygote)
+            .into_iter()
+            .find(|&(p, s)| s != 'Z' && !pids.contains(&p) && !workers.contains(&p))
+            .map(|(p, _)| p);
+        spare.is_some()
+    }));
+    let spare = spare.expect("the zygote's spare");
+    assert!(!pool.worker_pids().iter().any(|p| p.as_u32() == spare));
+    pool.close();
+    pool.join().expect("join");
+    drop(pool);
+    for pid in [zygote, spare] {
+        assert!(
+            common::eventually(Duration::from_secs(5), || {
+                common::reap_adopted(pid);
+                common::proc_state(pid).is_none_or(|s| s == 'Z')
+            }),
+            "process {pid} outlived its pool"
+        );
+    }
 }
