@@ -185,10 +185,9 @@ impl Builder {
         let Some(slot) = children::reserve() else {
             return Err((SpawnError::TooManyChildren, f));
         };
-        let (null, cover) = match (self.stdin, dev_null()) {
+        let null = match (self.stdin, dev_null()) {
             (Stdin::Null, Err(e)) => return Err((SpawnError::Stdin(e), f)),
-            (Stdin::Null, Ok(null)) => (Some(null), Some(null)),
-            (_, null) => (None, null.ok()),
+            (_, null) => null.ok(),
         };
         let result = match sys::memfd(c"proc-result") {
             Ok(fd) => fd,
@@ -217,7 +216,7 @@ impl Builder {
             Ok(Fork::Child) => {
                 let setup = ChildSetup {
                     null,
-                    cover,
+                    stdin: self.stdin,
                     name,
                     path,
                     daemon: self.daemon,
@@ -334,10 +333,10 @@ pub(crate) enum Outcome<T> {
 }
 
 struct ChildSetup {
-    /// `/dev/null`, opened in the parent, when stdin is `Stdin::Null`.
+    /// `/dev/null`, opened in the parent (always there when `stdin` is
+    /// `Stdin::Null`).
     null: Option<&'static File>,
-    /// `/dev/null` whatever stdin is (`None` if it could not be opened).
-    cover: Option<&'static File>,
+    stdin: Stdin,
     name: String,
     path: Vec<u32>,
     daemon: bool,
@@ -407,12 +406,12 @@ where
             sys::exit_now(1);
         }
     }
-    if let Some(null) = setup.null {
+    if let (Stdin::Null, Some(null)) = (setup.stdin, setup.null) {
         if sys::stdin_from_dev_null(null).is_err() {
             sys::exit_now(1);
         }
     }
-    if let Some(null) = setup.cover {
+    if let Some(null) = setup.null {
         // The parent's zygotes must see their connections end when the
         // parent drops them, not when this child exits.
         crate::forkserver::release_inherited_zygotes(setup.parent, null);

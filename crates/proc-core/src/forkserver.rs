@@ -502,8 +502,7 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
             // left a zombie for whoever adopts it, and go.
             Ok(None) => {
                 if let Some(spare) = spare.take() {
-                    let _ = sys::kill(spare.pid, libc::SIGKILL);
-                    let _ = sys::waitpid_blocking(spare.pid);
+                    kill_and_reap(spare.pid);
                 }
                 for (pid, _, _) in &live {
                     let _ = sys::waitpid_nohang(*pid);
@@ -541,8 +540,7 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
                 continue;
             }
             // It died meanwhile: a fork, as without one.
-            let _ = sys::kill(pid, libc::SIGKILL);
-            let _ = sys::waitpid_blocking(pid);
+            kill_and_reap(pid);
         }
         let permit = match ForkPermit::single_threaded() {
             Ok(permit) => permit,
@@ -566,8 +564,7 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
                 None => {
                     // Without a pidfd neither side could wait for it: it
                     // must not run unwatched (nor stay a zombie).
-                    let _ = sys::kill(pid, libc::SIGKILL);
-                    let _ = sys::waitpid_blocking(pid);
+                    kill_and_reap(pid);
                     let _ = sys::reply(&sock, -1, None);
                 }
             },
@@ -581,6 +578,12 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
             spare = make_spare(server, &sock, &live, sigpipe);
         }
     }
+}
+
+/// Ends the server's child `pid` and reaps it.
+fn kill_and_reap(pid: libc::pid_t) {
+    let _ = sys::kill(pid, libc::SIGKILL);
+    let _ = sys::waitpid_blocking(pid);
 }
 
 /// In a child of the server: runs the request's entry; never returns into
@@ -648,8 +651,7 @@ fn make_spare(
                 chan: ours,
             }),
             None => {
-                let _ = sys::kill(pid, libc::SIGKILL);
-                let _ = sys::waitpid_blocking(pid);
+                kill_and_reap(pid);
                 None
             }
         },

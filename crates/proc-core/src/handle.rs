@@ -254,15 +254,14 @@ impl<T> JoinHandle<T> {
         }
         match &self.remote {
             Some(remote) => sys::pidfd_signal(remote.pidfd.as_fd(), signal),
-            None => match sys::peek_exit(self.pid.raw()) {
-                // Still running, and ours: its pid cannot be anyone else's.
-                Ok(None) => sys::kill(self.pid.raw(), signal),
-                // Ended (a zombie): nothing to signal.
-                Ok(Some(_)) => Ok(()),
-                // No longer our child: reaped by other code of this program
-                // (a `waitpid(-1)`, SIGCHLD ignored); its pid may name an
-                // unrelated process by now, which must not get the signal.
-                Err(e) if e.raw_os_error() == Some(libc::ECHILD) => Ok(()),
+            // Still running and ours: its pid cannot be anyone else's.
+            // Ended (a zombie) there is nothing to signal; no longer our
+            // child (reaped by other code of this program: a
+            // `waitpid(-1)`, SIGCHLD ignored) its pid may name an unrelated
+            // process by now, which must not get the signal.
+            None => match sys::has_exited(self.pid.raw()) {
+                Ok(false) => sys::kill(self.pid.raw(), signal),
+                Ok(true) => Ok(()),
                 Err(e) => Err(e),
             },
         }

@@ -27,10 +27,13 @@ pub(crate) fn register(pid: libc::pid_t, pidfd: &OwnedFd, daemon: bool, name: &s
         remote.1.clear();
         remote.0 = me;
     }
-    remote
-        .1
-        .retain(|(_, fd, _, _)| !sys::readable_now(fd.as_fd()));
+    forget_ended(&mut remote.1);
     remote.1.push((pid, pidfd, daemon, name.to_owned()));
+}
+
+/// Drops the entries of children that have ended (their pidfd fired).
+fn forget_ended(entries: &mut Vec<Entry>) {
+    entries.retain(|(_, fd, _, _)| !sys::readable_now(fd.as_fd()));
 }
 
 /// The fork-server children of this process that are still running.
@@ -40,9 +43,7 @@ pub(crate) fn live() -> Vec<crate::children::LiveChild> {
     if remote.0 != me {
         return Vec::new();
     }
-    remote
-        .1
-        .retain(|(_, fd, _, _)| !sys::readable_now(fd.as_fd()));
+    forget_ended(&mut remote.1);
     remote
         .1
         .iter()

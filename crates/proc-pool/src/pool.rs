@@ -410,26 +410,21 @@ pub(crate) struct Inner {
 
 /// Starts a process for every worker of a new pool.
 fn start_all(config: &Config, state: &mut State, results: &Queue<()>) -> Result<(), SpawnError> {
-    let processes = state.workers.len();
-    if state.method == StartMethod::Fork {
-        // This process is single-threaded now (each fork checks): the
-        // first workers are forked from it directly, and the zygote, forked
-        // just before them with the same memory picture, starts the
-        // replacements (the process may have threads by then). (The zygote
-        // forking half of them meanwhile measured no faster here.)
-        state.zygote = Some(Zygote::new()?);
-        for i in 0..processes {
-            state.started += 1;
-            let (builder, args) = worker_start(config, state, i, results);
-            let handle = builder.spawn_entry(worker_main, args)?;
-            state.workers[i].handle = Some(handle);
-        }
-    } else {
-        for i in 0..processes {
-            let handle = start_worker(config, state, i, results)?;
-            state.workers[i].handle = Some(handle);
-        }
+    // With `Fork`, this process is single-threaded now (each fork checks):
+    // the first workers are forked from it directly (the zygote is not in
+    // the state yet), and the zygote, forked just before them with the same
+    // memory picture, starts the replacements (the process may have
+    // threads by then). (The zygote forking half of them meanwhile
+    // measured no faster here.)
+    let zygote = match state.method {
+        StartMethod::Fork => Some(Zygote::new()?),
+        _ => None,
+    };
+    for i in 0..state.workers.len() {
+        let handle = start_worker(config, state, i, results)?;
+        state.workers[i].handle = Some(handle);
     }
+    state.zygote = zygote;
     Ok(())
 }
 
