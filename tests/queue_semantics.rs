@@ -32,6 +32,11 @@ fn main() {
             20,
             timed_out_stream_is_withdrawn,
         ),
+        (
+            "withdrawn_stream_whose_last_part_waits_at_the_wrap",
+            10,
+            withdrawn_stream_at_the_wrap,
+        ),
         ("joinable_queue", 20, joinable_queue),
         ("simple_queue", 10, simple_queue),
         (
@@ -326,6 +331,44 @@ fn timed_out_stream_is_withdrawn() {
     q.put_timeout(big, Duration::from_secs(10))
         .expect("put with a consumer");
     assert_eq!(child.join().expect("join"), 64 * 1024);
+}
+
+fn withdrawn_stream_at_the_wrap() {
+    // A streamed message whose last fragment does not fit before the end
+    // of the ring: the producer pads the end and waits for room at the
+    // start; when it gives up there, its ABORT record must still have a
+    // place of its own, not on top of unread data. With the smallest ring,
+    // 4040 bytes stream as three fragments of 1040 and a last one of 1024
+    // that meets the wrap with the ring (nearly) full; the consumer's head
+    // at offset 0, then elsewhere.
+    for first in [None, Some(b"head".to_vec())] {
+        let q: Queue<Vec<u8>> = Queue::builder().capacity(4096).build().expect("queue");
+        if let Some(first) = &first {
+            q.put(first.clone()).expect("put");
+            assert_eq!(q.get().expect("get"), *first);
+        }
+        let big = pattern(4040, 5);
+        match q.try_put_bytes(&big) {
+            Err(PutError::Full(())) => {}
+            other => panic!("expected Full, got {other:?}"),
+        }
+        assert_eq!(q.qsize(), 0);
+        // The withdrawn parts still take room until a consumer passes
+        // them: the next message goes through with one.
+        let consumer = q.clone();
+        let child = proc::spawn(move || consumer.get_bytes().expect("get")).expect("spawn");
+        q.put_bytes(b"x").expect("put after a withdrawn stream");
+        assert_eq!(child.join().expect("join"), b"x");
+        assert_eq!(q.qsize(), 0);
+        // And the ring carries messages of every size after it.
+        for n in [1, 100, 1000, 2000, 5000] {
+            let m = pattern(n, n as u64);
+            let consumer = q.clone();
+            let child = proc::spawn(move || consumer.get_bytes().expect("get")).expect("spawn");
+            q.put_bytes(&m).expect("put");
+            assert!(child.join().expect("join") == m, "{n} bytes");
+        }
+    }
 }
 
 fn joinable_queue() {

@@ -328,7 +328,15 @@ impl Ring {
             }
             let off = (tail as usize) & (self.cap - 1);
             let room_to_end = self.cap - off;
-            let need = if rec > room_to_end { room_to_end } else { rec } + spare;
+            // A PAD never ends a message: once a part of this message is
+            // out, room for its ABORT record stays free after the PAD too
+            // (even before the last fragment, whose own `spare` is 0).
+            let keep = if rec > room_to_end && !first {
+                HDR
+            } else {
+                spare
+            };
+            let need = if rec > room_to_end { room_to_end } else { rec } + keep;
             if !self.wait_room(tail, need, deadline, first)? {
                 return Err(PushError::Full);
             }
