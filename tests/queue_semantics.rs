@@ -16,6 +16,11 @@ fn main() {
         ("timeouts_are_never_early", 10, timeouts_are_never_early),
         ("close_ends_the_stream", 10, close_ends_the_stream),
         (
+            "close_during_a_put_loses_nothing",
+            30,
+            close_during_a_put_loses_nothing,
+        ),
+        (
             "close_wakes_blocked_putters_and_getters",
             10,
             close_wakes_blocked,
@@ -176,6 +181,50 @@ fn close_ends_the_stream() {
         other => panic!("expected Closed(5), got {other:?}"),
     }
     assert!(matches!(q.try_get(), Err(GetError::Closed)));
+}
+
+fn close_during_a_put_loses_nothing() {
+    // A put that passed its check for close() and is still copying when
+    // close() comes either fails with Closed or is delivered: consumers
+    // get Closed only once no put is left in flight. Large messages make
+    // the window wide; many rounds make hitting it likely.
+    let m = pattern(256 * 1024, 11);
+    for round in 0..60 {
+        let q: Queue<Vec<u8>> = Queue::builder().capacity(4 << 20).build().expect("queue");
+        let producer = q.clone();
+        let msg = m.clone();
+        let child = proc::spawn(move || {
+            let mut ok = 0u32;
+            loop {
+                match producer.put_bytes(&msg) {
+                    Ok(()) => ok += 1,
+                    Err(PutError::Closed(())) => return ok,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        })
+        .expect("spawn");
+        let mut got = 0u32;
+        // Take a few, then close while the producer is busy.
+        for _ in 0..(round % 5) {
+            q.get_bytes().expect("get");
+            got += 1;
+        }
+        q.close();
+        loop {
+            match q.get_bytes() {
+                Ok(v) => {
+                    assert!(v == m);
+                    got += 1;
+                }
+                Err(GetError::Closed) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let put = child.join().expect("join");
+        assert_eq!(got, put, "round {round}: a put succeeded after Closed");
+        assert_eq!(q.qsize(), 0);
+    }
 }
 
 fn close_wakes_blocked() {

@@ -390,7 +390,10 @@ impl<T> Queue<T> {
 
     /// Closes the queue for every handle in every process: further puts
     /// fail with `Closed`, blocked puts wake up with `Closed`, and consumers
-    /// take what is left, then get `Closed` instead of waiting forever.
+    /// take what is left, then get `Closed` instead of waiting forever. A
+    /// put already past its check when `close` comes either completes,
+    /// and its message is delivered before any consumer sees `Closed`, or
+    /// fails with `Closed`.
     pub fn close(&self) {
         self.ring.close();
     }

@@ -507,7 +507,30 @@ impl Ring {
                     continue;
                 }
                 if self.is_closed() && self.available(head).unwrap_or(0) == 0 {
-                    return Err(PopError::Closed);
+                    // A put that passed its check for close() before the
+                    // close may still be copying: it holds the producer
+                    // lock until it commits. Closed only once none is in
+                    // flight (a dead holder's lock is taken over here).
+                    match h.producer_lock.lock(Some(Instant::now())) {
+                        Ok(_quiet) => {
+                            if self.available(head).unwrap_or(0) == 0 {
+                                return Err(PopError::Closed);
+                            }
+                        }
+                        Err(LockError::Busy) => {
+                            // Its record is coming: wait for it a little at
+                            // a time (the producer may also be waiting for
+                            // room, which this consumer frees).
+                            let slice = Some(Duration::from_millis(1));
+                            if self.wait_data(head, deadline, slice, false) == Waited::TimedOut
+                                && deadline.is_some_and(|d| Instant::now() >= d)
+                            {
+                                return Err(PopError::Empty);
+                            }
+                        }
+                        Err(e) => return Err(PopError::Failed(Self::lock_err(e))),
+                    }
+                    continue;
                 }
                 if self.wait_data(head, deadline, None, true) == Waited::TimedOut {
                     return Err(PopError::Empty);
