@@ -82,6 +82,11 @@ fn main() {
             the_spare_holds_no_request_descriptors as fn(),
         ),
         (
+            "servers_report_statuses_with_sigchld_ignored",
+            30,
+            servers_report_statuses_with_sigchld_ignored as fn(),
+        ),
+        (
             "a_dead_zygotes_number_reused_is_left_alone",
             20,
             a_dead_zygotes_number_reused_is_left_alone as fn(),
@@ -585,4 +590,54 @@ fn the_spare_holds_no_request_descriptors() {
         "the spare holds {:?}",
         links()
     );
+}
+
+/// In a fresh process: SIGCHLD ignored (which an exec keeps), then a
+/// fork server's and a zygote's children that panic and exit non-zero.
+fn under_ignored_sigchld(_: ()) -> Vec<String> {
+    // SAFETY: SIG_IGN is a valid disposition; this process is fresh and
+    // single-threaded.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+    let mut out = Vec::new();
+    let server = || Builder::new().start_method(StartMethod::ForkServer);
+    out.push(format!(
+        "{:?}",
+        server().spawn_entry(boom, 3).expect("spawn").join()
+    ));
+    out.push(format!(
+        "{:?}",
+        server().spawn_entry(leave, 4).expect("spawn").join()
+    ));
+    let zygote = proc::Zygote::new().expect("zygote");
+    out.push(format!(
+        "{:?}",
+        zygote
+            .spawn_entry(Builder::new(), boom, 5)
+            .expect("spawn")
+            .join()
+    ));
+    out.push(format!(
+        "{:?}",
+        zygote
+            .spawn_entry(Builder::new(), leave, 6)
+            .expect("spawn")
+            .join()
+    ));
+    out
+}
+
+fn servers_report_statuses_with_sigchld_ignored() {
+    // The servers must reap their children themselves: with SIGCHLD
+    // ignored the kernel would, and the statuses (and these joins) would
+    // be lost.
+    let out = Builder::new()
+        .start_method(StartMethod::Spawn)
+        .spawn_entry(under_ignored_sigchld, ())
+        .expect("spawn")
+        .join()
+        .expect("join");
+    assert!(out[0].contains("entry failed on 3"), "{out:?}");
+    assert_eq!(out[1], "Err(Exited { code: 4 })", "{out:?}");
+    assert!(out[2].contains("entry failed on 5"), "{out:?}");
+    assert_eq!(out[3], "Err(Exited { code: 6 })", "{out:?}");
 }

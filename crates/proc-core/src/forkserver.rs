@@ -452,6 +452,12 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
     // closed the status pipe already: writing the status must not kill us.
     let sigpipe = sys::set_disposition(libc::SIGPIPE, sys::Disposition::IGNORE)
         .unwrap_or(sys::Disposition::DEFAULT);
+    // The children are ours to reap: SIGCHLD ignored (which survives exec)
+    // or a handler inherited from the program (a zygote) would reap them
+    // first and take their statuses.
+    let sigchld = sys::set_disposition(libc::SIGCHLD, sys::Disposition::DEFAULT)
+        .unwrap_or(sys::Disposition::DEFAULT);
+    let program = ProgramSignals { sigpipe, sigchld };
     // Known once here, every child inherits it for its same-executable
     // check.
     let _ = sys::exe_identity();
@@ -483,6 +489,9 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
                     let _ = status.write_all(&exit.into_raw().to_le_bytes());
                     false
                 }
+                // Reaped by someone else after all: its status is gone, and
+                // the pipe closing tells the requester so.
+                Ok(sys::Reap::NoChild) => false,
                 _ => true,
             }
         });
@@ -536,7 +545,7 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
                 // descriptors (a pipe in the arguments would never see
                 // its end).
                 drop((request, result, shared));
-                spare = make_spare(server, &sock, &live, sigpipe);
+                spare = make_spare(server, &sock, &live, program);
                 continue;
             }
             // It died meanwhile: a fork, as without one.
@@ -551,9 +560,7 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
                 drop(sock);
                 drop(live);
                 drop(status);
-                let _ = sys::set_disposition(libc::SIGINT, sys::Disposition::DEFAULT);
-                // The child gets the program's own disposition back.
-                let _ = sys::set_disposition(libc::SIGPIPE, sigpipe);
+                program.restore();
                 run_child(request, result, shared, server)
             }
             Ok(Fork::Parent(pid)) => match sys::pidfd_open(pid).ok().flatten() {
@@ -575,8 +582,25 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
         // (As above: the spare gets none of this request's descriptors.)
         drop((request, result, shared));
         if served >= 2 {
-            spare = make_spare(server, &sock, &live, sigpipe);
+            spare = make_spare(server, &sock, &live, program);
         }
+    }
+}
+
+/// The dispositions the server changed for itself, which its children get
+/// back (a child runs as one forked by the program would).
+#[derive(Clone, Copy)]
+struct ProgramSignals {
+    sigpipe: sys::Disposition,
+    sigchld: sys::Disposition,
+}
+
+impl ProgramSignals {
+    /// In a child of the server.
+    fn restore(self) {
+        let _ = sys::set_disposition(libc::SIGINT, sys::Disposition::DEFAULT);
+        let _ = sys::set_disposition(libc::SIGPIPE, self.sigpipe);
+        let _ = sys::set_disposition(libc::SIGCHLD, self.sigchld);
     }
 }
 
@@ -604,15 +628,15 @@ fn run_child(request: OwnedFd, result: OwnedFd, shared: Vec<OwnedFd>, server: li
 /// Forks a spare child (see [`Spare`]); `None` if that fails (the next
 /// request forks then).
 ///
-/// The spare is set up as a child forked for a request would be (SIGINT
-/// and SIGPIPE as the program has them) and then waits. It needs no death
+/// The spare is set up as a child forked for a request would be (SIGINT,
+/// SIGPIPE and SIGCHLD as the program has them) and then waits. It needs no death
 /// signal: only the server holds the other end of its channel, so when
 /// the server goes, however it goes, the wait ends and so does the spare.
 fn make_spare(
     server: libc::pid_t,
     sock: &OwnedFd,
     live: &[(libc::pid_t, OwnedFd, File)],
-    sigpipe: sys::Disposition,
+    program: ProgramSignals,
 ) -> Option<Spare> {
     let (ours, theirs) = sys::seqpacket_pair().ok()?;
     let permit = ForkPermit::single_threaded().ok()?;
@@ -627,8 +651,7 @@ fn make_spare(
                 sys::close_inherited(pidfd.as_raw_fd());
                 sys::close_inherited(status.as_raw_fd());
             }
-            let _ = sys::set_disposition(libc::SIGINT, sys::Disposition::DEFAULT);
-            let _ = sys::set_disposition(libc::SIGPIPE, sigpipe);
+            program.restore();
             let fds = loop {
                 match sys::receive(&theirs) {
                     Ok(Some(fds)) if fds.len() >= 2 => break fds,
