@@ -68,6 +68,10 @@ pub(crate) struct Signal<'a> {
     pub(crate) seq: &'a AtomicU32,
     /// How many are registered to sleep.
     pub(crate) waiters: &'a AtomicU32,
+    /// Who is registered (pids, see `wait`), so that the registration of a
+    /// process killed while asleep can be taken back. Not part of the
+    /// wake-up protocol itself (loom's models leave it empty).
+    pub(crate) sleepers: &'a [std::sync::atomic::AtomicU32],
 }
 
 impl Signal<'_> {
@@ -200,6 +204,7 @@ mod loom_models {
                     let space = Signal {
                         seq: &p.space_seq,
                         waiters: &p.space_waiters,
+                        sleepers: &[],
                     };
                     // Wait for a free slot (two slots of SLOT bytes).
                     wait_until(space, &p.space_futex, || {
@@ -213,6 +218,7 @@ mod loom_models {
                     let data = Signal {
                         seq: &p.data_seq,
                         waiters: &p.data_waiters,
+                        sleepers: &[],
                     };
                     if data.notify() {
                         p.data_futex.wake();
@@ -224,6 +230,7 @@ mod loom_models {
                 let data = Signal {
                     seq: &s.data_seq,
                     waiters: &s.data_waiters,
+                    sleepers: &[],
                 };
                 wait_until(data, &s.data_futex, || {
                     distance(pos(observe(&s.tail)), head) > 0
@@ -237,6 +244,7 @@ mod loom_models {
                 let space = Signal {
                     seq: &s.space_seq,
                     waiters: &s.space_waiters,
+                    sleepers: &[],
                 };
                 if space.notify() {
                     s.space_futex.wake();

@@ -155,26 +155,32 @@ impl Ring {
     }
 
     fn data_signal(&self) -> Signal<'_> {
-        let s = &self.seg.header().data.0;
+        let h = self.seg.header();
+        let s = &h.data.0;
         Signal {
             seq: &s.seq,
             waiters: &s.waiters,
+            sleepers: &h.sleepers.0.data,
         }
     }
 
     fn space_signal(&self) -> Signal<'_> {
-        let s = &self.seg.header().space.0;
+        let h = self.seg.header();
+        let s = &h.space.0;
         Signal {
             seq: &s.seq,
             waiters: &s.waiters,
+            sleepers: &h.sleepers.0.space,
         }
     }
 
     pub(crate) fn join_signal(&self) -> Signal<'_> {
-        let s = &self.seg.header().misc.0;
+        let h = self.seg.header();
+        let s = &h.misc.0;
         Signal {
             seq: &s.join_seq,
             waiters: &s.join_waiters,
+            sleepers: &h.sleepers.0.join,
         }
     }
 

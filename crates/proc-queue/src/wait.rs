@@ -83,33 +83,162 @@ pub(crate) fn wait_for(
         SPIN_NS.store((b / 4 * 3).max(MIN_SPIN_NS), Ordering::Relaxed);
     }
     let slice_end = slice.map(|s| start + s);
+    let me = shm::pid();
     loop {
-        let seq = signal.register();
+        let registered = Registration::new(signal, me);
         if ready() {
-            signal.unregister();
             return Waited::Ready;
         }
         let now = Instant::now();
         let end = [deadline, slice_end].into_iter().flatten().min();
         let timeout = match end {
-            Some(end) if end <= now => {
-                signal.unregister();
-                return Waited::TimedOut;
-            }
-            Some(end) => Some(end - now),
-            None => None,
+            Some(end) if end <= now => return Waited::TimedOut,
+            Some(end) => (end - now).min(BACKSTOP),
+            None => BACKSTOP,
         };
-        shm::futex_wait(signal.seq, seq, timeout);
-        signal.unregister();
+        shm::futex_wait(signal.seq, registered.seq, Some(timeout));
+        drop(registered);
         if ready() {
             return Waited::Ready;
         }
     }
 }
 
+/// The longest one sleep lasts before the sleeper re-checks by itself: a
+/// backstop, should a wake-up ever be missed (see [`forget_dead_sleepers`]).
+const BACKSTOP: Duration = Duration::from_secs(1);
+
+/// Set in a sleeper slot while its pid is counted in `waiters`.
+const REGISTERED: u32 = 1 << 31;
+
+/// One registration to sleep on a signal (see `protocol::Signal`), with the
+/// sleeper's pid in a slot while it is counted, so that a sleeper killed
+/// in its sleep can be discounted by a later waker.
+///
+/// The order keeps every window in which a death would leave things wrong
+/// to a few instructions, and on the side of a count too high (more
+/// wake-up calls), never too low (a missed wake-up): claim the slot, count
+/// in, mark the slot; on the way out, unmark, count out, free the slot.
+struct Registration<'a> {
+    signal: &'a Signal<'a>,
+    slot: Option<&'a AtomicU32>,
+    me: u32,
+    /// The futex sequence to sleep on.
+    seq: u32,
+}
+
+impl<'a> Registration<'a> {
+    fn new(signal: &'a Signal<'a>, me: u32) -> Self {
+        let slot = signal.sleepers.iter().find(|slot| {
+            slot.compare_exchange(0, me, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        });
+        let seq = signal.register();
+        if let Some(slot) = slot {
+            slot.store(me | REGISTERED, Ordering::Relaxed);
+        }
+        Registration {
+            signal,
+            slot,
+            me,
+            seq,
+        }
+    }
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot {
+            slot.store(self.me, Ordering::Relaxed);
+        }
+        self.signal.unregister();
+        if let Some(slot) = self.slot {
+            slot.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Wake-up calls that found nobody asleep, in this process.
+static EMPTY_WAKES: AtomicU32 = AtomicU32::new(0);
+
 /// Wakes the sleepers of `signal` if there are any.
 pub(crate) fn notify(signal: &Signal<'_>) {
-    if signal.notify() {
-        shm::futex_wake_all(signal.seq);
+    if signal.notify() && shm::futex_wake_all(signal.seq) == 0 {
+        // Someone is counted but nobody was asleep: usually a sleeper
+        // between its registration and its sleep (or just woken); or one
+        // killed in its sleep, whose count would otherwise make every
+        // later commit pay a wake-up call. Now and then, look.
+        if EMPTY_WAKES.fetch_add(1, Ordering::Relaxed) % 64 == 63 {
+            forget_dead_sleepers(signal);
+        }
+    }
+}
+
+/// Takes back the registrations of sleepers whose process has ended.
+///
+/// Only a pid that reads as ended is touched, so a live sleeper keeps its
+/// registration; a pid of another pid namespace (a queue passed to a
+/// container) could read as ended while it sleeps, and would then miss a
+/// wake-up for at most [`BACKSTOP`].
+pub(crate) fn forget_dead_sleepers(signal: &Signal<'_>) {
+    for slot in signal.sleepers {
+        let v = slot.load(Ordering::Relaxed);
+        if v == 0 || !shm::process_gone(v & !REGISTERED) {
+            continue;
+        }
+        if slot
+            .compare_exchange(v, 0, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+            && v & REGISTERED != 0
+        {
+            signal.unregister();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sleeper_killed_asleep_is_discounted() {
+        let seq = AtomicU32::new(0);
+        let waiters = AtomicU32::new(0);
+        let slots: [AtomicU32; 4] = Default::default();
+        let signal = Signal {
+            seq: &seq,
+            waiters: &waiters,
+            sleepers: &slots,
+        };
+        // A process that has ended (run and reaped).
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("run true");
+        let dead = child.id();
+        child.wait().expect("wait");
+        // What a sleeper killed in its sleep leaves behind...
+        signal.register();
+        slots[1].store(dead | REGISTERED, Ordering::Relaxed);
+        // ...next to a live sleeper (this process) and a dead process's
+        // claimed but uncounted slot.
+        let live = Registration::new(&signal, shm::pid());
+        slots[3].store(dead, Ordering::Relaxed);
+        assert_eq!(waiters.load(Ordering::Relaxed), 2);
+        // Wakers find nobody asleep; within 64 such calls one looks.
+        let mut calls = 0;
+        while waiters.load(Ordering::Relaxed) != 1 && calls < 1000 {
+            notify(&signal);
+            calls += 1;
+        }
+        assert_eq!(waiters.load(Ordering::Relaxed), 1, "after {calls} calls");
+        assert_eq!(slots[1].load(Ordering::Relaxed), 0);
+        assert_eq!(slots[3].load(Ordering::Relaxed), 0);
+        assert_eq!(slots[0].load(Ordering::Relaxed), shm::pid() | REGISTERED);
+        // The live one is never touched; it leaves on its own.
+        forget_dead_sleepers(&signal);
+        assert_eq!(waiters.load(Ordering::Relaxed), 1);
+        drop(live);
+        assert_eq!(waiters.load(Ordering::Relaxed), 0);
+        assert!(slots.iter().all(|s| s.load(Ordering::Relaxed) == 0));
     }
 }

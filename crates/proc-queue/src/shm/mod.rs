@@ -19,7 +19,7 @@ use memmap2::MmapRaw;
 /// Identifies a `proc-queue` segment.
 const MAGIC: u64 = u64::from_le_bytes(*b"procQ\0\x01\0");
 /// The layout version.
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// Where the ring's bytes start: one page for the header.
 pub(crate) const DATA_OFFSET: usize = 4096;
 
@@ -72,6 +72,19 @@ pub(crate) struct Misc {
     pub(crate) done: AtomicU32,
 }
 
+/// How many sleepers of one direction are tracked by pid (more sleep
+/// untracked: counted, but not taken back if killed asleep).
+pub(crate) const SLEEPER_SLOTS: usize = 32;
+
+/// The sleepers of each direction: a pid, with `wait::REGISTERED` set while
+/// it is counted in the direction's `waiters` (0: free).
+#[repr(C)]
+pub(crate) struct Sleepers {
+    pub(crate) data: [AtomicU32; SLEEPER_SLOTS],
+    pub(crate) space: [AtomicU32; SLEEPER_SLOTS],
+    pub(crate) join: [AtomicU32; SLEEPER_SLOTS],
+}
+
 /// The segment header: one page before the ring bytes.
 #[repr(C)]
 pub(crate) struct Header {
@@ -89,6 +102,7 @@ pub(crate) struct Header {
     /// "Space freed": consumers wake producers.
     pub(crate) space: Line<SignalWords>,
     pub(crate) misc: Line<Misc>,
+    pub(crate) sleepers: Line<Sleepers>,
 }
 
 const _: () = assert!(std::mem::size_of::<Header>() <= DATA_OFFSET);
@@ -448,10 +462,35 @@ pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Durati
     }
 }
 
-/// Wakes every sleeper on `word`.
-pub(crate) fn futex_wake_all(word: &AtomicU32) {
+/// Wakes every sleeper on `word`; how many were asleep there.
+pub(crate) fn futex_wake_all(word: &AtomicU32) -> usize {
     // SAFETY: `word` is a valid, aligned u32; FUTEX_WAKE only reads its address.
-    unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
+    let woken =
+        unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
+    usize::try_from(woken).unwrap_or(0)
+}
+
+/// This process's id.
+pub(crate) fn pid() -> u32 {
+    std::process::id()
+}
+
+/// Whether process `pid` has ended (gone, or a zombie: it runs no more).
+/// A pid from another pid namespace reads as gone; see `wait` for why
+/// that stays harmless.
+pub(crate) fn process_gone(pid: u32) -> bool {
+    let Ok(raw) = libc::pid_t::try_from(pid) else {
+        return true;
+    };
+    // SAFETY: signal 0 only checks that the process exists; no memory is
+    // involved.
+    let r = unsafe { libc::kill(raw, 0) };
+    if r != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+        return true;
     }
+    // It exists; a zombie still does. Its state follows the last ')'.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| matches!(rest.trim_start().chars().next(), Some('Z' | 'X')))
+    })
 }
