@@ -671,7 +671,8 @@ impl<T> JoinableQueue<T> {
             if protocol::count_distance(puts, current) == 0 {
                 return Err(QueueError::TaskDoneTooManyTimes);
             }
-            let next = (current + 1) % COUNT_MOD;
+            // (`current` may be any value a peer wrote there.)
+            let next = current.wrapping_add(1) % COUNT_MOD;
             // SYNC: AcqRel pairs with join()'s Acquire load of `done`.
             match done.compare_exchange(current, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {

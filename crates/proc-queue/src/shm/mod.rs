@@ -16,6 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use memmap2::MmapRaw;
 
+use crate::ring::{MAX_CAPACITY, MIN_CAPACITY};
+
 /// Identifies a `proc-queue` segment.
 const MAGIC: u64 = u64::from_le_bytes(*b"procQ\0\x01\0");
 /// The layout version.
@@ -183,7 +185,8 @@ impl Segment {
             return Err(bad("not a proc-queue segment of this version"));
         }
         let fits = capacity.checked_add(DATA_OFFSET as u64) == Some(len);
-        if !capacity.is_power_of_two() || !fits || capacity > usize::MAX as u64 {
+        let sized = (MIN_CAPACITY as u64..=MAX_CAPACITY as u64).contains(&capacity);
+        if !capacity.is_power_of_two() || !fits || !sized {
             return Err(bad("queue segment capacity does not match its size"));
         }
         Ok(Segment {
