@@ -53,6 +53,11 @@ fn main() {
         both!("child_is_a_fresh_process", 20, child_is_a_fresh_process),
         both!("queues_cross_a_spawn", 30, queues_cross_a_spawn),
         both!(
+            "a_queue_passed_by_value_arrives",
+            20,
+            a_queue_passed_by_value_arrives
+        ),
+        both!(
             "an_active_child_while_it_runs",
             20,
             an_active_child_while_it_runs
@@ -80,6 +85,11 @@ fn main() {
             "the_spare_holds_no_request_descriptors",
             20,
             the_spare_holds_no_request_descriptors as fn(),
+        ),
+        (
+            "a_queue_of_a_hostile_size_is_refused",
+            20,
+            a_queue_of_a_hostile_size_is_refused as fn(),
         ),
         (
             "servers_report_statuses_with_sigchld_ignored",
@@ -319,6 +329,22 @@ fn queues_cross_a_spawn() {
         outer.put(inner),
         Err(PutError::Failed(_, QueueError::Encode(_)))
     ));
+}
+
+fn drain(q: Queue<u64>) -> u64 {
+    std::iter::from_fn(|| q.try_get().ok()).sum()
+}
+
+fn a_queue_passed_by_value_arrives() {
+    // The argument is this process's last handle: serialized, then dropped
+    // (its descriptor closed) before the child is started. What travels
+    // must be a descriptor of the start's own.
+    let q: Queue<u64> = Queue::new().expect("queue");
+    for i in 1..=3 {
+        q.put(i).expect("put");
+    }
+    let child = spawn().spawn_entry(drain, q).expect("spawn");
+    assert_eq!(child.join().expect("join"), 6);
 }
 
 fn forkserver_dies_with_its_parent() {
@@ -640,4 +666,48 @@ fn servers_report_statuses_with_sigchld_ignored() {
     assert_eq!(out[1], "Err(Exited { code: 4 })", "{out:?}");
     assert!(out[2].contains("entry failed on 5"), "{out:?}");
     assert_eq!(out[3], "Err(Exited { code: 6 })", "{out:?}");
+}
+
+fn queue_size(q: Queue<u64>) -> usize {
+    q.try_put(1).expect("put");
+    q.qsize()
+}
+
+fn a_queue_of_a_hostile_size_is_refused() {
+    // Another process rewrote the segment's capacity field (offset 16) and
+    // cut the file to match: a power of two too small for a record, one
+    // above the largest ring. The receiving side refuses the queue with a
+    // typed error instead of panicking on it (or trusting it). The first
+    // round, unchanged, is the control: the queue passed by value (its
+    // last handle here) arrives.
+    for (capacity, len) in [
+        (2u64 << 20, 4096 + (2 << 20)),
+        (16, 4096 + 16),
+        (256 << 20, 4096 + (256 << 20)),
+    ] {
+        let q: Queue<u64> = Queue::new().expect("queue");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&q)
+            ))
+            .expect("open segment");
+        std::os::unix::fs::FileExt::write_all_at(&file, &capacity.to_le_bytes(), 16)
+            .expect("write");
+        file.set_len(len).expect("truncate");
+        let child = Builder::new()
+            .start_method(StartMethod::Spawn)
+            .spawn_entry(queue_size, q)
+            .expect("spawn");
+        match (capacity, child.join()) {
+            (0x20_0000, Ok(1)) => {}
+            (0x20_0000, other) => panic!("the control failed: {other:?}"),
+            (_, Err(JoinError::Decode(e))) => {
+                assert!(e.to_string().contains("arguments"), "{e}")
+            }
+            (_, other) => panic!("expected a decode error, got {other:?}"),
+        }
+    }
 }

@@ -322,8 +322,8 @@ pub(crate) fn run_request(
 pub(crate) struct Prepared {
     pub(crate) request_file: File,
     pub(crate) result: File,
-    /// Descriptors shared by the arguments.
-    pub(crate) fds: Vec<i32>,
+    /// Descriptors shared by the arguments (this process's duplicates).
+    pub(crate) fds: Vec<std::os::fd::OwnedFd>,
     pub(crate) name: String,
     pub(crate) daemon: bool,
     stdin: Stdin,
@@ -355,7 +355,7 @@ where
         trampoline: (trampoline as *const () as i64).wrapping_sub(anchor()),
         entry: (f as *const () as i64).wrapping_sub(anchor()),
         args,
-        fds: fds.clone(),
+        fds: fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect(),
         name: name.clone(),
         path,
         daemon,
@@ -412,7 +412,7 @@ where
         _ => Stdio::inherit(),
     });
     let mut keep = vec![sys::raw_fd(&request_file), sys::raw_fd(&result)];
-    keep.extend_from_slice(&fds);
+    keep.extend(fds.iter().map(std::os::fd::AsRawFd::as_raw_fd));
     sys::keep_across_exec(&mut cmd, &keep);
     let child = match cmd.spawn() {
         Ok(child) => child,

@@ -108,7 +108,7 @@ fn send(sock: &OwnedFd, prepared: Prepared) -> Result<Sent, Asked> {
         result.as_raw_fd(),
         status_write.as_raw_fd(),
     ];
-    send.extend_from_slice(&fds);
+    send.extend(fds.iter().map(|fd| fd.as_raw_fd()));
     sys::send_request(sock, &send).map_err(Asked::ServerGone)?;
     Ok(Sent {
         result,

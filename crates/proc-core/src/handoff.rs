@@ -31,8 +31,11 @@ pub enum ShareError {
 }
 
 thread_local! {
-    /// The descriptors collected while an exec start serializes arguments.
-    static OUTGOING: RefCell<Option<Vec<RawFd>>> = const { RefCell::new(None) };
+    /// The descriptors collected while an exec start serializes arguments:
+    /// the number shared, and a duplicate the start owns (the value that
+    /// shared it may be dropped before the child is started: an argument
+    /// passed by value is).
+    static OUTGOING: RefCell<Option<Vec<(RawFd, OwnedFd)>>> = const { RefCell::new(None) };
 }
 
 /// The descriptors this process received with its entry.
@@ -45,16 +48,16 @@ static INCOMING: parking_lot::Mutex<Vec<OwnedFd>> = parking_lot::const_mutex(Vec
 /// # Errors
 ///
 /// [`ShareError::NotStarting`] outside the serialization of an exec start's
-/// arguments.
+/// arguments; [`ShareError::Io`] if the descriptor could not be duplicated.
 pub fn share_fd(fd: BorrowedFd<'_>) -> Result<u32, ShareError> {
     OUTGOING.with(|out| {
         let mut out = out.borrow_mut();
         let list = out.as_mut().ok_or(ShareError::NotStarting)?;
         let raw = fd.as_raw_fd();
-        let index = match list.iter().position(|&f| f == raw) {
+        let index = match list.iter().position(|(f, _)| *f == raw) {
             Some(i) => i,
             None => {
-                list.push(raw);
+                list.push((raw, fd.try_clone_to_owned()?));
                 list.len() - 1
             }
         };
@@ -77,14 +80,15 @@ pub fn take_shared_fd(index: u32) -> Result<OwnedFd, ShareError> {
 }
 
 /// Runs `serialize` while collecting shared descriptors; returns its result
-/// and the descriptors.
-pub(crate) fn collect<R>(serialize: impl FnOnce() -> R) -> (R, Vec<RawFd>) {
+/// and duplicates of the descriptors, in index order, which stay open
+/// until the start has handed them over.
+pub(crate) fn collect<R>(serialize: impl FnOnce() -> R) -> (R, Vec<OwnedFd>) {
     OUTGOING.with(|out| *out.borrow_mut() = Some(Vec::new()));
     let r = serialize();
     let fds = OUTGOING
         .with(|out| out.borrow_mut().take())
         .unwrap_or_default();
-    (r, fds)
+    (r, fds.into_iter().map(|(_, owned)| owned).collect())
 }
 
 /// In the child: the descriptors that came with the entry, in index order.
