@@ -45,6 +45,11 @@ fn main() {
         ),
         ("waits_with_timeouts", 10, waits_with_timeouts),
         (
+            "a_handle_inherited_by_a_child_leaves_its_children_alone",
+            10,
+            inherited_handle_leaves_childs_table_alone,
+        ),
+        (
             "stdout_flushed_and_no_parent_exit_handlers",
             20,
             stdout_and_exit_handlers,
@@ -397,4 +402,27 @@ fn signalling_a_child_reaped_elsewhere_is_harmless() {
         .expect("terminate after someone else reaped it");
     child.kill().expect("kill after someone else reaped it");
     assert!(matches!(child.join(), Err(JoinError::StatusLost)));
+}
+
+fn inherited_handle_leaves_childs_table_alone() {
+    // A handle of this process's child, moved into a forked child (Python
+    // would pickle-refuse it; here it is just copied memory): dropping or
+    // waiting on it there must not touch the child's own children, which
+    // sit in the same slots of its table.
+    for wait_on_it in [false, true] {
+        let mut sibling =
+            proc::spawn(|| std::thread::sleep(Duration::from_millis(300))).expect("spawn");
+        let child = proc::spawn(move || {
+            let own = proc::spawn(|| 7u32).expect("spawn");
+            std::thread::sleep(Duration::from_millis(50));
+            if wait_on_it {
+                // Not this process's child: no status to be had.
+                assert!(sibling.wait().is_err());
+            }
+            drop(sibling);
+            own.join().ok()
+        })
+        .expect("spawn");
+        assert_eq!(child.join().expect("join"), Some(7));
+    }
 }

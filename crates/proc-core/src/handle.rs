@@ -49,6 +49,10 @@ pub struct JoinHandle<T> {
     /// The slot in this process's child table (`None` for a fork-server
     /// child, which the server reaps).
     slot: Option<SlotId>,
+    /// The process that started the child: only there does `slot` name
+    /// this child (a forked copy of the handle is a copy of memory; the
+    /// copy's process has a table of its own).
+    owner: libc::pid_t,
     /// A fork-server child: its pidfd and the pipe its exit status arrives on.
     remote: Option<Remote>,
     status: Option<Reaped>,
@@ -84,6 +88,7 @@ impl<T> JoinHandle<T> {
             name,
             result,
             slot: Some(slot),
+            owner: sys::getpid(),
             remote: None,
             status: None,
             pidfd: None,
@@ -104,6 +109,7 @@ impl<T> JoinHandle<T> {
             name,
             result,
             slot: None,
+            owner: sys::getpid(),
             remote: Some(Remote { pidfd, status }),
             status: None,
             pidfd: None,
@@ -285,6 +291,13 @@ impl<T> JoinHandle<T> {
                 }
                 continue;
             }
+            if sys::getpid() != self.owner {
+                // A copy in a forked child: not its child to wait for (and
+                // the pid, once reaped by the owner, may be reused by one
+                // that is).
+                self.status = Some(Reaped::Lost);
+                continue;
+            }
             let reap = match deadline {
                 None => sys::waitpid_blocking(self.pid.raw()),
                 Some(_) => sys::waitpid_nohang(self.pid.raw()),
@@ -366,9 +379,14 @@ impl<T> JoinHandle<T> {
     fn set_reaped(&mut self, reaped: Reaped) {
         self.status = Some(reaped);
         self.pidfd = None;
-        if let Some(slot) = self.slot {
+        if let Some(slot) = self.own_slot() {
             children::release(slot);
         }
+    }
+
+    /// The child's slot, in the process that started it.
+    fn own_slot(&self) -> Option<SlotId> {
+        self.slot.filter(|_| sys::getpid() == self.owner)
     }
 }
 
@@ -444,8 +462,10 @@ fn decode_outcome<T: DeserializeOwned>(status: ExitStatus, bytes: &[u8]) -> Resu
 
 impl<T> Drop for JoinHandle<T> {
     fn drop(&mut self) {
-        if let (None, Some(slot)) = (self.status, self.slot) {
-            children::detach(slot);
+        if self.status.is_none() {
+            if let Some(slot) = self.own_slot() {
+                children::detach(slot);
+            }
         }
     }
 }
