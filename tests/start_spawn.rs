@@ -87,6 +87,11 @@ fn main() {
             the_spare_holds_no_request_descriptors as fn(),
         ),
         (
+            "first_starts_from_two_threads_at_once",
+            40,
+            first_starts_from_two_threads_at_once as fn(),
+        ),
+        (
             "a_queue_of_a_hostile_size_is_refused",
             20,
             a_queue_of_a_hostile_size_is_refused as fn(),
@@ -178,7 +183,7 @@ fn nap(ms: u64) {
 }
 
 fn an_active_child_while_it_runs() {
-    let child = spawn().name("napper").spawn_entry(nap, 300).expect("spawn");
+    let child = spawn().name("napper").spawn_entry(nap_for, 150).expect("spawn");
     let listed = proc::active_children();
     let me = listed
         .iter()
@@ -709,5 +714,54 @@ fn a_queue_of_a_hostile_size_is_refused() {
             }
             (_, other) => panic!("expected a decode error, got {other:?}"),
         }
+    }
+}
+
+fn nap_for(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+/// In a fresh process: its first two starts, from two threads at once.
+fn two_first_starts(_: ()) -> (usize, Vec<String>) {
+    let barrier = std::sync::Barrier::new(2);
+    let handles: Vec<_> = std::thread::scope(|scope| {
+        let starts: Vec<_> = (0..2)
+            .map(|_| {
+                scope.spawn(|| {
+                    barrier.wait();
+                    Builder::new()
+                        .start_method(StartMethod::Spawn)
+                        .spawn_entry(nap_for, 150)
+                        .expect("spawn")
+                })
+            })
+            .collect();
+        starts
+            .into_iter()
+            .map(|t| t.join().expect("thread"))
+            .collect()
+    });
+    let live = proc::active_children().len();
+    let joined = handles
+        .into_iter()
+        .map(|h| format!("{:?}", h.join()))
+        .collect();
+    (live, joined)
+}
+
+fn first_starts_from_two_threads_at_once() {
+    // Each round is a fresh process whose child table is not yet its own:
+    // both threads' first starts must get slots of their own (a second
+    // reset of the table would hand the first one's slot out again).
+    for _ in 0..8 {
+        let (live, joined) = Builder::new()
+            .start_method(StartMethod::Spawn)
+            .spawn_entry(two_first_starts, ())
+            .expect("spawn")
+            .join()
+            .expect("join");
+        assert_eq!(live, 2, "{joined:?}");
+        assert_eq!(joined, ["Ok(150)", "Ok(150)"]);
     }
 }

@@ -61,6 +61,8 @@ static HIGH: AtomicUsize = AtomicUsize::new(0);
 /// table; it resets it only when it starts children of its own, so that a
 /// child that does not write nothing here (and copies no page of it).
 static OWNER: AtomicI32 = AtomicI32::new(0);
+/// Held while a process takes the table over from its parent.
+static RESETTING: parking_lot::Mutex<()> = parking_lot::const_mutex(());
 /// Names of the children, by slot, for `active_children`.
 static NAMES: parking_lot::Mutex<Vec<Option<String>>> = parking_lot::const_mutex(Vec::new());
 
@@ -85,9 +87,16 @@ extern "C" fn at_exit() {
 /// Reserves a slot for a child about to be forked.
 pub(crate) fn reserve() -> Option<SlotId> {
     let me = sys::getpid();
-    if OWNER.load(Ordering::Relaxed) != me {
-        reset_inherited();
-        OWNER.store(me, Ordering::Relaxed);
+    // SYNC: Acquire pairs with the Release store below: a thread that sees
+    // the table as this process's sees it reset.
+    if OWNER.load(Ordering::Acquire) != me {
+        // Two threads' first starts must not both reset: the second would
+        // free the slot the first just took.
+        let _resetting = RESETTING.lock();
+        if OWNER.load(Ordering::Acquire) != me {
+            reset_inherited();
+            OWNER.store(me, Ordering::Release);
+        }
     }
     sweep();
     for (i, slot) in TABLE.iter().enumerate() {
