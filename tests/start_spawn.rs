@@ -87,6 +87,11 @@ fn main() {
             the_spare_holds_no_request_descriptors as fn(),
         ),
         (
+            "starts_from_a_thread_that_ends_live_on",
+            30,
+            starts_from_a_thread_that_ends_live_on as fn(),
+        ),
+        (
             "first_starts_from_two_threads_at_once",
             40,
             first_starts_from_two_threads_at_once as fn(),
@@ -183,7 +188,10 @@ fn nap(ms: u64) {
 }
 
 fn an_active_child_while_it_runs() {
-    let child = spawn().name("napper").spawn_entry(nap_for, 150).expect("spawn");
+    let child = spawn()
+        .name("napper")
+        .spawn_entry(nap_for, 150)
+        .expect("spawn");
     let listed = proc::active_children();
     let me = listed
         .iter()
@@ -764,4 +772,65 @@ fn first_starts_from_two_threads_at_once() {
         assert_eq!(live, 2, "{joined:?}");
         assert_eq!(joined, ["Ok(150)", "Ok(150)"]);
     }
+}
+
+/// In a fresh process: a thread starts a fork-server child, a fork-server
+/// daemon and a Spawn daemon, hands them over and ends.
+fn started_from_a_thread(_: ()) -> Vec<String> {
+    let handles = std::thread::spawn(|| {
+        let server = || Builder::new().start_method(StartMethod::ForkServer);
+        let started = (
+            server().spawn_entry(nap_for, 400).expect("spawn"),
+            server()
+                .daemon(true)
+                .spawn_entry(nap_for, 60_000)
+                .expect("spawn"),
+            Builder::new()
+                .start_method(StartMethod::Spawn)
+                .daemon(true)
+                .spawn_entry(nap_for, 60_000)
+                .expect("spawn"),
+        );
+        // Until the children are set up (an exec'd one arms its death
+        // signal after its start-up).
+        std::thread::sleep(Duration::from_millis(150));
+        started
+    })
+    .join()
+    .expect("thread");
+    let (child, server_daemon, spawn_daemon) = handles;
+    // The thread is gone; none of them may have gone with it.
+    std::thread::sleep(Duration::from_millis(150));
+    let mut out = vec![
+        format!("{}", server_daemon.is_finished()),
+        format!("{}", spawn_daemon.is_finished()),
+    ];
+    out.push(format!("{:?}", child.join()));
+    for daemon in [server_daemon, spawn_daemon] {
+        daemon.terminate().expect("terminate");
+        out.push(format!("{:?}", daemon.join()));
+    }
+    out
+}
+
+fn starts_from_a_thread_that_ends_live_on() {
+    // The kernel's parent-death signal follows the thread that forked: a
+    // fork server (and its children) or a daemon tied to it would die when
+    // that thread ends, though the program runs on.
+    let out = Builder::new()
+        .start_method(StartMethod::Spawn)
+        .spawn_entry(started_from_a_thread, ())
+        .expect("spawn")
+        .join()
+        .expect("join");
+    assert_eq!(
+        out,
+        [
+            "false",
+            "false",
+            "Ok(400)",
+            "Err(Signaled { signal: 15, core_dumped: false })",
+            "Err(Signaled { signal: 15, core_dumped: false })"
+        ]
+    );
 }

@@ -82,7 +82,12 @@ impl Builder {
     ///
     /// The kernel ties the death signal to the thread that forked; the safe
     /// `spawn` only forks from a single-threaded process, where that thread
-    /// is the main thread.
+    /// is the main thread. A `ForkServer` daemon dies with the fork server,
+    /// which ends with this process whatever thread started it. A `Spawn`
+    /// daemon started from a thread other than the main one gets no death
+    /// signal (that thread's end would kill it while this process runs
+    /// on): it is terminated when this process exits normally, as in
+    /// Python, but outlives a `SIGKILL` of this process.
     pub fn daemon(mut self, daemon: bool) -> Self {
         self.daemon = daemon;
         self

@@ -13,8 +13,9 @@
 //! share. The server answers with the child's pid and a pidfd for it. The
 //! child is the server's: the server reaps it and writes its raw wait
 //! status into that pipe, which is what the requester's `JoinHandle` waits
-//! on. The server dies with its requester (`PR_SET_PDEATHSIG`), even when
-//! the requester is SIGKILLed; daemon children die with the server.
+//! on. The server ends with its requester (it watches the requester's
+//! pidfd), even when the requester is SIGKILLed, whichever thread started
+//! it; daemon children die with the server.
 
 use std::fs::File;
 use std::io::Write;
@@ -443,7 +444,18 @@ struct Spare {
 /// The server loop on `sock`, for `requester`: never returns.
 fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
     let server = sys::getpid();
-    if sys::set_parent_death_signal(libc::SIGKILL).is_err() || sys::getppid() != requester {
+    // The server ends with its requester, even a SIGKILLed one: it watches
+    // the requester's pidfd (readable once the whole process has ended). A
+    // parent-death signal would follow the *thread* that started the
+    // server, and a threaded program's first ForkServer start is often on
+    // a thread that ends long before the program; it is only the fallback
+    // for kernels without pidfds. (Opened before the parent check: if the
+    // requester is still our parent after, the pidfd is the requester's.)
+    let requester_fd = sys::pidfd_open(requester).ok().flatten();
+    if requester_fd.is_none() && sys::set_parent_death_signal(libc::SIGKILL).is_err() {
+        sys::exit_now(0);
+    }
+    if sys::getppid() != requester {
         sys::exit_now(0);
     }
     // Ctrl-C reaches the whole process group: the requester decides.
@@ -468,8 +480,10 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
     let mut spare: Option<Spare> = None;
     let mut served = 0u32;
     loop {
+        // [the socket, the requester's pidfd?, the children's, the spare's?]
         let ready = {
             let mut watch: Vec<std::os::fd::BorrowedFd<'_>> = vec![sock.as_fd()];
+            watch.extend(requester_fd.iter().map(AsFd::as_fd));
             watch.extend(live.iter().map(|(_, pidfd, _)| pidfd.as_fd()));
             watch.extend(spare.iter().map(|s| s.pidfd.as_fd()));
             match sys::poll_many(&watch) {
@@ -477,8 +491,13 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
                 Err(_) => continue,
             }
         };
+        let children = 1 + usize::from(requester_fd.is_some());
+        if children == 2 && ready[1] {
+            // The requester is gone: as when it closes its end (below).
+            end_serving(spare.take(), &live);
+        }
         // Children that ended: report their status, forget them.
-        let mut ended = ready[1..].iter();
+        let mut ended = ready[children..].iter();
         live.retain_mut(|(pid, _, status)| {
             if !ended.next().copied().unwrap_or(false) {
                 return true;
@@ -509,15 +528,7 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
             // The requester closed its end (it is gone, or dropped its
             // zygote): reap the children that have ended, so that none is
             // left a zombie for whoever adopts it, and go.
-            Ok(None) => {
-                if let Some(spare) = spare.take() {
-                    kill_and_reap(spare.pid);
-                }
-                for (pid, _, _) in &live {
-                    let _ = sys::waitpid_nohang(*pid);
-                }
-                sys::exit_now(0)
-            }
+            Ok(None) => end_serving(spare.take(), &live),
             Err(_) => continue,
         };
         if fds.len() < 3 {
@@ -545,7 +556,7 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
                 // descriptors (a pipe in the arguments would never see
                 // its end).
                 drop((request, result, shared));
-                spare = make_spare(server, &sock, &live, program);
+                spare = make_spare(server, &sock, requester_fd.as_ref(), &live, program);
                 continue;
             }
             // It died meanwhile: a fork, as without one.
@@ -558,6 +569,7 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
         match sys::fork(permit) {
             Ok(Fork::Child) => {
                 drop(sock);
+                drop(requester_fd);
                 drop(live);
                 drop(status);
                 program.restore();
@@ -582,7 +594,7 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
         // (As above: the spare gets none of this request's descriptors.)
         drop((request, result, shared));
         if served >= 2 {
-            spare = make_spare(server, &sock, &live, program);
+            spare = make_spare(server, &sock, requester_fd.as_ref(), &live, program);
         }
     }
 }
@@ -602,6 +614,19 @@ impl ProgramSignals {
         let _ = sys::set_disposition(libc::SIGPIPE, self.sigpipe);
         let _ = sys::set_disposition(libc::SIGCHLD, self.sigchld);
     }
+}
+
+/// The requester is gone: reaps the children that have ended, so that
+/// none is left a zombie for whoever adopts it, ends the spare, and exits
+/// (daemon children die with the server: their death signal).
+fn end_serving(spare: Option<Spare>, live: &[(libc::pid_t, OwnedFd, File)]) -> ! {
+    if let Some(spare) = spare {
+        kill_and_reap(spare.pid);
+    }
+    for (pid, _, _) in live {
+        let _ = sys::waitpid_nohang(*pid);
+    }
+    sys::exit_now(0)
 }
 
 /// Ends the server's child `pid` and reaps it.
@@ -635,6 +660,7 @@ fn run_child(request: OwnedFd, result: OwnedFd, shared: Vec<OwnedFd>, server: li
 fn make_spare(
     server: libc::pid_t,
     sock: &OwnedFd,
+    requester_fd: Option<&OwnedFd>,
     live: &[(libc::pid_t, OwnedFd, File)],
     program: ProgramSignals,
 ) -> Option<Spare> {
@@ -647,6 +673,9 @@ fn make_spare(
             // (Their owners live in the server's frame, which this process
             // never returns to.)
             sys::close_inherited(sock.as_raw_fd());
+            if let Some(fd) = requester_fd {
+                sys::close_inherited(fd.as_raw_fd());
+            }
             for (_, pidfd, status) in live {
                 sys::close_inherited(pidfd.as_raw_fd());
                 sys::close_inherited(status.as_raw_fd());

@@ -345,6 +345,14 @@ pub(crate) fn getpid() -> libc::pid_t {
     unsafe { libc::getpid() }
 }
 
+/// Whether the calling thread is the process's main thread (whose end is
+/// the process's end).
+pub(crate) fn on_main_thread() -> bool {
+    // SAFETY: gettid cannot fail and has no preconditions.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+    tid == libc::c_long::from(getpid())
+}
+
 /// The parent's process id.
 pub(crate) fn getppid() -> libc::pid_t {
     // SAFETY: getppid cannot fail and has no preconditions.
