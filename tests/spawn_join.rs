@@ -45,6 +45,11 @@ fn main() {
         ),
         ("waits_with_timeouts", 10, waits_with_timeouts),
         (
+            "wait_ended_timeout_outlasts_signals",
+            10,
+            wait_ended_timeout_outlasts_signals,
+        ),
+        (
             "a_handle_inherited_by_a_child_leaves_its_children_alone",
             10,
             inherited_handle_leaves_childs_table_alone,
@@ -425,4 +430,18 @@ fn inherited_handle_leaves_childs_table_alone() {
         .expect("spawn");
         assert_eq!(child.join().expect("join"), Some(7));
     }
+}
+
+fn wait_ended_timeout_outlasts_signals() {
+    // A dropped handle makes proc reap that child from a SIGCHLD handler;
+    // the child's exit then interrupts the wait below, which must go on.
+    drop(proc::spawn(|| std::thread::sleep(Duration::from_millis(100))).expect("spawn"));
+    let child = proc::spawn(|| std::thread::sleep(Duration::from_millis(600))).expect("spawn");
+    let t = Instant::now();
+    let ended = child
+        .wait_ended_timeout(Duration::from_secs(5))
+        .expect("wait");
+    assert!(ended, "gave up after {:?}", t.elapsed());
+    assert!(t.elapsed() >= Duration::from_millis(500));
+    child.join().expect("join");
 }

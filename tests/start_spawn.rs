@@ -58,6 +58,11 @@ fn main() {
             a_queue_passed_by_value_arrives
         ),
         both!(
+            "signalling_an_ended_child_is_harmless",
+            20,
+            signalling_an_ended_child_is_harmless
+        ),
+        both!(
             "an_active_child_while_it_runs",
             20,
             an_active_child_while_it_runs
@@ -833,4 +838,17 @@ fn starts_from_a_thread_that_ends_live_on() {
             "Err(Signaled { signal: 15, core_dumped: false })"
         ]
     );
+}
+
+fn signalling_an_ended_child_is_harmless() {
+    // Python's terminate() and kill() do nothing once the process is gone;
+    // a fork-server child is gone (reaped by the server) soon after it ends.
+    let child = spawn().spawn_entry(nap_for, 0).expect("spawn");
+    assert!(child
+        .wait_ended_timeout(Duration::from_secs(5))
+        .expect("wait"));
+    std::thread::sleep(Duration::from_millis(100));
+    child.terminate().expect("terminate");
+    child.kill().expect("kill");
+    assert_eq!(child.join().expect("join"), 0);
 }

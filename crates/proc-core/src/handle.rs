@@ -163,7 +163,7 @@ impl<T> JoinHandle<T> {
             return Ok(true);
         }
         match &self.remote {
-            Some(remote) => sys::poll_readable(remote.pidfd.as_fd(), timeout),
+            Some(remote) => poll_until(remote.pidfd.as_fd(), timeout),
             None => {
                 // A pidfd wakes us the moment the child ends (a zombie). It
                 // names our child if the child is still unreaped after it
@@ -172,7 +172,7 @@ impl<T> JoinHandle<T> {
                     if self.is_finished() {
                         return Ok(true);
                     }
-                    return sys::poll_readable(pidfd.as_fd(), timeout);
+                    return poll_until(pidfd.as_fd(), timeout);
                 }
                 let deadline = Instant::now() + timeout;
                 loop {
@@ -259,7 +259,12 @@ impl<T> JoinHandle<T> {
             return Ok(());
         }
         match &self.remote {
-            Some(remote) => sys::pidfd_signal(remote.pidfd.as_fd(), signal),
+            // Ended and reaped by the server: nothing to signal (the pidfd
+            // still names that process, never another).
+            Some(remote) => match sys::pidfd_signal(remote.pidfd.as_fd(), signal) {
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+                sent => sent,
+            },
             // Still running and ours: its pid cannot be anyone else's.
             // Ended (a zombie) there is nothing to signal; no longer our
             // child (reaped by other code of this program: a
@@ -420,6 +425,21 @@ impl<T: DeserializeOwned> JoinHandle<T> {
         let status = self.wait()?;
         let bytes = read_result(&self.result).map_err(JoinError::Io)?;
         decode_outcome(status, &bytes)
+    }
+}
+
+/// Waits until `fd` is readable or `timeout` has passed (a signal
+/// interrupting the wait does not end it early); whether it is readable.
+fn poll_until(fd: std::os::fd::BorrowedFd<'_>, timeout: Duration) -> std::io::Result<bool> {
+    let start = Instant::now();
+    loop {
+        let left = timeout.saturating_sub(start.elapsed());
+        if sys::poll_readable(fd, left)? {
+            return Ok(true);
+        }
+        if left.is_zero() || start.elapsed() >= timeout {
+            return Ok(sys::readable_now(fd));
+        }
     }
 }
 
