@@ -92,6 +92,11 @@ fn main() {
             the_spare_holds_no_request_descriptors as fn(),
         ),
         (
+            "failed_starts_leak_no_slot",
+            60,
+            failed_starts_leak_no_slot as fn(),
+        ),
+        (
             "starts_from_a_thread_that_ends_live_on",
             30,
             starts_from_a_thread_that_ends_live_on as fn(),
@@ -851,4 +856,48 @@ fn signalling_an_ended_child_is_harmless() {
     child.terminate().expect("terminate");
     child.kill().expect("kill");
     assert_eq!(child.join().expect("join"), 0);
+}
+
+/// In a fresh process (so /dev/null is not open yet): more failed starts
+/// than the child table has slots, then one that must work.
+fn fail_then_start(_: ()) -> String {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointers to rlimit structs.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    let tight = libc::rlimit {
+        rlim_cur: 3,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: as above; no descriptor can be opened until it is restored.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &tight) };
+    for i in 0..16_500 {
+        // (Unchecked: the thread check reads /proc, which needs a
+        // descriptor too. This process is single-threaded.)
+        // SAFETY: no other thread exists.
+        if let Ok(child) = unsafe { Builder::new().spawn_unchecked(|| ()) } {
+            // SAFETY: as above.
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+            let _ = child.join();
+            return format!("start {i} worked with no descriptor to spare");
+        }
+    }
+    // SAFETY: as above.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    match proc::spawn(|| 5u8) {
+        Ok(child) => format!("{:?}", child.join()),
+        Err(e) => format!("{e:?}"),
+    }
+}
+
+fn failed_starts_leak_no_slot() {
+    let out = Builder::new()
+        .start_method(StartMethod::Spawn)
+        .spawn_entry(fail_then_start, ())
+        .expect("spawn")
+        .join()
+        .expect("join");
+    assert_eq!(out, "Ok(5)");
 }

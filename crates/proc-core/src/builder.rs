@@ -187,12 +187,12 @@ impl Builder {
     {
         children::init();
         install_panic_hook();
-        let Some(slot) = children::reserve() else {
-            return Err((SpawnError::TooManyChildren, f));
-        };
         let null = match (self.stdin, dev_null()) {
             (Stdin::Null, Err(e)) => return Err((SpawnError::Stdin(e), f)),
             (_, null) => null.ok(),
+        };
+        let Some(slot) = children::reserve() else {
+            return Err((SpawnError::TooManyChildren, f));
         };
         let result = match sys::memfd(c"proc-result") {
             Ok(fd) => fd,
