@@ -83,9 +83,8 @@ pub(crate) fn wait_for(
         SPIN_NS.store((b / 4 * 3).max(MIN_SPIN_NS), Ordering::Relaxed);
     }
     let slice_end = slice.map(|s| start + s);
-    let me = shm::pid();
     loop {
-        let registered = Registration::new(signal, me);
+        let mut registered = Registration::new(signal);
         if ready() {
             return Waited::Ready;
         }
@@ -96,6 +95,7 @@ pub(crate) fn wait_for(
             Some(end) => (end - now).min(BACKSTOP),
             None => BACKSTOP,
         };
+        registered.track();
         shm::futex_wait(signal.seq, registered.seq, Some(timeout));
         drop(registered);
         if ready() {
@@ -112,51 +112,62 @@ const BACKSTOP: Duration = Duration::from_secs(1);
 const REGISTERED: u32 = 1 << 31;
 
 /// One registration to sleep on a signal (see `protocol::Signal`), with the
-/// sleeper's pid in a slot while it is counted, so that a sleeper killed
-/// in its sleep can be discounted by a later waker.
+/// sleeper's pid in a slot while it sleeps, so that a sleeper killed in
+/// its sleep can be discounted by a later waker.
 ///
 /// The order keeps every window in which a death would leave things wrong
 /// to a few instructions, and on the side of a count too high (more
-/// wake-up calls), never too low (a missed wake-up): claim the slot, count
-/// in, mark the slot; on the way out, unmark, count out, free the slot.
+/// wake-up calls), never too low (a missed wake-up): count in, then (only
+/// when about to sleep: the pid costs a system call) take a slot marked
+/// as counted; on the way out, unmark, count out, free the slot.
 struct Registration<'a> {
     signal: &'a Signal<'a>,
-    slot: Option<&'a AtomicU32>,
-    me: u32,
+    slot: Option<(&'a AtomicU32, u32)>,
     /// The futex sequence to sleep on.
     seq: u32,
 }
 
 impl<'a> Registration<'a> {
-    fn new(signal: &'a Signal<'a>, me: u32) -> Self {
-        let slot = signal.sleepers.iter().find(|slot| {
-            slot.compare_exchange(0, me, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        });
-        let seq = signal.register();
-        if let Some(slot) = slot {
-            slot.store(me | REGISTERED, Ordering::Relaxed);
-        }
+    fn new(signal: &'a Signal<'a>) -> Self {
         Registration {
             signal,
-            slot,
-            me,
-            seq,
+            slot: None,
+            seq: signal.register(),
         }
+    }
+
+    /// Puts this process's pid, marked as counted, in a free slot (if any
+    /// is free: more sleepers than slots sleep untracked).
+    fn track(&mut self) {
+        let me = shm::pid();
+        let marked = me | REGISTERED;
+        self.slot = self
+            .signal
+            .sleepers
+            .iter()
+            .find(|slot| {
+                slot.compare_exchange(0, marked, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            })
+            .map(|slot| (slot, me));
     }
 }
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        if let Some(slot) = self.slot {
-            slot.store(self.me, Ordering::Relaxed);
+        if let Some((slot, me)) = self.slot {
+            slot.store(me, Ordering::Relaxed);
         }
         self.signal.unregister();
-        if let Some(slot) = self.slot {
+        if let Some((slot, _)) = self.slot {
             slot.store(0, Ordering::Relaxed);
         }
     }
 }
+
+/// How many wake-up calls that found nobody asleep make one look for
+/// sleepers that were killed.
+const LOOK_EVERY: u32 = 1024;
 
 /// Wake-up calls that found nobody asleep, in this process.
 static EMPTY_WAKES: AtomicU32 = AtomicU32::new(0);
@@ -167,14 +178,16 @@ pub(crate) fn notify(signal: &Signal<'_>) {
         // Someone is counted but nobody was asleep: usually a sleeper
         // between its registration and its sleep (or just woken); or one
         // killed in its sleep, whose count would otherwise make every
-        // later commit pay a wake-up call. Now and then, look.
-        if EMPTY_WAKES.fetch_add(1, Ordering::Relaxed) % 64 == 63 {
+        // later commit pay a wake-up call. Now and then (the look costs a
+        // system call per sleeper), look.
+        if EMPTY_WAKES.fetch_add(1, Ordering::Relaxed) % LOOK_EVERY == LOOK_EVERY - 1 {
             forget_dead_sleepers(signal);
         }
     }
 }
 
-/// Takes back the registrations of sleepers whose process has ended.
+/// Takes back the registrations of sleepers whose process has ended (and
+/// been reaped: a zombie's waits until then).
 ///
 /// Only a pid that reads as ended is touched, so a live sleeper keeps its
 /// registration; a pid of another pid namespace (a queue passed to a
@@ -221,12 +234,13 @@ mod tests {
         slots[1].store(dead | REGISTERED, Ordering::Relaxed);
         // ...next to a live sleeper (this process) and a dead process's
         // claimed but uncounted slot.
-        let live = Registration::new(&signal, shm::pid());
+        let mut live = Registration::new(&signal);
+        live.track();
         slots[3].store(dead, Ordering::Relaxed);
         assert_eq!(waiters.load(Ordering::Relaxed), 2);
-        // Wakers find nobody asleep; within 64 such calls one looks.
+        // Wakers find nobody asleep; within LOOK_EVERY such calls one looks.
         let mut calls = 0;
-        while waiters.load(Ordering::Relaxed) != 1 && calls < 1000 {
+        while waiters.load(Ordering::Relaxed) != 1 && calls < 2 * LOOK_EVERY {
             notify(&signal);
             calls += 1;
         }

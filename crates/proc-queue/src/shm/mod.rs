@@ -478,9 +478,9 @@ pub(crate) fn pid() -> u32 {
     std::process::id()
 }
 
-/// Whether process `pid` has ended (gone, or a zombie: it runs no more).
-/// A pid from another pid namespace reads as gone; see `wait` for why
-/// that stays harmless.
+/// Whether process `pid` is gone (a zombie still counts as there until
+/// it is reaped). A pid from another pid namespace reads as gone; see
+/// `wait` for why that stays harmless.
 pub(crate) fn process_gone(pid: u32) -> bool {
     let Ok(raw) = libc::pid_t::try_from(pid) else {
         return true;
@@ -488,12 +488,5 @@ pub(crate) fn process_gone(pid: u32) -> bool {
     // SAFETY: signal 0 only checks that the process exists; no memory is
     // involved.
     let r = unsafe { libc::kill(raw, 0) };
-    if r != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
-        return true;
-    }
-    // It exists; a zombie still does. Its state follows the last ')'.
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .is_some_and(|(_, rest)| matches!(rest.trim_start().chars().next(), Some('Z' | 'X')))
-    })
+    r != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
 }
