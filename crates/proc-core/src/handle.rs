@@ -88,7 +88,7 @@ impl<T> JoinHandle<T> {
             name,
             result,
             slot: Some(slot),
-            owner: sys::getpid(),
+            owner: sys::cached_pid(),
             remote: None,
             status: None,
             pidfd: None,
@@ -109,7 +109,7 @@ impl<T> JoinHandle<T> {
             name,
             result,
             slot: None,
-            owner: sys::getpid(),
+            owner: sys::cached_pid(),
             remote: Some(Remote { pidfd, status }),
             status: None,
             pidfd: None,
@@ -296,7 +296,7 @@ impl<T> JoinHandle<T> {
                 }
                 continue;
             }
-            if sys::getpid() != self.owner {
+            if sys::cached_pid() != self.owner {
                 // A copy in a forked child: not its child to wait for (and
                 // the pid, once reaped by the owner, may be reused by one
                 // that is).
@@ -391,7 +391,7 @@ impl<T> JoinHandle<T> {
 
     /// The child's slot, in the process that started it.
     fn own_slot(&self) -> Option<SlotId> {
-        self.slot.filter(|_| sys::getpid() == self.owner)
+        self.slot.filter(|_| sys::cached_pid() == self.owner)
     }
 }
 

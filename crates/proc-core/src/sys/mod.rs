@@ -345,6 +345,37 @@ pub(crate) fn getpid() -> libc::pid_t {
     unsafe { libc::getpid() }
 }
 
+/// This process's id as last read: 0 until then, and again in a forked
+/// child (a fork handler clears it there).
+static PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn forget_pid() {
+    // Async-signal-safe: one atomic store.
+    PID.store(0, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// This process's id without a system call on every use (the pool asks
+/// on every check of its workers). A child forked by `fork()` (glibc runs
+/// the handler) reads it afresh; one made by a raw `clone` without the
+/// handler would see its parent's.
+pub(crate) fn cached_pid() -> libc::pid_t {
+    use std::sync::atomic::Ordering;
+    let pid = PID.load(Ordering::Relaxed);
+    if pid != 0 {
+        return pid;
+    }
+    static HANDLER: std::sync::Once = std::sync::Once::new();
+    HANDLER.call_once(|| {
+        // SAFETY: registers a handler that only stores to an atomic (so
+        // it is async-signal-safe, as a child handler must be); it stays
+        // valid for the life of the program.
+        unsafe { libc::pthread_atfork(None, None, Some(forget_pid)) };
+    });
+    let pid = getpid();
+    PID.store(pid, Ordering::Relaxed);
+    pid
+}
+
 /// Whether the calling thread is the process's main thread (whose end is
 /// the process's end).
 pub(crate) fn on_main_thread() -> bool {
