@@ -155,12 +155,20 @@ impl<'a> Registration<'a> {
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        if let Some((slot, me)) = self.slot {
-            slot.store(me, Ordering::Relaxed);
-        }
-        self.signal.unregister();
-        if let Some((slot, _)) = self.slot {
-            slot.store(0, Ordering::Relaxed);
+        match self.slot {
+            None => self.signal.unregister(),
+            Some((slot, me)) => {
+                // Unmark; if the slot is no longer ours, a waker took this
+                // registration back (judging this process gone: a pid of
+                // another namespace) and counted it out already.
+                if slot
+                    .compare_exchange(me | REGISTERED, me, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    self.signal.unregister();
+                    slot.store(0, Ordering::Relaxed);
+                }
+            }
         }
     }
 }
@@ -192,7 +200,8 @@ pub(crate) fn notify(signal: &Signal<'_>) {
 /// Only a pid that reads as ended is touched, so a live sleeper keeps its
 /// registration; a pid of another pid namespace (a queue passed to a
 /// container) could read as ended while it sleeps, and would then miss a
-/// wake-up for at most [`BACKSTOP`].
+/// wake-up for at most [`BACKSTOP`] (and not be counted out a second time
+/// when it wakes: see `Registration`'s drop).
 pub(crate) fn forget_dead_sleepers(signal: &Signal<'_>) {
     for slot in signal.sleepers {
         let v = slot.load(Ordering::Relaxed);
@@ -254,5 +263,30 @@ mod tests {
         drop(live);
         assert_eq!(waiters.load(Ordering::Relaxed), 0);
         assert!(slots.iter().all(|s| s.load(Ordering::Relaxed) == 0));
+    }
+
+    #[test]
+    fn a_registration_taken_back_is_counted_out_once() {
+        let seq = AtomicU32::new(0);
+        let waiters = AtomicU32::new(0);
+        let slots: [AtomicU32; 2] = Default::default();
+        let signal = Signal {
+            seq: &seq,
+            waiters: &waiters,
+            sleepers: &slots,
+        };
+        let mut sleeper = Registration::new(&signal);
+        sleeper.track();
+        // A waker that judged this sleeper gone (as one in another pid
+        // namespace could) takes its registration back, and another
+        // sleeper takes the slot.
+        let taken = slots[0].swap(0, Ordering::Relaxed);
+        assert_eq!(taken, shm::pid() | REGISTERED);
+        signal.unregister();
+        slots[0].store(12345 | REGISTERED, Ordering::Relaxed);
+        signal.register();
+        drop(sleeper);
+        assert_eq!(waiters.load(Ordering::Relaxed), 1);
+        assert_eq!(slots[0].load(Ordering::Relaxed), 12345 | REGISTERED);
     }
 }
