@@ -92,6 +92,11 @@ fn main() {
             the_spare_holds_no_request_descriptors as fn(),
         ),
         (
+            "a_forked_copy_of_a_handle_takes_no_status",
+            20,
+            a_forked_copy_of_a_handle_takes_no_status as fn(),
+        ),
+        (
             "failed_starts_leak_no_slot",
             60,
             failed_starts_leak_no_slot as fn(),
@@ -900,4 +905,21 @@ fn failed_starts_leak_no_slot() {
         .join()
         .expect("join");
     assert_eq!(out, "Ok(5)");
+}
+
+fn a_forked_copy_of_a_handle_takes_no_status() {
+    // A fork-server child's handle copied into a forked child: waiting on
+    // the copy must not read the status the server reports to the owner.
+    let mut child = Builder::new()
+        .start_method(StartMethod::ForkServer)
+        .spawn_entry(leave, 3)
+        .expect("spawn");
+    // (The forked child works on its copy of this process's memory.)
+    let copy_saw = proc::spawn(|| format!("{:?}", child.wait()))
+        .expect("spawn")
+        .join()
+        .expect("join");
+    assert_eq!(copy_saw, "Err(StatusLost)");
+    let status = child.wait().expect("the owner's status");
+    assert_eq!(status.code(), Some(3));
 }

@@ -290,17 +290,17 @@ impl<T> JoinHandle<T> {
                     Reaped::Lost => Err(JoinError::StatusLost),
                 };
             }
+            if sys::cached_pid() != self.owner {
+                // A copy in a forked child: not its child to wait for (the
+                // pid, once reaped by the owner, may be reused by one that
+                // is; a fork-server child's status is the owner's to read).
+                self.status = Some(Reaped::Lost);
+                continue;
+            }
             if self.remote.is_some() {
                 if !self.wait_remote(deadline)? {
                     return Ok(None);
                 }
-                continue;
-            }
-            if sys::cached_pid() != self.owner {
-                // A copy in a forked child: not its child to wait for (and
-                // the pid, once reaped by the owner, may be reused by one
-                // that is).
-                self.status = Some(Reaped::Lost);
                 continue;
             }
             let reap = match deadline {
