@@ -92,6 +92,11 @@ fn main() {
             the_spare_holds_no_request_descriptors as fn(),
         ),
         (
+            "a_zygotes_children_get_the_programs_signal_actions",
+            20,
+            a_zygotes_children_get_the_programs_signal_actions as fn(),
+        ),
+        (
             "a_forked_copy_of_a_handle_takes_no_status",
             20,
             a_forked_copy_of_a_handle_takes_no_status as fn(),
@@ -922,4 +927,67 @@ fn a_forked_copy_of_a_handle_takes_no_status() {
     assert_eq!(copy_saw, "Err(StatusLost)");
     let status = child.wait().expect("the owner's status");
     assert_eq!(status.code(), Some(3));
+}
+
+extern "C" fn on_signal_with_info(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The flags and handler of `signal`'s action in this process.
+fn action_of(signal: libc::c_int) -> (libc::c_int, bool) {
+    // SAFETY: a zeroed sigaction is valid storage.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null new action only reads the current one into `old`.
+    unsafe { libc::sigaction(signal, std::ptr::null(), &mut old) };
+    (
+        old.sa_flags & (libc::SA_SIGINFO | libc::SA_NOCLDSTOP),
+        old.sa_sigaction == on_signal_with_info as *const () as usize,
+    )
+}
+
+/// Per signal: its SA_SIGINFO / SA_NOCLDSTOP flags, whether its handler
+/// is `on_signal_with_info`.
+type Actions = Vec<(libc::c_int, bool)>;
+
+fn report_actions(_: ()) -> Actions {
+    vec![action_of(libc::SIGCHLD), action_of(libc::SIGINT)]
+}
+
+/// In a fresh process: SIGCHLD and SIGINT handlers with SA_SIGINFO (and
+/// SA_NOCLDSTOP), then a zygote's child reports what it has.
+fn zygote_child_actions(_: ()) -> (Actions, Actions) {
+    for (signal, extra) in [(libc::SIGCHLD, libc::SA_NOCLDSTOP), (libc::SIGINT, 0)] {
+        // SAFETY: a zeroed sigaction is valid.
+        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+        act.sa_sigaction = on_signal_with_info as *const () as usize;
+        act.sa_flags = libc::SA_SIGINFO | extra;
+        // SAFETY: a valid action whose handler does nothing.
+        unsafe { libc::sigaction(signal, &act, std::ptr::null_mut()) };
+    }
+    let here = report_actions(());
+    let zygote = proc::Zygote::new().expect("zygote");
+    let there = zygote
+        .spawn_entry(Builder::new(), report_actions, ())
+        .expect("spawn")
+        .join()
+        .expect("join");
+    (here, there)
+}
+
+fn a_zygotes_children_get_the_programs_signal_actions() {
+    // A zygote changes SIGINT, SIGPIPE and SIGCHLD for itself; its children
+    // get the program's actions back whole, flags included (as children
+    // forked by the program would have them).
+    let (here, there) = Builder::new()
+        .start_method(StartMethod::Spawn)
+        .spawn_entry(zygote_child_actions, ())
+        .expect("spawn")
+        .join()
+        .expect("join");
+    assert_eq!(
+        here,
+        [
+            (libc::SA_SIGINFO | libc::SA_NOCLDSTOP, true),
+            (libc::SA_SIGINFO, true)
+        ]
+    );
+    assert_eq!(there, here);
 }

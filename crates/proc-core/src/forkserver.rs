@@ -458,18 +458,26 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
     if sys::getppid() != requester {
         sys::exit_now(0);
     }
-    // Ctrl-C reaches the whole process group: the requester decides.
-    let _ = sys::set_disposition(libc::SIGINT, sys::Disposition::IGNORE);
+    // What the server changes for itself, its children get back whole
+    // (handler, flags, mask), as children forked by the program would have
+    // them. Ctrl-C reaches the whole process group: the requester decides.
     // A requester that learned of a child's end from its pidfd may have
     // closed the status pipe already: writing the status must not kill us.
-    let sigpipe = sys::set_disposition(libc::SIGPIPE, sys::Disposition::IGNORE)
-        .unwrap_or(sys::Disposition::DEFAULT);
     // The children are ours to reap: SIGCHLD ignored (which survives exec)
     // or a handler inherited from the program (a zygote) would reap them
     // first and take their statuses.
-    let sigchld = sys::set_disposition(libc::SIGCHLD, sys::Disposition::DEFAULT)
-        .unwrap_or(sys::Disposition::DEFAULT);
-    let program = ProgramSignals { sigpipe, sigchld };
+    let (Ok(sigint), Ok(sigpipe), Ok(sigchld)) = (
+        sys::replace_action(libc::SIGINT, sys::Disposition::IGNORE),
+        sys::replace_action(libc::SIGPIPE, sys::Disposition::IGNORE),
+        sys::replace_action(libc::SIGCHLD, sys::Disposition::DEFAULT),
+    ) else {
+        sys::exit_now(1)
+    };
+    let program = ProgramSignals {
+        sigint,
+        sigpipe,
+        sigchld,
+    };
     // Known once here, every child inherits it for its same-executable
     // check.
     let _ = sys::exe_identity();
@@ -603,16 +611,17 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
 /// back (a child runs as one forked by the program would).
 #[derive(Clone, Copy)]
 struct ProgramSignals {
-    sigpipe: sys::Disposition,
-    sigchld: sys::Disposition,
+    sigint: sys::SavedAction,
+    sigpipe: sys::SavedAction,
+    sigchld: sys::SavedAction,
 }
 
 impl ProgramSignals {
     /// In a child of the server.
     fn restore(self) {
-        let _ = sys::set_disposition(libc::SIGINT, sys::Disposition::DEFAULT);
-        let _ = sys::set_disposition(libc::SIGPIPE, self.sigpipe);
-        let _ = sys::set_disposition(libc::SIGCHLD, self.sigchld);
+        let _ = sys::restore_action(libc::SIGINT, &self.sigint);
+        let _ = sys::restore_action(libc::SIGPIPE, &self.sigpipe);
+        let _ = sys::restore_action(libc::SIGCHLD, &self.sigchld);
     }
 }
 

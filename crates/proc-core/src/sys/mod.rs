@@ -491,6 +491,38 @@ pub(crate) fn set_disposition(signal: libc::c_int, to: Disposition) -> io::Resul
     Ok(Disposition(previous))
 }
 
+/// A signal's whole action (handler, flags, mask) as `sigaction` gave it.
+#[derive(Clone, Copy)]
+pub(crate) struct SavedAction(libc::sigaction);
+
+/// Sets `signal`'s disposition to `to` (no flags, empty mask); returns the
+/// whole previous action, for [`restore_action`].
+pub(crate) fn replace_action(signal: libc::c_int, to: Disposition) -> io::Result<SavedAction> {
+    // SAFETY: an all-zero sigaction is a valid value (SIG_DFL, no flags,
+    // an empty mask); it is filled in before use.
+    let mut new: libc::sigaction = unsafe { std::mem::zeroed() };
+    new.sa_sigaction = to.0;
+    // SAFETY: as above.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers to sigaction structs for the call; `to` is
+    // SIG_IGN, SIG_DFL or a handler this process had (see Disposition).
+    if unsafe { libc::sigaction(signal, &new, &mut old) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(SavedAction(old))
+}
+
+/// Puts back an action [`replace_action`] returned for `signal`, flags and
+/// mask included (`signal()` would drop `SA_SIGINFO` and the mask).
+pub(crate) fn restore_action(signal: libc::c_int, saved: &SavedAction) -> io::Result<()> {
+    // SAFETY: `saved` is what sigaction reported for this signal in this
+    // process (or its parent, across a fork): a valid action.
+    if unsafe { libc::sigaction(signal, &saved.0, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Closes descriptor `fd`, a copy this (just forked) process inherited and
 /// that nothing in it owns: a zygote drops the sockets of its siblings.
 pub(crate) fn close_inherited(fd: RawFd) {
