@@ -41,6 +41,7 @@ mod error;
 mod forkserver;
 mod handle;
 pub mod handoff;
+mod lasting;
 mod pid;
 mod process;
 mod remote;
