@@ -112,11 +112,6 @@ fn main() {
             starts_from_a_thread_that_ends_live_on as fn(),
         ),
         (
-            "a_spawn_daemon_from_a_thread_dies_with_a_killed_parent",
-            30,
-            a_spawn_daemon_from_a_thread_dies_with_a_killed_parent as fn(),
-        ),
-        (
             "first_starts_from_two_threads_at_once",
             40,
             first_starts_from_two_threads_at_once as fn(),
@@ -995,55 +990,4 @@ fn a_zygotes_children_get_the_programs_signal_actions() {
         ]
     );
     assert_eq!(there, here);
-}
-
-/// In a fresh process: a thread starts a Spawn daemon and ends; the
-/// daemon's pid goes to `path`; then this process waits to be killed.
-fn daemon_from_a_thread_then_wait(path: String) {
-    let daemon = std::thread::spawn(|| {
-        let daemon = Builder::new()
-            .start_method(StartMethod::Spawn)
-            .daemon(true)
-            .spawn_entry(nap_for, 60_000)
-            .expect("spawn");
-        // Until the daemon has armed its death signal.
-        std::thread::sleep(Duration::from_millis(150));
-        daemon
-    })
-    .join()
-    .expect("thread");
-    std::fs::write(&path, format!("{}\n", daemon.pid())).expect("write");
-    nap_for(60_000);
-}
-
-fn a_spawn_daemon_from_a_thread_dies_with_a_killed_parent() {
-    // Started from a thread that has ended, a Spawn daemon still dies when
-    // its parent is SIGKILLed (its start ran on proc's lasting thread).
-    let dir = common::temp_dir("daemon-from-thread");
-    let path = dir.join("pid");
-    let middle = Builder::new()
-        .start_method(StartMethod::Spawn)
-        .spawn_entry(
-            daemon_from_a_thread_then_wait,
-            path.to_string_lossy().into_owned(),
-        )
-        .expect("spawn");
-    assert!(common::eventually(Duration::from_secs(10), || {
-        std::fs::read_to_string(&path).is_ok_and(|s| s.ends_with('\n'))
-    }));
-    let daemon: u32 = std::fs::read_to_string(&path)
-        .expect("pid")
-        .trim()
-        .parse()
-        .expect("pid");
-    assert!(common::proc_state(daemon).is_some_and(|s| s != 'Z'));
-    middle.kill().expect("kill");
-    let _ = middle.join();
-    assert!(
-        common::eventually(Duration::from_secs(10), || {
-            common::reap_adopted(daemon).is_some() || common::proc_state(daemon).is_none()
-        }),
-        "daemon {daemon} outlived its SIGKILLed parent"
-    );
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -84,10 +84,10 @@ impl Builder {
     /// `spawn` only forks from a single-threaded process, where that thread
     /// is the main thread. A `ForkServer` daemon dies with the fork server,
     /// which ends with this process whatever thread started it. A `Spawn`
-    /// daemon started on another thread than the main one is started from
-    /// a thread of proc's that lasts as long as this process (created on
-    /// the first such start), so that the end of the calling thread does
-    /// not kill it.
+    /// daemon started from a thread other than the main one gets no death
+    /// signal (that thread's end would kill it while this process runs
+    /// on): it is terminated when this process exits normally, as in
+    /// Python, but outlives a `SIGKILL` of this process.
     pub fn daemon(mut self, daemon: bool) -> Self {
         self.daemon = daemon;
         self

@@ -164,6 +164,10 @@ struct Request {
     name: String,
     path: Vec<u32>,
     daemon: bool,
+    /// Whether the start ran on the parent's main thread: only then may a
+    /// daemon take a parent-death signal, which follows the thread that
+    /// started it, not the process.
+    started_on_main_thread: bool,
     parent: i32,
 }
 
@@ -286,10 +290,14 @@ pub(crate) fn run_request(
     // Task functions sent to this child later (pool workers) rely on it.
     sys::remember_same_exe(proof);
     let expected_parent = parent.unwrap_or(request.parent);
-    // A daemon dies with its parent: the fork server (single-threaded), or
-    // the program (the start ran on its main thread or on the lasting
-    // thread: see `lasting`).
+    // A daemon dies with its parent: the fork server (single-threaded),
+    // or the program when the start ran on its main thread. Started from
+    // another thread, whose end would send the signal while the program
+    // runs on, it is only terminated at the program's exit (as Python's
+    // daemons are), not when the program is killed.
+    let tie = parent.is_some() || request.started_on_main_thread;
     if request.daemon
+        && tie
         && (sys::set_parent_death_signal(libc::SIGKILL).is_err()
             || sys::getppid() != expected_parent)
     {
@@ -362,6 +370,7 @@ where
         name: name.clone(),
         path,
         daemon,
+        started_on_main_thread: sys::on_main_thread(),
         parent: sys::getpid(),
     };
     let bytes = postcard::to_stdvec(&request).map_err(|e| SpawnError::Encode(e.to_string()))?;
@@ -417,13 +426,7 @@ where
     let mut keep = vec![sys::raw_fd(&request_file), sys::raw_fd(&result)];
     keep.extend(fds.iter().map(std::os::fd::AsRawFd::as_raw_fd));
     sys::keep_across_exec(&mut cmd, &keep);
-    // A daemon's death signal follows the thread that starts it.
-    let spawned = if daemon {
-        crate::lasting::run(move || cmd.spawn()).and_then(|r| r)
-    } else {
-        cmd.spawn()
-    };
-    let child = match spawned {
+    let child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => {
             children::unreserve(slot);

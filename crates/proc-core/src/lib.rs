@@ -41,7 +41,6 @@ mod error;
 mod forkserver;
 mod handle;
 pub mod handoff;
-mod lasting;
 mod pid;
 mod process;
 mod remote;
