@@ -117,6 +117,11 @@ fn main() {
             30,
             workers_die_with_sigkilled_parent,
         ),
+        (
+            "spawn_workers_started_on_a_thread_die_with_a_killed_parent",
+            30,
+            spawn_workers_started_on_a_thread_die_with_a_killed_parent,
+        ),
         ("ctrl_c_stops_cleanly", 30, ctrl_c_stops_cleanly),
         (
             "large_arguments_and_results",
@@ -741,6 +746,30 @@ fn read_pids(file: &std::path::Path) -> Vec<u32> {
 
 fn helper_mode(mode: &str) {
     let dir = std::path::PathBuf::from(std::env::var_os("PROC_TEST_DIR").expect("dir"));
+    if mode == "spawn-from-thread" {
+        // A Spawn pool made on a thread that then ends, its workers idle.
+        let pool = std::thread::spawn(|| {
+            let pool = Pool::builder()
+                .processes(2)
+                .start_method(StartMethod::Spawn)
+                .build()
+                .expect("pool");
+            assert_eq!(pool.map(square, 0..4u64).expect("map"), [0, 1, 4, 9]);
+            pool
+        })
+        .join()
+        .expect("thread");
+        let pids: Vec<String> = pool
+            .worker_pids()
+            .iter()
+            .map(|p| p.as_u32().to_string())
+            .collect();
+        let tmp = dir.join("pids.tmp");
+        std::fs::write(&tmp, pids.join(" ")).expect("write");
+        std::fs::rename(tmp, dir.join("pids")).expect("rename");
+        std::thread::sleep(Duration::from_secs(60));
+        return;
+    }
     let pool = Pool::new(2).expect("pool");
     // Busy workers, a task queued behind them.
     let _busy: Vec<_> = (0..4)
@@ -767,6 +796,26 @@ fn workers_die_with_sigkilled_parent() {
     child.kill().expect("kill");
     child.wait().expect("wait");
     // The zygote and workers are adopted by this (subreaper) process.
+    for pid in workers {
+        assert!(
+            common::eventually(Duration::from_secs(10), || {
+                common::reap_adopted(pid);
+                common::proc_state(pid).is_none()
+            }),
+            "worker {pid} outlived its parent"
+        );
+    }
+}
+
+fn spawn_workers_started_on_a_thread_die_with_a_killed_parent() {
+    // Started on a thread that has ended, Spawn workers have no death
+    // signal (it would follow that thread); idle, they notice within a
+    // second or so that they were adopted, and go.
+    let (mut child, file) = helper("spawn-from-thread", "pool-thread-kill", false);
+    let workers = read_pids(&file);
+    assert_eq!(workers.len(), 2);
+    child.kill().expect("kill");
+    child.wait().expect("wait");
     for pid in workers {
         assert!(
             common::eventually(Duration::from_secs(10), || {

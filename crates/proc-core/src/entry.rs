@@ -294,11 +294,12 @@ pub(crate) fn run_request(
     // or the program when the start ran on its main thread. Started from
     // another thread, whose end would send the signal while the program
     // runs on, it is only terminated at the program's exit (as Python's
-    // daemons are), not when the program is killed.
+    // daemons are), not when the program is killed (pool workers watch
+    // for that themselves). Either way a parent already gone (the check
+    // after arming the signal closes that window) ends it now.
     let tie = parent.is_some() || request.started_on_main_thread;
     if request.daemon
-        && tie
-        && (sys::set_parent_death_signal(libc::SIGKILL).is_err()
+        && ((tie && sys::set_parent_death_signal(libc::SIGKILL).is_err())
             || sys::getppid() != expected_parent)
     {
         sys::exit_now(1);

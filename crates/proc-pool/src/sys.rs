@@ -1,5 +1,5 @@
-//! The `unsafe` calls of `proc-pool`: running a task function, and advice
-//! to the kernel about a large result vector.
+//! The `unsafe` calls of `proc-pool`: running a task function, advice to
+//! the kernel about a large result vector, the parent's pid.
 
 use proc_core::task::{TaskFn, TaskFnError};
 
@@ -63,4 +63,11 @@ mod tests {
             assert!(v.iter().enumerate().all(|(i, &x)| x == i as u64));
         }
     }
+}
+
+/// The parent's process id (it changes when the parent dies: the process
+/// is adopted by a subreaper or init).
+pub(crate) fn parent_pid() -> libc::pid_t {
+    // SAFETY: getppid cannot fail and has no preconditions.
+    unsafe { libc::getppid() }
 }

@@ -1,10 +1,10 @@
 //! The worker process: takes task messages from its own queue, runs each
 //! task, puts each result on the pool's result queue.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use proc_core::task::TaskFn;
-use proc_queue::Queue;
+use proc_queue::{GetError, Queue};
 use serde::{Deserialize, Serialize};
 
 use crate::error::TaskError;
@@ -24,6 +24,10 @@ pub(crate) struct WorkerArgs {
 
 /// Exit code of a worker that found a malformed task message.
 const CORRUPTED_EXIT: i32 = 3;
+/// Exit code of a worker whose parent is gone.
+const PARENT_GONE_EXIT: i32 = 4;
+/// How often an idle worker checks that its parent lives.
+const PARENT_CHECK: Duration = Duration::from_secs(1);
 
 /// The worker's entry: returns when its queue is closed, when it has run
 /// `maxtasks` tasks, or when its initializer failed.
@@ -62,10 +66,22 @@ pub(crate) fn worker_main(args: WorkerArgs) {
     }
     let mut ran = 0u64;
     let mut message = Vec::new();
+    // A worker dies with its parent: by the parent-death signal, and, where
+    // that signal could not be armed (a Spawn worker started on a thread
+    // other than the main one: the signal follows that thread), by seeing
+    // itself adopted while it waits for work.
+    let parent = crate::sys::parent_pid();
     loop {
-        if tasks.get_bytes_into(&mut message).is_err() {
+        match tasks.get_bytes_into_timeout(&mut message, PARENT_CHECK) {
+            Ok(()) => {}
+            Err(GetError::Timeout) => {
+                if crate::sys::parent_pid() != parent {
+                    proc_core::exit(PARENT_GONE_EXIT);
+                }
+                continue;
+            }
             // Closed: the pool is done with this worker.
-            return;
+            Err(_) => return,
         }
         let mut rest = &message[..];
         while !rest.is_empty() {
