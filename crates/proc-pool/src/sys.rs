@@ -49,6 +49,13 @@ pub(crate) fn advise_huge_pages<T>(buf: &Vec<T>) {
     unsafe { libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_HUGEPAGE) };
 }
 
+/// The parent's process id (it changes when the parent dies: the process
+/// is adopted by a subreaper or init).
+pub(crate) fn parent_pid() -> libc::pid_t {
+    // SAFETY: getppid cannot fail and has no preconditions.
+    unsafe { libc::getppid() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::advise_huge_pages;
@@ -63,11 +70,4 @@ mod tests {
             assert!(v.iter().enumerate().all(|(i, &x)| x == i as u64));
         }
     }
-}
-
-/// The parent's process id (it changes when the parent dies: the process
-/// is adopted by a subreaper or init).
-pub(crate) fn parent_pid() -> libc::pid_t {
-    // SAFETY: getppid cannot fail and has no preconditions.
-    unsafe { libc::getppid() }
 }
