@@ -196,8 +196,11 @@ pub fn active_children() -> Vec<ProcessInfo> {
         .collect()
 }
 
-/// The number of CPUs this process may run on (Python's `cpu_count()`, as
-/// `process_cpu_count()` counts them: affinity and cgroup quotas included).
+/// The number of CPUs this process may use: its CPU affinity and, in a
+/// container, its cgroup CPU quota (std's `available_parallelism`). Python's
+/// `cpu_count()` counts every CPU of the machine and its
+/// `process_cpu_count()` (3.13) the affinity only; this is the number of
+/// workers that can run at once, which is what `Pool::new`'s default needs.
 ///
 /// # Examples
 ///

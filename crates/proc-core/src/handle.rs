@@ -174,16 +174,19 @@ impl<T> JoinHandle<T> {
                     }
                     return poll_until(pidfd.as_fd(), timeout);
                 }
-                let deadline = Instant::now() + timeout;
+                // (A timeout too large to represent is no timeout.)
+                let deadline = Instant::now().checked_add(timeout);
                 loop {
                     if self.is_finished() {
                         return Ok(true);
                     }
-                    let now = Instant::now();
-                    if now >= deadline {
+                    let left = deadline.map_or(Duration::MAX, |d| {
+                        d.saturating_duration_since(Instant::now())
+                    });
+                    if left.is_zero() {
                         return Ok(false);
                     }
-                    std::thread::sleep((deadline - now).min(Duration::from_micros(200)));
+                    std::thread::sleep(left.min(Duration::from_micros(200)));
                 }
             }
         }
