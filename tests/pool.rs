@@ -531,6 +531,10 @@ fn failing_init(_: ()) {
     panic!("cannot initialize");
 }
 
+fn aborting_init(_: ()) {
+    std::process::abort();
+}
+
 fn initializer_failure_fails_tasks() {
     let pool = Pool::builder()
         .processes(2)
@@ -549,6 +553,24 @@ fn initializer_failure_fails_tasks() {
         pool.map(square, 0..10),
         Err(TaskError::InitializerFailed(_))
     ));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // An initializer that ends the process instead of panicking (abort, a
+    // segfault, exit) reports nothing: workers dying before they are
+    // ready, over and over, mean the same. (Without this the pool
+    // replaced them for ever and every get waited.)
+    let pool = Pool::builder()
+        .processes(2)
+        .initializer(aborting_init, ())
+        .expect("initializer")
+        .build()
+        .expect("pool");
+    let t = Instant::now();
+    match pool.apply(square, 2) {
+        Err(TaskError::InitializerFailed(message)) => {
+            assert!(message.contains("before it was ready"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
     assert!(t.elapsed() < Duration::from_secs(5));
 }
 

@@ -200,6 +200,7 @@ impl PoolBuilder {
             phase: Phase::Running,
             pumping: false,
             broken: None,
+            unready_deaths: 0,
             last_check: Instant::now(),
             started: 0,
             unfinished: 0,
@@ -214,6 +215,7 @@ impl PoolBuilder {
                 handle: None,
                 outstanding: VecDeque::new(),
                 budget: config.maxtasks,
+                ready: false,
             });
         }
         if let Err(e) = start_all(&config, &mut state, &results) {
@@ -271,7 +273,13 @@ struct Worker {
     outstanding: VecDeque<Task>,
     /// Tasks this worker process may still be sent (`maxtasksperchild`).
     budget: Option<u64>,
+    /// Whether this worker process reported its initializer done.
+    ready: bool,
 }
+
+/// Workers dying before their initializer is done, in a row, that break
+/// the pool (see `Shared::settle_dead`).
+const UNREADY_DEATHS: u32 = 3;
 
 /// Task ids are sequential: a multiply spreads them well enough, at a
 /// fraction of SipHash's cost.
@@ -357,6 +365,9 @@ struct State {
     pumping: bool,
     /// Set when the initializer failed: every task fails with it.
     broken: Option<TaskError>,
+    /// Worker processes that died before their initializer was done, in a
+    /// row (with an initializer: see `settle_dead`).
+    unready_deaths: u32,
     last_check: Instant,
     /// Worker processes started so far (for their names).
     started: u64,
@@ -1041,6 +1052,14 @@ impl Inner {
         let Some((worker, id, micros, output)) = wire::take_result(&message) else {
             return;
         };
+        if id == wire::INIT_DONE {
+            if let Some(w) = state.workers.get_mut(worker as usize) {
+                w.ready = true;
+            }
+            state.unready_deaths = 0;
+            state.recycle(message);
+            return;
+        }
         // How long tasks take decides whether small ones are batched.
         state.task_micros += (f64::from(micros) - state.task_micros) / 16.0;
         let start = message.len() - output.len();
@@ -1337,12 +1356,32 @@ impl Inner {
         for id in failed {
             self.finish(state, id, Done::Failed(error.clone()));
         }
+        // An initializer that ends its process (abort, exit, a crash)
+        // reports nothing; three workers in a row dying before they were
+        // ready is taken as that, not replaced for ever (one killed from
+        // outside while initializing is just replaced).
+        if self.config.initializer.is_some() && !state.workers[i].ready {
+            state.unready_deaths += 1;
+            if state.unready_deaths >= UNREADY_DEATHS {
+                let reason = match status {
+                    Some(s) if s.signal().is_some() => format!("signal {:?}", s.signal()),
+                    Some(s) => format!("exit status {:?}", s.code()),
+                    None => "an unknown status".to_owned(),
+                };
+                let message = format!(
+                    "{UNREADY_DEATHS} workers in a row ended before it was ready (the last with {reason})"
+                );
+                self.break_pool(state, TaskError::InitializerFailed(message));
+                return;
+            }
+        }
         self.restart(state, i);
         self.cond.notify_all();
     }
 
     /// Starts a new process on worker `i`'s queue, if there is work for it.
     fn restart(&self, state: &mut State, i: usize) {
+        state.workers[i].ready = false;
         let wanted = matches!(state.phase, Phase::Running)
             || (state.phase == Phase::Closed && state.unfinished > 0);
         if !wanted || state.broken.is_some() {

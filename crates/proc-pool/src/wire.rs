@@ -29,6 +29,8 @@ pub(crate) const FAILED: u8 = 1;
 
 /// The result id a worker uses to report that its initializer failed.
 pub(crate) const INIT_FAILED: u64 = u64::MAX;
+/// The result id a worker uses to report that its initializer returned.
+pub(crate) const INIT_DONE: u64 = u64::MAX - 1;
 
 /// Appends `value` in postcard (headers and errors); on failure `out` is
 /// as it was. Headers fit a stack buffer: no allocation per task.

@@ -63,6 +63,13 @@ pub(crate) fn worker_main(args: WorkerArgs) {
             let _ = results.put_bytes(&out);
             return;
         }
+        // Ready: a worker that dies before this was ended by its
+        // initializer (or while it ran).
+        wire::result_header(index, wire::INIT_DONE, &mut out);
+        if results.put_bytes(&out).is_err() {
+            return;
+        }
+        out.clear();
     }
     let mut ran = 0u64;
     let mut message = Vec::new();
