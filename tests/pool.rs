@@ -122,6 +122,11 @@ fn main() {
             30,
             spawn_workers_started_on_a_thread_die_with_a_killed_parent,
         ),
+        (
+            "a_failed_replacement_keeps_the_zygote",
+            30,
+            a_failed_replacement_keeps_the_zygote,
+        ),
         ("ctrl_c_stops_cleanly", 30, ctrl_c_stops_cleanly),
         (
             "large_arguments_and_results",
@@ -847,6 +852,54 @@ fn spawn_workers_started_on_a_thread_die_with_a_killed_parent() {
             "worker {pid} outlived its parent"
         );
     }
+}
+
+fn a_failed_replacement_keeps_the_zygote() {
+    // Both workers come from the zygote (maxtasksperchild 1 replaces the
+    // first ones). One runs a long task; the other dies while no new
+    // descriptor can be opened, so its replacement fails on this side.
+    // The zygote still serves: it must be kept (dropping it ends it, and
+    // with it the worker running the long task), and the empty slot gets
+    // a worker again once descriptors are back.
+    let pool = Pool::builder()
+        .processes(2)
+        .maxtasksperchild(1)
+        .start_method(StartMethod::Fork)
+        .build()
+        .expect("pool");
+    let firsts: Vec<_> = (0..2)
+        .map(|i| pool.apply_async(square, i).expect("submit"))
+        .collect();
+    for r in firsts {
+        r.get().expect("warm-up task");
+    }
+    let long = pool.apply_async(sleep_ms, 1_500).expect("submit");
+    std::thread::sleep(Duration::from_millis(200));
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid rlimit pointers.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    let tight = libc::rlimit {
+        rlim_cur: 3,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: as above; restored below.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &tight) };
+    let died = pool.apply(die, Death::Kill);
+    // SAFETY: as above.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    assert!(
+        matches!(died, Err(TaskError::WorkerDied { .. })),
+        "{died:?}"
+    );
+    assert_eq!(long.get().expect("the long task"), 1_500);
+    // Both slots serve again.
+    assert_eq!(
+        pool.map(square, 0..8u64).expect("map"),
+        (0..8u64).map(|x| x * x).collect::<Vec<_>>()
+    );
 }
 
 fn ctrl_c_stops_cleanly() {

@@ -279,6 +279,16 @@ impl Zygote {
         self.pid
     }
 
+    /// Whether the zygote still serves this process: its connection is
+    /// open (a start found it gone, or this is a forked copy of its owner,
+    /// otherwise) and its process has not ended. A start that failed while
+    /// it serves failed on this side (descriptors, memory) or in its fork.
+    pub fn is_serving(&self) -> bool {
+        sys::getpid() == self.owner
+            && self.sock.lock().is_some()
+            && !matches!(sys::has_exited(self.pid.raw()), Ok(true))
+    }
+
     /// Starts the entry `f(args)` in a child forked by the zygote, named
     /// and flagged as `builder` says (its start method is ignored), and
     /// returns the same [`JoinHandle`] as [`Builder::spawn_entry`]. The

@@ -201,6 +201,7 @@ impl PoolBuilder {
             pumping: false,
             broken: None,
             unready_deaths: 0,
+            last_retry: Instant::now(),
             last_check: Instant::now(),
             started: 0,
             unfinished: 0,
@@ -276,6 +277,9 @@ struct Worker {
     /// Whether this worker process reported its initializer done.
     ready: bool,
 }
+
+/// How often an empty worker slot is given a new process again.
+const RETRY_EVERY: Duration = Duration::from_millis(100);
 
 /// Workers dying before their initializer is done, in a row, that break
 /// the pool (see `Shared::settle_dead`).
@@ -368,6 +372,8 @@ struct State {
     /// Worker processes that died before their initializer was done, in a
     /// row (with an initializer: see `settle_dead`).
     unready_deaths: u32,
+    /// When an empty worker slot was last given a new process.
+    last_retry: Instant,
     last_check: Instant,
     /// Worker processes started so far (for their names).
     started: u64,
@@ -1295,9 +1301,18 @@ impl Inner {
             // miss that result. The reader checks when it is back.
             return;
         }
-        state.last_check = Instant::now();
+        let now = Instant::now();
+        state.last_check = now;
+        // A worker whose replacement could not be started (a passing fork
+        // or descriptor failure) is tried again, now and then.
+        let retry = now.duration_since(state.last_retry) >= RETRY_EVERY;
         for i in 0..state.workers.len() {
             let status = match state.workers[i].handle.as_mut().map(JoinHandle::try_wait) {
+                None if retry => {
+                    state.last_retry = now;
+                    self.restart(state, i);
+                    continue;
+                }
                 None | Some(Ok(None)) => continue,
                 Some(Ok(Some(status))) => Some(status),
                 Some(Err(_)) => None,
@@ -1389,10 +1404,12 @@ impl Inner {
         }
         state.workers[i].budget = self.config.maxtasks;
         let mut started = start_worker(&self.config, state, i, &self.results);
-        if started.is_err() && state.zygote.is_some() {
-            // The zygote may be gone (killed: its workers died with it). A
-            // new one if this process is still single-threaded; else the
-            // fork server from now on (it needs `init()` in main).
+        if started.is_err() && state.zygote.as_ref().is_some_and(|z| !z.is_serving()) {
+            // The zygote is gone (killed: its workers died with it). A new
+            // one if this process is still single-threaded; else the fork
+            // server from now on (it needs `init()` in main). (One that
+            // still serves is kept: dropping it would end it, and with it
+            // every worker it started.)
             state.zygote = None;
             match Zygote::new() {
                 Ok(zygote) => state.zygote = Some(zygote),
