@@ -250,6 +250,15 @@ fn apply_and_results() {
     assert!(slow.ready());
     assert_eq!(slow.successful(), Some(true));
     assert_eq!(slow.get(), Ok(150));
+    // After get_timeout has taken the value, still ready and successful
+    // (as in Python); a failed task is unsuccessful after it too.
+    let mut quick = pool.apply_async(square, 3).expect("submit");
+    assert_eq!(quick.get_timeout(Duration::from_secs(5)), Ok(9));
+    assert!(quick.ready());
+    assert_eq!(quick.successful(), Some(true));
+    let mut failing = pool.apply_async(panicky, 3).expect("submit");
+    assert!(failing.get_timeout(Duration::from_secs(5)).is_err());
+    assert_eq!(failing.successful(), Some(false));
     let pids: HashSet<u32> = (0..20)
         .map(|_| pool.apply_async(worker_pid, ()).expect("submit"))
         .collect::<Vec<_>>()

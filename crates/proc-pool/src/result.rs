@@ -41,6 +41,8 @@ pub struct AsyncResult<R> {
     inner: Arc<Inner>,
     id: u64,
     taken: bool,
+    /// Once taken: whether the task succeeded.
+    succeeded: Option<bool>,
     _result: PhantomData<fn() -> R>,
 }
 
@@ -59,6 +61,7 @@ impl<R: DeserializeOwned> AsyncResult<R> {
             inner,
             id,
             taken: false,
+            succeeded: None,
             _result: PhantomData,
         }
     }
@@ -92,7 +95,9 @@ impl<R: DeserializeOwned> AsyncResult<R> {
             None => TaskError::Terminated,
         })?;
         self.taken = true;
-        one(&done)
+        let value = one(&done);
+        self.succeeded = Some(value.is_ok());
+        value
     }
 
     /// Waits until the result is ready (Python's `wait()`).
@@ -115,7 +120,7 @@ impl<R: DeserializeOwned> AsyncResult<R> {
     /// Whether the task succeeded, or `None` while it is not ready (Python
     /// raises `ValueError` then).
     pub fn successful(&self) -> Option<bool> {
-        self.inner.peek(self.id)
+        self.succeeded.or_else(|| self.inner.peek(self.id))
     }
 }
 
