@@ -58,6 +58,11 @@ fn main() {
             a_queue_passed_by_value_arrives
         ),
         both!(
+            "parent_process_names_the_parent",
+            20,
+            parent_process_names_the_parent
+        ),
+        both!(
             "signalling_an_ended_child_is_harmless",
             20,
             signalling_an_ended_child_is_harmless
@@ -990,4 +995,29 @@ fn a_zygotes_children_get_the_programs_signal_actions() {
         ]
     );
     assert_eq!(there, here);
+}
+
+fn parent_of_me(_: ()) -> Option<(String, bool)> {
+    proc::parent_process().map(|p| (p.name().to_owned(), p.daemon()))
+}
+
+fn parent_process_names_the_parent() {
+    // A child named "outer" (a daemon) starts an entry: the entry's
+    // parent_process() is "outer", as in Python, not a fresh MainProcess.
+    let method = METHOD.load(Ordering::Relaxed);
+    let seen = Builder::new()
+        .name("outer")
+        .daemon(true)
+        .spawn(move || {
+            METHOD.store(method, Ordering::Relaxed);
+            spawn()
+                .spawn_entry(parent_of_me, ())
+                .expect("spawn")
+                .join()
+                .expect("join")
+        })
+        .expect("spawn")
+        .join()
+        .expect("join");
+    assert_eq!(seen, Some(("outer".to_owned(), true)));
 }

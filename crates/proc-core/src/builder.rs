@@ -421,7 +421,7 @@ where
         // parent drops them, not when this child exits.
         crate::forkserver::release_inherited_zygotes(setup.parent, null);
     }
-    current::enter_child(setup.name, setup.path, setup.daemon, setup.parent);
+    current::enter_child(setup.name, setup.path, setup.daemon, setup.parent, None);
     run_and_exit(result, f)
 }
 

@@ -51,13 +51,24 @@ fn default_name(path: &[u32]) -> String {
     format!("Process-{}", parts.join(":"))
 }
 
-/// Becomes the child described by `name`/`path`, in a freshly forked child.
-pub(crate) fn enter_child(name: String, path: Vec<u32>, daemon: bool, parent_pid: libc::pid_t) {
+/// Becomes the child described by `name`/`path`, in a freshly forked child
+/// (whose memory holds its parent's identity) or, with the parent's name
+/// and daemon flag in `parent`, in a child that does not hold it (an exec,
+/// or a child of the fork server).
+pub(crate) fn enter_child(
+    name: String,
+    path: Vec<u32>,
+    daemon: bool,
+    parent_pid: libc::pid_t,
+    parent: Option<(String, bool)>,
+) {
     with_identity(|id| {
+        let (parent_name, parent_daemon) =
+            parent.unwrap_or_else(|| (std::mem::take(&mut id.name), id.daemon));
         let parent = ProcessInfo {
-            name: std::mem::take(&mut id.name),
+            name: parent_name,
             pid: Pid::from_raw(parent_pid),
-            daemon: id.daemon,
+            daemon: parent_daemon,
         };
         *id = Identity {
             name,

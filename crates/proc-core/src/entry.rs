@@ -169,6 +169,9 @@ struct Request {
     /// started it, not the process.
     started_on_main_thread: bool,
     parent: i32,
+    /// The parent's name and daemon flag (for `parent_process()`).
+    parent_name: String,
+    parent_daemon: bool,
 }
 
 /// The first line of `main` in a program that starts processes with
@@ -321,7 +324,13 @@ pub(crate) fn run_request(
         }
     };
     crate::handoff::receive(shared);
-    current::enter_child(request.name, request.path, request.daemon, request.parent);
+    current::enter_child(
+        request.name,
+        request.path,
+        request.daemon,
+        request.parent,
+        Some((request.parent_name, request.parent_daemon)),
+    );
     crate::builder::install_panic_hook();
     let base = anchor();
     let trampoline_addr = base.wrapping_add(request.trampoline) as usize;
@@ -359,6 +368,7 @@ where
     let (default_name, default_path) = current::next_child_identity();
     let path = path.unwrap_or(default_path);
     let name = name.unwrap_or(default_name);
+    let me = current::current_process();
     let (args, fds) = crate::handoff::collect(|| postcard::to_stdvec(&args));
     let args = args.map_err(|e| SpawnError::Encode(e.to_string()))?;
     let trampoline: sys::Trampoline = trampoline::<A, R>;
@@ -373,6 +383,8 @@ where
         daemon,
         started_on_main_thread: sys::on_main_thread(),
         parent: sys::getpid(),
+        parent_name: me.name().to_owned(),
+        parent_daemon: me.daemon(),
     };
     let bytes = postcard::to_stdvec(&request).map_err(|e| SpawnError::Encode(e.to_string()))?;
     let request_file = sys::memfd(c"proc-request").map_err(SpawnError::ResultChannel)?;
