@@ -299,8 +299,43 @@ fn map_chunking_and_order() {
     );
 }
 
+/// Serializes, except the value 5.
+#[derive(Debug)]
+struct NotFive(u64);
+
+impl serde::Serialize for NotFive {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0 == 5 {
+            return Err(serde::ser::Error::custom("five"));
+        }
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for NotFive {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        u64::deserialize(d).map(NotFive)
+    }
+}
+
+fn unwrap_not_five(x: NotFive) -> u64 {
+    x.0
+}
+
 fn imap_ordered_unordered_endless() {
     let pool = make_pool(2);
+    // An item that cannot be sent fails in its own place, after the items
+    // before it (sent, still running), not ahead of them.
+    let out: Vec<Result<u64, TaskError>> =
+        pool.imap(unwrap_not_five, (0..10).map(NotFive)).collect();
+    assert_eq!(out.len(), 10);
+    for (i, r) in out.iter().enumerate() {
+        match (i, r) {
+            (5, Err(TaskError::ArgsEncode(_))) => {}
+            (i, Ok(v)) if i != 5 && *v == i as u64 => {}
+            other => panic!("{other:?} in {out:?}"),
+        }
+    }
     let ordered: Vec<u64> = pool
         .imap(square, 0..500u64)
         .map(|r| r.expect("item"))

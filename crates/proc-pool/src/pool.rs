@@ -726,6 +726,12 @@ impl Pool {
     /// results in order (Python's `imap`). Only a bounded number of tasks
     /// is in flight, so an endless iterator works.
     ///
+    /// Items are sent as the iterator is consumed: unlike Python, where
+    /// every item is queued at once, an iterator consumed after
+    /// [`close`](Pool::close) yields the results of what was in flight,
+    /// then `Err(TaskError::NotRunning)` for the rest. An item that cannot
+    /// be sent (its argument does not serialize) fails in its own place.
+    ///
     /// # Examples
     ///
     /// ```

@@ -307,8 +307,8 @@ pub struct IMap<R, I> {
     chunksize: usize,
     window: usize,
     ordered: bool,
-    /// (task id, items) in flight, in input order.
-    inflight: VecDeque<(u64, usize)>,
+    /// (task id, or why the chunk was not sent; items) in input order.
+    inflight: VecDeque<(Result<u64, TaskError>, usize)>,
     /// Results of the current chunk, ready to hand out.
     ready: std::vec::IntoIter<Result<R, TaskError>>,
 }
@@ -368,23 +368,24 @@ where
                 .map_err(TaskError::ArgsEncode)
                 .and_then(|()| self.inner.submit(record));
             chunk.clear();
-            match sent {
-                Ok(id) => self.inflight.push_back((id, len)),
-                Err(e) => {
-                    // Reported in place of the chunk's items; the input
-                    // ends here when the pool no longer runs.
-                    if e == TaskError::NotRunning {
-                        self.input = None;
-                    }
-                    let items: Vec<_> = (0..len).map(|_| Err(e.clone())).collect();
-                    let mut rest: Vec<_> = std::mem::take(&mut self.ready).collect();
-                    rest.extend(items);
-                    self.ready = rest.into_iter();
-                    return;
-                }
+            let failed = sent.is_err();
+            if sent == Err(TaskError::NotRunning) {
+                // The input ends here: the pool no longer runs.
+                self.input = None;
+            }
+            // A chunk that could not be sent is reported in place of its
+            // items, in input order (after the chunks before it).
+            self.inflight.push_back((sent, len));
+            if failed {
+                return;
             }
         }
     }
+}
+
+/// `len` copies of `error`.
+fn vec_of_errors<R>(error: &TaskError, len: usize) -> Vec<Result<R, TaskError>> {
+    (0..len).map(|_| Err(error.clone())).collect()
 }
 
 impl<A, R, I> Iterator for IMap<R, I>
@@ -407,22 +408,38 @@ where
             if self.inflight.is_empty() {
                 return None;
             }
-            let (id, len, done) = if self.ordered {
-                let (id, len) = self.inflight.pop_front()?;
-                let done = self.inner.take(id, None);
-                (id, len, done)
+            let (len, done) = if self.ordered {
+                match self.inflight.pop_front()? {
+                    (Ok(id), len) => (len, self.inner.take(id, None)),
+                    (Err(e), len) => {
+                        self.ready = vec_of_errors(&e, len).into_iter();
+                        continue;
+                    }
+                }
+            } else if let Some(at) = self.inflight.iter().position(|(s, _)| s.is_err()) {
+                // Unordered: a chunk that was not sent is ready now.
+                if let Some((Err(e), len)) = self.inflight.remove(at) {
+                    self.ready = vec_of_errors(&e, len).into_iter();
+                }
+                continue;
             } else {
-                let ids: Vec<u64> = self.inflight.iter().map(|&(id, _)| id).collect();
+                let ids: Vec<u64> = self
+                    .inflight
+                    .iter()
+                    .filter_map(|(s, _)| s.as_ref().ok().copied())
+                    .collect();
                 let (id, done) = self.inner.take_any(&ids, None)?;
-                let at = self.inflight.iter().position(|&(i, _)| i == id)?;
+                let at = self
+                    .inflight
+                    .iter()
+                    .position(|(s, _)| s.as_ref().ok() == Some(&id))?;
                 let (_, len) = self.inflight.remove(at)?;
-                (id, len, Some(done))
+                (len, Some(done))
             };
-            let _ = id;
             let items = match done.map(|d| d.items::<R>(len)) {
                 Some(Ok(items)) => items,
-                Some(Err(e)) => (0..len).map(|_| Err(e.clone())).collect(),
-                None => (0..len).map(|_| Err(TaskError::Terminated)).collect(),
+                Some(Err(e)) => vec_of_errors(&e, len),
+                None => vec_of_errors(&TaskError::Terminated, len),
             };
             self.ready = items.into_iter();
         }
@@ -431,6 +448,10 @@ where
 
 impl<R, I> Drop for IMap<R, I> {
     fn drop(&mut self) {
-        self.inner.abandon(self.inflight.iter().map(|&(id, _)| id));
+        self.inner.abandon(
+            self.inflight
+                .iter()
+                .filter_map(|(s, _)| s.as_ref().ok().copied()),
+        );
     }
 }
