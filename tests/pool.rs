@@ -123,6 +123,11 @@ fn main() {
             spawn_workers_started_on_a_thread_die_with_a_killed_parent,
         ),
         (
+            "a_broken_pool_runs_nothing_more_and_joins",
+            30,
+            a_broken_pool_runs_nothing_more_and_joins,
+        ),
+        (
             "a_failed_replacement_keeps_the_zygote",
             30,
             a_failed_replacement_keeps_the_zygote,
@@ -896,6 +901,80 @@ fn spawn_workers_started_on_a_thread_die_with_a_killed_parent() {
             "worker {pid} outlived its parent"
         );
     }
+}
+
+/// Counts its calls in the file `path` (across processes); the third
+/// panics.
+fn init_fails_third_time(path: String) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)
+        .expect("counter");
+    f.write_all(b"x").expect("count");
+    let calls = std::fs::metadata(&path).expect("counter").len();
+    if calls == 3 {
+        panic!("third initializer");
+    }
+}
+
+/// Counts its run in the file `path`; returns 64 KiB.
+fn counted_64_kib((x, path): (u64, String)) -> Vec<u8> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)
+        .expect("counter");
+    f.write_all(b"x").expect("count");
+    vec![x as u8; 64 << 10]
+}
+
+fn a_broken_pool_runs_nothing_more_and_joins() {
+    // A replacement's initializer fails (the third call: after the first
+    // two workers ran their two tasks each) while the other worker still
+    // has thousands of tasks queued. They have failed with the pool: they
+    // must not run, and their results must not fill the result ring so
+    // that join waits for ever.
+    let dir = common::temp_dir("pool-broken-join");
+    let counter = dir.join("calls").to_string_lossy().into_owned();
+    let runs = dir.join("runs").to_string_lossy().into_owned();
+    let pool = Pool::builder()
+        .processes(2)
+        .maxtasksperchild(2)
+        .initializer(init_fails_third_time, counter)
+        .expect("initializer")
+        .start_method(StartMethod::Fork)
+        .build()
+        .expect("pool");
+    let results: Vec<_> = (0..5_000u64)
+        .map(|i| {
+            pool.apply_async(counted_64_kib, (i, runs.clone()))
+                .expect("submit")
+        })
+        .collect();
+    pool.close();
+    let t = Instant::now();
+    pool.join().expect("join");
+    assert!(t.elapsed() < Duration::from_secs(20));
+    let mut ok = 0;
+    for r in results {
+        match r.get() {
+            Ok(v) => {
+                assert_eq!(v.len(), 64 << 10);
+                ok += 1;
+            }
+            Err(TaskError::InitializerFailed(m)) => assert!(m.contains("third"), "{m}"),
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(ok < 5_000);
+    // Tasks that ran: those that succeeded, and at most the one each
+    // worker was running when the pool broke.
+    let ran = std::fs::metadata(&runs).map_or(0, |m| m.len());
+    assert!(ran <= ok + 2, "{ran} tasks ran, {ok} succeeded");
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 fn a_failed_replacement_keeps_the_zygote() {

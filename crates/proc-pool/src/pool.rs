@@ -1438,6 +1438,18 @@ impl Inner {
         if state.broken.is_none() {
             state.broken = Some(error.clone());
         }
+        // What the live workers have not taken yet must not run: it has
+        // failed already (and its results would only fill the result ring).
+        for w in &state.workers {
+            let mut failures = 0;
+            while failures < 64 {
+                match w.queue.try_get_bytes() {
+                    Ok(_) => {}
+                    Err(GetError::Failed(_)) => failures += 1,
+                    Err(_) => break,
+                }
+            }
+        }
         self.fail_unfinished(state, &error);
         self.cond.notify_all();
     }
@@ -1504,26 +1516,24 @@ impl Inner {
         }
         let zygote = state.zygote.take();
         drop(state);
-        match zygote {
-            Some(zygote) => {
-                // Waiting for each to be gone (its pidfd) is enough: the
-                // zygote reaps its children when it sees the end of its
-                // connection (one hop shorter than waiting for the status
-                // it reports), this process reaps its own (the first
-                // workers) as their handles drop.
-                for handle in &handles {
-                    while !matches!(
-                        handle.wait_ended_timeout(Duration::from_secs(1)),
-                        Ok(true) | Err(_)
-                    ) {}
-                }
-                drop(zygote);
+        // Waiting for each to be gone (its pidfd) is enough: the zygote
+        // reaps its children when it sees the end of its connection (one
+        // hop shorter than waiting for the status it reports), this
+        // process reaps its own (the first workers) as their handles drop.
+        // Meanwhile stray results (of tasks already settled: a broken
+        // pool's) are read away, so that no worker waits for room to put
+        // one.
+        for handle in &handles {
+            while !matches!(
+                handle.wait_ended_timeout(Duration::from_millis(100)),
+                Ok(true) | Err(_)
+            ) {
+                while self.results.try_get_bytes().is_ok() {}
             }
-            None => {
-                for mut handle in handles {
-                    let _ = handle.wait();
-                }
-            }
+        }
+        drop(zygote);
+        for mut handle in handles {
+            let _ = handle.try_wait();
         }
         Ok(())
     }
