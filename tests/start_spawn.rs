@@ -102,6 +102,11 @@ fn main() {
             a_zygotes_children_get_the_programs_signal_actions as fn(),
         ),
         (
+            "a_process_objects_entry_start_keeps_names_consecutive",
+            20,
+            a_process_objects_entry_start_keeps_names_consecutive as fn(),
+        ),
+        (
             "a_forked_copy_of_a_handle_takes_no_status",
             20,
             a_forked_copy_of_a_handle_takes_no_status as fn(),
@@ -1020,4 +1025,36 @@ fn parent_process_names_the_parent() {
         .join()
         .expect("join");
     assert_eq!(seen, Some(("outer".to_owned(), true)));
+}
+
+fn nothing(_: ()) {}
+
+fn number_of(name: &str) -> u32 {
+    name.rsplit('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("Process-N")
+}
+
+fn a_process_objects_entry_start_keeps_names_consecutive() {
+    // A Process object takes its name when it is made; starting it as an
+    // entry (the process-class pattern) must not take another number.
+    let mut p = proc::Process::new(|| ());
+    let first = number_of(p.name());
+    let handle = p
+        .prepare_start()
+        .expect("prepare")
+        .start_method(StartMethod::Spawn)
+        .spawn_entry(nothing, ())
+        .expect("spawn");
+    p.attach(handle).expect("attach");
+    p.join().expect("join");
+    let q = proc::Process::new(|| ());
+    assert_eq!(
+        number_of(q.name()),
+        first + 1,
+        "{} after {}",
+        q.name(),
+        p.name()
+    );
 }
