@@ -26,6 +26,11 @@ fn main() {
         ("join_timeout_terminate", 10, join_timeout_terminate),
         ("failed_start_keeps_target", 10, failed_start_keeps_target),
         ("default_names_count_up", 10, default_names_count_up),
+        (
+            "only_the_maker_starts_or_joins",
+            10,
+            only_the_maker_starts_or_joins,
+        ),
     ]);
 }
 
@@ -177,4 +182,28 @@ fn default_names_count_up() {
             .expect("number")
     };
     assert_eq!(n(&b), n(&a) + 1);
+}
+
+fn only_the_maker_starts_or_joins() {
+    // A forked child holds copies of its parent's Process objects; like
+    // Python (which asserts), it may not start, join or signal them.
+    let mut unstarted = Process::new(|| ());
+    let mut started = Process::new(|| std::thread::sleep(Duration::from_millis(300)));
+    started.start().expect("start");
+    let seen = proc::spawn(|| {
+        format!(
+            "{:?} {:?} {:?}",
+            unstarted.start().err(),
+            started.join().err(),
+            started.terminate().err()
+        )
+    })
+    .expect("spawn")
+    .join()
+    .expect("join");
+    assert_eq!(seen, "Some(NotOwner) Some(NotOwner) Some(NotOwner)");
+    // Here they work as ever.
+    assert!(started.join().expect("join").success());
+    unstarted.start().expect("start");
+    assert!(unstarted.join().expect("join").success());
 }

@@ -114,6 +114,10 @@ pub enum ProcessError {
     /// An attribute that must be set before `start()` was set afterwards.
     #[error("`{0}` must be set before start()")]
     SetAfterStart(&'static str),
+    /// `start()`, `join()`, `terminate()` or `kill()` in another process
+    /// than the one that made the object (a forked child's copy).
+    #[error("a Process can only be started, joined or signalled by the process that made it")]
+    NotOwner,
     /// The process could not be started.
     #[error("failed to start the process")]
     Spawn(#[from] SpawnError),

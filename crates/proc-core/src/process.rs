@@ -10,6 +10,7 @@ use crate::current;
 use crate::error::{JoinError, ProcessError};
 use crate::handle::JoinHandle;
 use crate::pid::Pid;
+use crate::sys;
 
 type Target = Box<dyn FnOnce() + Send + 'static>;
 
@@ -63,6 +64,9 @@ pub struct Process {
     target: Option<Target>,
     state: State,
     status: Option<ExitStatus>,
+    /// The process that made this object: only it starts, waits for or
+    /// signals the child (Python asserts the same).
+    owner: libc::pid_t,
 }
 
 impl fmt::Debug for Process {
@@ -89,6 +93,7 @@ impl Default for Process {
             target: None,
             state: State::Created,
             status: None,
+            owner: sys::cached_pid(),
         }
     }
 }
@@ -159,6 +164,16 @@ impl Process {
         Ok(())
     }
 
+    /// Whether this process made this object (a forked child holds a copy
+    /// of its parent's objects, whose children are not its own).
+    fn check_owner(&self) -> Result<(), ProcessError> {
+        if sys::cached_pid() == self.owner {
+            Ok(())
+        } else {
+            Err(ProcessError::NotOwner)
+        }
+    }
+
     fn check_not_started(&self, what: &'static str) -> Result<(), ProcessError> {
         match self.state {
             State::Created => Ok(()),
@@ -193,6 +208,7 @@ impl Process {
     ///
     /// [`ProcessError::AlreadyStarted`] if already started.
     pub fn prepare_start(&self) -> Result<Builder, ProcessError> {
+        self.check_owner()?;
         if !matches!(self.state, State::Created) {
             return Err(ProcessError::AlreadyStarted);
         }
@@ -253,6 +269,9 @@ impl Process {
     ) -> Result<Option<ExitStatus>, ProcessError> {
         if let Some(status) = self.status {
             return Ok(Some(status));
+        }
+        if matches!(self.state, State::Started(_)) {
+            self.check_owner()?;
         }
         let handle = match &mut self.state {
             State::Created => return Err(ProcessError::NotStarted),
@@ -331,7 +350,10 @@ impl Process {
 
     fn started_handle(&self) -> Result<&JoinHandle<()>, ProcessError> {
         match &self.state {
-            State::Started(handle) => Ok(handle),
+            State::Started(handle) => {
+                self.check_owner()?;
+                Ok(handle)
+            }
             _ => Err(ProcessError::NotStarted),
         }
     }
