@@ -1023,6 +1023,24 @@ fn a_failed_replacement_keeps_the_zygote() {
         pool.map(square, 0..8u64).expect("map"),
         (0..8u64).map(|x| x * x).collect::<Vec<_>>()
     );
+    // A pool of one whose only replacement fails for a moment: it must
+    // not give up for good (NoWorkers) but start a worker once it can.
+    let single = Pool::builder()
+        .processes(1)
+        .start_method(StartMethod::Fork)
+        .build()
+        .expect("pool");
+    assert_eq!(single.apply(square, 2), Ok(4));
+    // SAFETY: as above; restored below.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &tight) };
+    let died = single.apply(die, Death::Kill);
+    // SAFETY: as above.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    assert!(
+        matches!(died, Err(TaskError::WorkerDied { .. })),
+        "{died:?}"
+    );
+    assert_eq!(single.apply(square, 3), Ok(9));
 }
 
 fn ctrl_c_stops_cleanly() {

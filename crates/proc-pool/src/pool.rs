@@ -202,6 +202,7 @@ impl PoolBuilder {
             broken: None,
             unready_deaths: 0,
             last_retry: Instant::now(),
+            no_workers_since: None,
             last_check: Instant::now(),
             started: 0,
             unfinished: 0,
@@ -280,6 +281,9 @@ struct Worker {
 
 /// How often an empty worker slot is given a new process again.
 const RETRY_EVERY: Duration = Duration::from_millis(100);
+/// How long replacements are retried while no worker runs at all, before
+/// the pool fails its tasks with `NoWorkers`.
+const NO_WORKERS_GRACE: Duration = Duration::from_secs(2);
 
 /// Workers dying before their initializer is done, in a row, that break
 /// the pool (see `Shared::settle_dead`).
@@ -374,6 +378,8 @@ struct State {
     unready_deaths: u32,
     /// When an empty worker slot was last given a new process.
     last_retry: Instant,
+    /// Since when no worker process runs (their replacements failing).
+    no_workers_since: Option<Instant>,
     last_check: Instant,
     /// Worker processes started so far (for their names).
     started: u64,
@@ -729,8 +735,10 @@ impl Pool {
     /// Items are sent as the iterator is consumed: unlike Python, where
     /// every item is queued at once, an iterator consumed after
     /// [`close`](Pool::close) yields the results of what was in flight,
-    /// then `Err(TaskError::NotRunning)` for the rest. An item that cannot
-    /// be sent (its argument does not serialize) fails in its own place.
+    /// then `Err(TaskError::NotRunning)` for the items of the next chunk,
+    /// and ends (the rest of the input is not taken). Consume it before
+    /// closing the pool. An item that cannot be sent (its argument does
+    /// not serialize) fails in its own place.
     ///
     /// # Examples
     ///
@@ -1378,10 +1386,13 @@ impl Inner {
             self.finish(state, id, Done::Failed(error.clone()));
         }
         // An initializer that ends its process (abort, exit, a crash)
-        // reports nothing; three workers in a row dying before they were
-        // ready is taken as that, not replaced for ever (one killed from
-        // outside while initializing is just replaced).
-        if self.config.initializer.is_some() && !state.workers[i].ready {
+        // reports nothing; three workers in a row dying so before they were
+        // ready is taken as that, not replaced for ever. A SIGKILL is not
+        // counted: that is a kill from outside, or the death of the zygote
+        // the worker came from (all its initializing workers at once),
+        // and such workers are just replaced.
+        let killed = status.is_some_and(|s| s.signal() == Some(libc::SIGKILL));
+        if self.config.initializer.is_some() && !state.workers[i].ready && !killed {
             state.unready_deaths += 1;
             if state.unready_deaths >= UNREADY_DEATHS {
                 let reason = match status {
@@ -1424,10 +1435,20 @@ impl Inner {
             started = start_worker(&self.config, state, i, &self.results);
         }
         match started {
-            Ok(handle) => state.workers[i].handle = Some(handle),
+            Ok(handle) => {
+                state.workers[i].handle = Some(handle);
+                state.no_workers_since = None;
+            }
             Err(e) => {
                 if state.workers.iter().all(|w| w.handle.is_none()) {
-                    self.break_pool(state, TaskError::NoWorkers(e.to_string()));
+                    // No worker left. A failure that may pass (descriptors,
+                    // memory, a fork) is retried by the worker check for a
+                    // while; one that will not (the fork server without
+                    // `init()`) ends the pool now.
+                    let since = *state.no_workers_since.get_or_insert_with(Instant::now);
+                    if matches!(e, SpawnError::InitMissing) || since.elapsed() >= NO_WORKERS_GRACE {
+                        self.break_pool(state, TaskError::NoWorkers(e.to_string()));
+                    }
                 }
             }
         }
