@@ -201,13 +201,7 @@ impl Builder {
                 return Err((SpawnError::ResultChannel(e), f));
             }
         };
-        let (name, path) = match (self.name, self.path) {
-            (Some(name), Some(path)) => (name, path),
-            (name, _) => {
-                let (default_name, path) = current::next_child_identity();
-                (name.unwrap_or(default_name), path)
-            }
-        };
+        let (name, path) = current::child_identity(self.name, self.path);
         children::name(slot, &name);
         // Unflushed output would otherwise be printed by both processes.
         let _ = std::io::stdout().flush();

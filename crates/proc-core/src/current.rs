@@ -46,6 +46,18 @@ pub(crate) fn next_child_identity() -> (String, Vec<u32>) {
     })
 }
 
+/// A start's child identity: the name and path a `Process` object took
+/// when it was made, else the next default one (keeping a given name).
+pub(crate) fn child_identity(name: Option<String>, path: Option<Vec<u32>>) -> (String, Vec<u32>) {
+    match (name, path) {
+        (Some(name), Some(path)) => (name, path),
+        (name, _) => {
+            let (default_name, path) = next_child_identity();
+            (name.unwrap_or(default_name), path)
+        }
+    }
+}
+
 fn default_name(path: &[u32]) -> String {
     let parts: Vec<String> = path.iter().map(u32::to_string).collect();
     format!("Process-{}", parts.join(":"))

@@ -365,15 +365,7 @@ where
         return Err(SpawnError::InitMissing);
     }
     let (name, path, daemon, stdin) = builder.settings();
-    // A `Process` object brings the identity it took when it was made;
-    // otherwise this start takes the next one (as the fork path does).
-    let (name, path) = match (name, path) {
-        (Some(name), Some(path)) => (name, path),
-        (name, _) => {
-            let (default_name, path) = current::next_child_identity();
-            (name.unwrap_or(default_name), path)
-        }
-    };
+    let (name, path) = current::child_identity(name, path);
     let me = current::current_process();
     let (args, fds) = crate::handoff::collect(|| postcard::to_stdvec(&args));
     let args = args.map_err(|e| SpawnError::Encode(e.to_string()))?;

@@ -440,7 +440,7 @@ fn poll_until(fd: std::os::fd::BorrowedFd<'_>, timeout: Duration) -> std::io::Re
         if sys::poll_readable(fd, left)? {
             return Ok(true);
         }
-        if left.is_zero() || start.elapsed() >= timeout {
+        if start.elapsed() >= timeout {
             return Ok(sys::readable_now(fd));
         }
     }
