@@ -479,6 +479,20 @@ fn worker_start(
 }
 
 /// Starts a process for worker `i`.
+/// Takes every message left in a worker's task queue (its worker gone or
+/// not to run them), handing each to `each`; a garbled one is skipped (up
+/// to 64 of them).
+fn take_untaken(queue: &Queue<()>, mut each: impl FnMut(Vec<u8>)) {
+    let mut failures = 0;
+    while failures < 64 {
+        match queue.try_get_bytes() {
+            Ok(message) => each(message),
+            Err(GetError::Failed(_)) => failures += 1,
+            Err(_) => break,
+        }
+    }
+}
+
 fn start_worker(
     config: &Config,
     state: &mut State,
@@ -1346,14 +1360,9 @@ impl Inner {
         worker.handle = None;
         // What it had not taken yet, read back with the records themselves.
         let mut queued: HashMap<u64, Vec<u8>, IdBuild> = HashMap::default();
-        let mut failures = 0;
-        while failures < 64 {
-            match worker.queue.try_get_bytes() {
-                Ok(message) => queued.extend(wire::task_records(&message)),
-                Err(GetError::Failed(_)) => failures += 1,
-                Err(_) => break,
-            }
-        }
+        take_untaken(&worker.queue, |message| {
+            queued.extend(wire::task_records(&message));
+        });
         let error = TaskError::WorkerDied {
             signal: status.and_then(|s| s.signal()),
             code: status.and_then(|s| s.code()),
@@ -1462,14 +1471,7 @@ impl Inner {
         // What the live workers have not taken yet must not run: it has
         // failed already (and its results would only fill the result ring).
         for w in &state.workers {
-            let mut failures = 0;
-            while failures < 64 {
-                match w.queue.try_get_bytes() {
-                    Ok(_) => {}
-                    Err(GetError::Failed(_)) => failures += 1,
-                    Err(_) => break,
-                }
-            }
+            take_untaken(&w.queue, drop);
         }
         self.fail_unfinished(state, &error);
         self.cond.notify_all();
