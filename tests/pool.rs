@@ -820,6 +820,18 @@ fn read_pids(file: &std::path::Path) -> Vec<u32> {
         .collect()
 }
 
+/// Writes the pool's worker pids to `dir/pids` (whole, by a rename).
+fn write_worker_pids(pool: &Pool, dir: &std::path::Path) {
+    let pids: Vec<String> = pool
+        .worker_pids()
+        .iter()
+        .map(|p| p.as_u32().to_string())
+        .collect();
+    let tmp = dir.join("pids.tmp");
+    std::fs::write(&tmp, pids.join(" ")).expect("write");
+    std::fs::rename(tmp, dir.join("pids")).expect("rename");
+}
+
 fn helper_mode(mode: &str) {
     let dir = std::path::PathBuf::from(std::env::var_os("PROC_TEST_DIR").expect("dir"));
     if mode == "spawn-from-thread" {
@@ -835,14 +847,7 @@ fn helper_mode(mode: &str) {
         })
         .join()
         .expect("thread");
-        let pids: Vec<String> = pool
-            .worker_pids()
-            .iter()
-            .map(|p| p.as_u32().to_string())
-            .collect();
-        let tmp = dir.join("pids.tmp");
-        std::fs::write(&tmp, pids.join(" ")).expect("write");
-        std::fs::rename(tmp, dir.join("pids")).expect("rename");
+        write_worker_pids(&pool, &dir);
         std::thread::sleep(Duration::from_secs(60));
         return;
     }
@@ -851,27 +856,21 @@ fn helper_mode(mode: &str) {
     let _busy: Vec<_> = (0..4)
         .map(|_| pool.apply_async(sleep_ms, 60_000).expect("submit"))
         .collect();
-    let pids: Vec<String> = pool
-        .worker_pids()
-        .iter()
-        .map(|p| p.as_u32().to_string())
-        .collect();
-    let tmp = dir.join("pids.tmp");
-    std::fs::write(&tmp, pids.join(" ")).expect("write");
-    std::fs::rename(tmp, dir.join("pids")).expect("rename");
+    write_worker_pids(&pool, &dir);
     match mode {
         "wait" | "sigint" => std::thread::sleep(Duration::from_secs(60)),
         other => panic!("unknown mode {other}"),
     }
 }
 
-fn workers_die_with_sigkilled_parent() {
-    let (mut child, file) = helper("wait", "pool-parent-kill", false);
+/// Starts the helper in `mode`, SIGKILLs it once its two workers run, and
+/// checks that they go too (adopted by this subreaper process, reaped).
+fn workers_die_with_killed_helper(mode: &str, tag: &str) {
+    let (mut child, file) = helper(mode, tag, false);
     let workers = read_pids(&file);
     assert_eq!(workers.len(), 2);
     child.kill().expect("kill");
     child.wait().expect("wait");
-    // The zygote and workers are adopted by this (subreaper) process.
     for pid in workers {
         assert!(
             common::eventually(Duration::from_secs(10), || {
@@ -881,53 +880,30 @@ fn workers_die_with_sigkilled_parent() {
             "worker {pid} outlived its parent"
         );
     }
+}
+
+fn workers_die_with_sigkilled_parent() {
+    workers_die_with_killed_helper("wait", "pool-parent-kill");
 }
 
 fn spawn_workers_started_on_a_thread_die_with_a_killed_parent() {
     // Started on a thread that has ended, Spawn workers have no death
     // signal (it would follow that thread); idle, they notice within a
     // second or so that they were adopted, and go.
-    let (mut child, file) = helper("spawn-from-thread", "pool-thread-kill", false);
-    let workers = read_pids(&file);
-    assert_eq!(workers.len(), 2);
-    child.kill().expect("kill");
-    child.wait().expect("wait");
-    for pid in workers {
-        assert!(
-            common::eventually(Duration::from_secs(10), || {
-                common::reap_adopted(pid);
-                common::proc_state(pid).is_none()
-            }),
-            "worker {pid} outlived its parent"
-        );
-    }
+    workers_die_with_killed_helper("spawn-from-thread", "pool-thread-kill");
 }
 
 /// Counts its calls in the file `path` (across processes); the third
 /// panics.
 fn init_fails_third_time(path: String) {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(&path)
-        .expect("counter");
-    f.write_all(b"x").expect("count");
-    let calls = std::fs::metadata(&path).expect("counter").len();
-    if calls == 3 {
+    if common::count_call(&path) == 3 {
         panic!("third initializer");
     }
 }
 
 /// Counts its run in the file `path`; returns 64 KiB.
 fn counted_64_kib((x, path): (u64, String)) -> Vec<u8> {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(&path)
-        .expect("counter");
-    f.write_all(b"x").expect("count");
+    common::count_call(&path);
     vec![x as u8; 64 << 10]
 }
 
@@ -998,21 +974,7 @@ fn a_failed_replacement_keeps_the_zygote() {
     }
     let long = pool.apply_async(sleep_ms, 1_500).expect("submit");
     std::thread::sleep(Duration::from_millis(200));
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid rlimit pointers.
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-    let tight = libc::rlimit {
-        rlim_cur: 3,
-        rlim_max: limit.rlim_max,
-    };
-    // SAFETY: as above; restored below.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &tight) };
-    let died = pool.apply(die, Death::Kill);
-    // SAFETY: as above.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    let died = common::without_spare_descriptors(|| pool.apply(die, Death::Kill));
     assert!(
         matches!(died, Err(TaskError::WorkerDied { .. })),
         "{died:?}"
@@ -1031,11 +993,7 @@ fn a_failed_replacement_keeps_the_zygote() {
         .build()
         .expect("pool");
     assert_eq!(single.apply(square, 2), Ok(4));
-    // SAFETY: as above; restored below.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &tight) };
-    let died = single.apply(die, Death::Kill);
-    // SAFETY: as above.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    let died = common::without_spare_descriptors(|| single.apply(die, Death::Kill));
     assert!(
         matches!(died, Err(TaskError::WorkerDied { .. })),
         "{died:?}"

@@ -695,16 +695,26 @@ fn under_ignored_sigchld(_: ()) -> Vec<String> {
     out
 }
 
+/// Runs the entry `f` in a fresh process (a Spawn child, whose child
+/// table, fork server and signal dispositions are its own) and returns
+/// its value.
+fn in_fresh_process<R>(f: fn(()) -> R) -> R
+where
+    R: serde::Serialize + serde::de::DeserializeOwned,
+{
+    Builder::new()
+        .start_method(StartMethod::Spawn)
+        .spawn_entry(f, ())
+        .expect("spawn")
+        .join()
+        .expect("join")
+}
+
 fn servers_report_statuses_with_sigchld_ignored() {
     // The servers must reap their children themselves: with SIGCHLD
     // ignored the kernel would, and the statuses (and these joins) would
     // be lost.
-    let out = Builder::new()
-        .start_method(StartMethod::Spawn)
-        .spawn_entry(under_ignored_sigchld, ())
-        .expect("spawn")
-        .join()
-        .expect("join");
+    let out = in_fresh_process(under_ignored_sigchld);
     assert!(out[0].contains("entry failed on 3"), "{out:?}");
     assert_eq!(out[1], "Err(Exited { code: 4 })", "{out:?}");
     assert!(out[2].contains("entry failed on 5"), "{out:?}");
@@ -793,12 +803,7 @@ fn first_starts_from_two_threads_at_once() {
     // both threads' first starts must get slots of their own (a second
     // reset of the table would hand the first one's slot out again).
     for _ in 0..8 {
-        let (live, joined) = Builder::new()
-            .start_method(StartMethod::Spawn)
-            .spawn_entry(two_first_starts, ())
-            .expect("spawn")
-            .join()
-            .expect("join");
+        let (live, joined) = in_fresh_process(two_first_starts);
         assert_eq!(live, 2, "{joined:?}");
         assert_eq!(joined, ["Ok(150)", "Ok(150)"]);
     }
@@ -847,12 +852,7 @@ fn starts_from_a_thread_that_ends_live_on() {
     // The kernel's parent-death signal follows the thread that forked: a
     // fork server (and its children) or a daemon tied to it would die when
     // that thread ends, though the program runs on.
-    let out = Builder::new()
-        .start_method(StartMethod::Spawn)
-        .spawn_entry(started_from_a_thread, ())
-        .expect("spawn")
-        .join()
-        .expect("join");
+    let out = in_fresh_process(started_from_a_thread);
     assert_eq!(
         out,
         [
@@ -881,31 +881,20 @@ fn signalling_an_ended_child_is_harmless() {
 /// In a fresh process (so /dev/null is not open yet): more failed starts
 /// than the child table has slots, then one that must work.
 fn fail_then_start(_: ()) -> String {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid pointers to rlimit structs.
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-    let tight = libc::rlimit {
-        rlim_cur: 3,
-        rlim_max: limit.rlim_max,
-    };
-    // SAFETY: as above; no descriptor can be opened until it is restored.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &tight) };
-    for i in 0..16_500 {
-        // (Unchecked: the thread check reads /proc, which needs a
-        // descriptor too. This process is single-threaded.)
-        // SAFETY: no other thread exists.
-        if let Ok(child) = unsafe { Builder::new().spawn_unchecked(|| ()) } {
-            // SAFETY: as above.
-            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
-            let _ = child.join();
-            return format!("start {i} worked with no descriptor to spare");
-        }
+    let worked = common::without_spare_descriptors(|| {
+        (0..16_500).find_map(|i| {
+            // (Unchecked: the thread check reads /proc, which needs a
+            // descriptor too. This process is single-threaded.)
+            // SAFETY: no other thread exists.
+            unsafe { Builder::new().spawn_unchecked(|| ()) }
+                .ok()
+                .map(|child| (i, child))
+        })
+    });
+    if let Some((i, child)) = worked {
+        let _ = child.join();
+        return format!("start {i} worked with no descriptor to spare");
     }
-    // SAFETY: as above.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
     match proc::spawn(|| 5u8) {
         Ok(child) => format!("{:?}", child.join()),
         Err(e) => format!("{e:?}"),
@@ -913,12 +902,7 @@ fn fail_then_start(_: ()) -> String {
 }
 
 fn failed_starts_leak_no_slot() {
-    let out = Builder::new()
-        .start_method(StartMethod::Spawn)
-        .spawn_entry(fail_then_start, ())
-        .expect("spawn")
-        .join()
-        .expect("join");
+    let out = in_fresh_process(fail_then_start);
     assert_eq!(out, "Ok(5)");
 }
 
@@ -986,12 +970,7 @@ fn a_zygotes_children_get_the_programs_signal_actions() {
     // A zygote changes SIGINT, SIGPIPE and SIGCHLD for itself; its children
     // get the program's actions back whole, flags included (as children
     // forked by the program would have them).
-    let (here, there) = Builder::new()
-        .start_method(StartMethod::Spawn)
-        .spawn_entry(zygote_child_actions, ())
-        .expect("spawn")
-        .join()
-        .expect("join");
+    let (here, there) = in_fresh_process(zygote_child_actions);
     assert_eq!(
         here,
         [

@@ -146,3 +146,38 @@ pub fn reap_adopted(pid: u32) -> Option<i32> {
     let r = unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
     (r == pid as i32).then_some(status)
 }
+
+/// Runs `f` while this process can open no new descriptor (its limit
+/// lowered to 3, every number above 2 already taken or refused); the
+/// limit is back when it returns.
+pub fn without_spare_descriptors<R>(f: impl FnOnce() -> R) -> R {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    let tight = libc::rlimit {
+        rlim_cur: 3,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: a valid rlimit; put back below.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &tight) };
+    let out = f();
+    // SAFETY: as above.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    out
+}
+
+/// Appends one byte to the file `path` (across processes); how many
+/// bytes it holds after (the calls so far).
+pub fn count_call(path: &str) -> u64 {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .expect("counter");
+    f.write_all(b"x").expect("count");
+    std::fs::metadata(path).expect("counter").len()
+}
