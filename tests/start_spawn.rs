@@ -141,6 +141,21 @@ fn main() {
             20,
             a_dead_zygotes_number_reused_is_left_alone as fn(),
         ),
+        (
+            "quick_ends_through_the_spare_report_their_statuses",
+            60,
+            quick_ends_through_the_spare_report_their_statuses as fn(),
+        ),
+        (
+            "a_direct_start_outlives_its_dropped_zygote",
+            60,
+            a_direct_start_outlives_its_dropped_zygote as fn(),
+        ),
+        (
+            "a_dead_server_with_a_spare_offered_is_an_error",
+            30,
+            a_dead_server_with_a_spare_offered_is_an_error as fn(),
+        ),
     ])
     .collect();
     common::run(&tests);
@@ -1036,4 +1051,92 @@ fn a_process_objects_entry_start_keeps_names_consecutive() {
         q.name(),
         p.name()
     );
+}
+
+/// Starts that go to the offered spare directly; the child often ends
+/// before the server has read the requester's word that it was taken.
+fn quick_ends(_: ()) -> Vec<String> {
+    let mut wrong = Vec::new();
+    let server = || Builder::new().start_method(StartMethod::ForkServer);
+    let zygote = proc::Zygote::new().expect("zygote");
+    for round in 0..40 {
+        let code = 10 + round % 7;
+        let via_server = server().spawn_entry(leave, code).expect("spawn").join();
+        let via_zygote = zygote
+            .spawn_entry(Builder::new(), leave, code)
+            .expect("spawn")
+            .join();
+        for (who, got) in [("server", via_server), ("zygote", via_zygote)] {
+            if !matches!(got, Err(JoinError::Exited { code: c }) if c == code) {
+                wrong.push(format!("{who} round {round}: {got:?}"));
+            }
+        }
+    }
+    wrong
+}
+
+fn quick_ends_through_the_spare_report_their_statuses() {
+    let wrong = in_fresh_process(quick_ends);
+    assert!(wrong.is_empty(), "{wrong:?}");
+}
+
+/// A start after the fork server was killed while its spare was offered
+/// to this process: an error (nothing on the way raises SIGPIPE, which is
+/// at its default here, as many command-line programs set it), then a new
+/// server.
+fn after_a_dead_server(_: ()) -> (String, String) {
+    // SAFETY: SIG_DFL is a valid disposition; this process is fresh and
+    // single-threaded.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let server = || Builder::new().start_method(StartMethod::ForkServer);
+    // Two starts: the server has made and offered its spare.
+    server()
+        .spawn_entry(nap, 0)
+        .expect("spawn")
+        .join()
+        .expect("join");
+    let child = server().spawn_entry(nap, 300).expect("spawn");
+    let pid = common::ppid_of(child.pid().as_u32()).expect("server");
+    child.join().expect("join");
+    // SAFETY: a plain kill of this process's own fork server.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert!(common::eventually(Duration::from_secs(5), || {
+        common::proc_state(pid).is_none_or(|s| s == 'Z')
+    }));
+    let first = server().spawn_entry(leave, 3).map(|c| c.join());
+    let second = server().spawn_entry(leave, 4).map(|c| c.join());
+    (format!("{:?}", first.map(|_| ())), format!("{second:?}"))
+}
+
+fn a_dead_server_with_a_spare_offered_is_an_error() {
+    let (first, second) = in_fresh_process(after_a_dead_server);
+    assert!(first.starts_with("Err(Exec"), "{first}");
+    assert_eq!(second, "Ok(Err(Exited { code: 4 }))");
+}
+
+fn nap_then(ms: u64) -> u64 {
+    nap(ms);
+    ms + 1
+}
+
+/// A child handed to the zygote's spare, the zygote dropped right after:
+/// the child is not a daemon, so it runs to its end and its value comes
+/// back (the spare must not die with the zygote once it took a request).
+fn a_direct_start_outlives_its_dropped_zygote() {
+    for round in 0..12 {
+        let zygote = proc::Zygote::new().expect("zygote");
+        // Two starts: the zygote has made and offered its spare.
+        for _ in 0..2 {
+            zygote
+                .spawn_entry(Builder::new(), nap, 0)
+                .expect("spawn")
+                .join()
+                .expect("join");
+        }
+        let child = zygote
+            .spawn_entry(Builder::new(), nap_then, 20)
+            .expect("spawn");
+        drop(zygote);
+        assert_eq!(child.join().expect("join"), 21, "round {round}");
+    }
 }

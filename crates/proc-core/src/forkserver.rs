@@ -1,19 +1,22 @@
 //! The fork server: this executable, exec'd once (when the first
 //! `StartMethod::ForkServer` start asks for it) and kept single-threaded,
 //! forks a child for every request (Python's `forkserver`). From its
-//! second request on it keeps one child forked ahead, a *spare* waiting
-//! for the next request's descriptors: a request then costs the server a
-//! message instead of a fork, and the fork of the next spare comes after
-//! the reply. (A zygote serves the same way.)
+//! second request on it keeps one child forked ahead, a *spare*, and
+//! offers it to the requester: the next start hands its descriptors to the
+//! spare directly and tells the server after (no round trip through the
+//! server), and the server forks the next spare meanwhile, off the
+//! requester's path. (A zygote serves the same way.)
 //!
 //! Requests travel over a `SOCK_SEQPACKET` socket pair (no socket file, so
 //! only this process can talk to its server and nothing is left behind),
-//! each carrying descriptors: the request and result memfds, the write end
-//! of a pipe for the child's exit status, and any descriptor the arguments
-//! share. The server answers with the child's pid and a pidfd for it. The
-//! child is the server's: the server reaps it and writes its raw wait
-//! status into that pipe, which is what the requester's `JoinHandle` waits
-//! on. The server ends with its requester (it watches the requester's
+//! each carrying descriptors: the request and result memfds and any
+//! descriptor the arguments share (to the spare, or to the server with a
+//! `Fork` request), and the write end of a pipe for the child's exit status
+//! (to the server, with the `Fork` request or the `Took` that follows a
+//! direct start). The server answers a `Fork` with the child's pid and a
+//! pidfd for it (a spare's come with its offer). The child is the server's:
+//! the server reaps it and writes its raw wait status into that pipe, which
+//! is what the requester's `JoinHandle` waits on. The server ends with its requester (it watches the requester's
 //! pidfd), even when the requester is SIGKILLed, whichever thread started
 //! it; daemon children die with the server.
 
@@ -37,8 +40,8 @@ use crate::sys::{self, Fork, ForkPermit};
 /// server's end of the socket pair).
 pub(crate) const ENV: &str = "PROC_FORKSERVER_FD";
 
-/// This process's connection to its server: (owner pid, socket).
-static CONN: parking_lot::Mutex<Option<(libc::pid_t, OwnedFd)>> = parking_lot::const_mutex(None);
+/// This process's connection to its server: (owner pid, link).
+static CONN: parking_lot::Mutex<Option<(libc::pid_t, Link)>> = parking_lot::const_mutex(None);
 
 /// Starts the entry `f(args)` in a child forked by the fork server.
 pub(crate) fn spawn<A, R>(
@@ -54,12 +57,19 @@ where
     let me = sys::getpid();
     let mut conn = CONN.lock();
     if conn.as_ref().is_none_or(|(owner, _)| *owner != me) {
-        *conn = Some((me, start_server().map_err(SpawnError::Exec)?));
+        *conn = Some((me, Link::new(start_server().map_err(SpawnError::Exec)?)));
     }
-    let Some((_, sock)) = conn.as_ref() else {
+    let Some((_, link)) = conn.as_mut() else {
         return Err(SpawnError::Exec(std::io::Error::other("no fork server")));
     };
-    match ask(sock, prepared) {
+    let asked =
+        link.settle()
+            .map_err(Asked::ServerGone)
+            .and_then(|()| match link.send(prepared)? {
+                Started::Direct(handle) => Ok(handle),
+                Started::Sent(sent) => link.receive(sent),
+            });
+    match asked {
         Err(Asked::ServerGone(e)) => {
             // The next start makes a new one.
             *conn = None;
@@ -77,11 +87,34 @@ enum Asked {
     Local(SpawnError),
 }
 
-/// Sends the prepared request to the server behind `sock`; returns the
-/// handle of the child it forked.
-fn ask<R>(sock: &OwnedFd, prepared: Prepared) -> Result<JoinHandle<R>, Asked> {
-    let sent = send(sock, prepared)?;
-    receive(sock, sent)
+/// A spare child offered by the server: the next request goes to it.
+#[derive(Debug)]
+struct Offer {
+    pid: libc::pid_t,
+    pidfd: OwnedFd,
+    chan: OwnedFd,
+}
+
+/// This side of a connection to a fork server or zygote.
+///
+/// The protocol: each request (`Fork`, or `Took` after handing a request
+/// to the offered spare directly) is followed, after the reply to a
+/// `Fork`, by one word about the spare (an offer or none). Those words are
+/// read lazily, at the next start, so that the fork of a new spare stays
+/// off the path of the start that used the last one.
+#[derive(Debug)]
+struct Link {
+    sock: OwnedFd,
+    offer: Option<Offer>,
+    /// Words about the spare still to read: one per request sent.
+    owed: usize,
+}
+
+/// A request on its way: started already (handed to a spare), or sent to
+/// the server and waiting for its reply.
+enum Started<R> {
+    Direct(JoinHandle<R>),
+    Sent(Sent),
 }
 
 /// A request sent, its reply not yet read.
@@ -92,48 +125,111 @@ struct Sent {
     daemon: bool,
 }
 
-fn send(sock: &OwnedFd, prepared: Prepared) -> Result<Sent, Asked> {
-    let Prepared {
-        request_file,
-        result,
-        fds,
-        name,
-        daemon,
-        ..
-    } = prepared;
-    let (status_read, status_write) = sys::pipe()
-        .map_err(SpawnError::ResultChannel)
-        .map_err(Asked::Local)?;
-    let mut send = vec![
-        request_file.as_raw_fd(),
-        result.as_raw_fd(),
-        status_write.as_raw_fd(),
-    ];
-    send.extend(fds.iter().map(|fd| fd.as_raw_fd()));
-    sys::send_request(sock, &send).map_err(Asked::ServerGone)?;
-    Ok(Sent {
-        result,
-        status_read,
-        name,
-        daemon,
-    })
-}
+impl Link {
+    fn new(sock: OwnedFd) -> Link {
+        Link {
+            sock,
+            offer: None,
+            owed: 0,
+        }
+    }
 
-fn receive<R>(sock: &OwnedFd, sent: Sent) -> Result<JoinHandle<R>, Asked> {
-    let Some((pid, pidfd)) = sys::receive_reply(sock).map_err(Asked::ServerGone)? else {
-        // The server is fine; this one child could not be started.
-        return Err(Asked::Local(SpawnError::Fork(std::io::Error::other(
-            "the fork server could not start the child (fork or pidfd_open failed there)",
-        ))));
-    };
-    crate::remote::register(pid, &pidfd, sent.daemon, &sent.name);
-    Ok(JoinHandle::new_remote(
-        Pid::from_raw(pid),
-        sent.name,
-        sent.result,
-        pidfd,
-        sent.status_read,
-    ))
+    /// Takes in a word about the spare.
+    fn keep(&mut self, word: sys::FromServer) {
+        self.owed = self.owed.saturating_sub(1);
+        if let sys::FromServer::Offer(pid, pidfd, chan) = word {
+            // (An offer still held here is of a spare that died: the
+            // server offers one only when it has none.)
+            self.offer = Some(Offer { pid, pidfd, chan });
+        }
+    }
+
+    /// Reads the words about the spare still owed.
+    fn settle(&mut self) -> std::io::Result<()> {
+        while self.owed > 0 {
+            match sys::receive_from_server(&self.sock)? {
+                sys::FromServer::Reply(_) => {
+                    return Err(std::io::Error::other("fork server out of step"))
+                }
+                word => self.keep(word),
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts `prepared`: handed to the offered spare, or sent to the
+    /// server (whose reply [`receive`](Link::receive) reads).
+    fn send<R>(&mut self, prepared: Prepared) -> Result<Started<R>, Asked> {
+        let Prepared {
+            request_file,
+            result,
+            fds,
+            name,
+            daemon,
+            ..
+        } = prepared;
+        let (status_read, status_write) = sys::pipe()
+            .map_err(SpawnError::ResultChannel)
+            .map_err(Asked::Local)?;
+        let mut send = vec![request_file.as_raw_fd(), result.as_raw_fd()];
+        send.extend(fds.iter().map(|fd| fd.as_raw_fd()));
+        if let Some(Offer { pid, pidfd, chan }) = self.offer.take() {
+            // An error means the spare is gone (killed from outside, or it
+            // saw the server end) or the message could not be sent: the
+            // server forks a child instead (a live spare left behind ends
+            // when its channel, dropped here, closes).
+            if sys::send_request(&chan, &send).is_ok() {
+                drop(chan);
+                if let Err(e) = sys::send_took(&self.sock, pid, status_write.as_raw_fd()) {
+                    // The server is gone: nobody would reap or report it.
+                    let _ = sys::pidfd_signal(pidfd.as_fd(), libc::SIGKILL);
+                    return Err(Asked::ServerGone(e));
+                }
+                self.owed += 1;
+                crate::remote::register(pid, &pidfd, daemon, &name);
+                return Ok(Started::Direct(JoinHandle::new_remote(
+                    Pid::from_raw(pid),
+                    name,
+                    result,
+                    pidfd,
+                    status_read,
+                )));
+            }
+        }
+        send.insert(2, status_write.as_raw_fd());
+        sys::send_request(&self.sock, &send).map_err(Asked::ServerGone)?;
+        self.owed += 1;
+        Ok(Started::Sent(Sent {
+            result,
+            status_read,
+            name,
+            daemon,
+        }))
+    }
+
+    /// Reads the reply to the oldest request sent to the server.
+    fn receive<R>(&mut self, sent: Sent) -> Result<JoinHandle<R>, Asked> {
+        let reply = loop {
+            match sys::receive_from_server(&self.sock).map_err(Asked::ServerGone)? {
+                sys::FromServer::Reply(reply) => break reply,
+                word => self.keep(word),
+            }
+        };
+        let Some((pid, pidfd)) = reply else {
+            // The server is fine; this one child could not be started.
+            return Err(Asked::Local(SpawnError::Fork(std::io::Error::other(
+                "the fork server could not start the child (fork or pidfd_open failed there)",
+            ))));
+        };
+        crate::remote::register(pid, &pidfd, sent.daemon, &sent.name);
+        Ok(JoinHandle::new_remote(
+            Pid::from_raw(pid),
+            sent.name,
+            sent.result,
+            pidfd,
+            sent.status_read,
+        ))
+    }
 }
 
 /// The sockets of this process's zygotes, with the identity of the socket
@@ -186,7 +282,7 @@ fn unregister_socket(owner: libc::pid_t, sock: &OwnedFd) {
 /// ```
 #[derive(Debug)]
 pub struct Zygote {
-    sock: parking_lot::Mutex<Option<OwnedFd>>,
+    link: parking_lot::Mutex<Option<Link>>,
     pid: Pid,
     owner: libc::pid_t,
 }
@@ -266,7 +362,7 @@ impl Zygote {
                 children::register_hidden(slot, pid);
                 drop(theirs);
                 Ok(Zygote {
-                    sock: parking_lot::Mutex::new(Some(ours)),
+                    link: parking_lot::Mutex::new(Some(Link::new(ours))),
                     pid: Pid::from_raw(pid),
                     owner: me,
                 })
@@ -285,7 +381,7 @@ impl Zygote {
     /// it serves failed on this side (descriptors, memory) or in its fork.
     pub fn is_serving(&self) -> bool {
         sys::getpid() == self.owner
-            && self.sock.lock().is_some()
+            && self.link.lock().is_some()
             && !matches!(sys::has_exited(self.pid.raw()), Ok(true))
     }
 
@@ -342,21 +438,21 @@ impl Zygote {
         for (builder, args) in starts {
             prepared.push(entry::prepare(&builder, f, args, false)?);
         }
-        let mut sock = self.sock.lock();
-        let Some(conn) = sock.as_ref() else {
+        let mut link = self.link.lock();
+        let Some(conn) = link.as_mut() else {
             return Err(gone());
         };
         // In windows: every request carries descriptors, and a socket holds
         // only so many in flight.
         const WINDOW: usize = 16;
         let mut handles = Vec::with_capacity(prepared.len());
-        let mut failure = None;
+        let mut failure = conn.settle().err().map(Asked::ServerGone);
         let mut prepared = prepared.into_iter().peekable();
         while failure.is_none() && prepared.peek().is_some() {
-            let mut sent = Vec::with_capacity(WINDOW);
+            let mut started = Vec::with_capacity(WINDOW);
             for p in prepared.by_ref().take(WINDOW) {
-                match send(conn, p) {
-                    Ok(s) => sent.push(s),
+                match conn.send(p) {
+                    Ok(s) => started.push(s),
                     Err(e) => {
                         failure = Some(e);
                         break;
@@ -365,16 +461,19 @@ impl Zygote {
             }
             // Every request sent gets its reply read, so that the next
             // exchange on this socket starts in step.
-            for s in sent {
-                match receive(conn, s) {
-                    Ok(h) => handles.push(h),
-                    Err(e @ Asked::ServerGone(_)) => {
-                        failure = Some(e);
-                        break;
-                    }
-                    Err(e) => {
-                        failure.get_or_insert(e);
-                    }
+            for s in started {
+                match s {
+                    Started::Direct(h) => handles.push(h),
+                    Started::Sent(s) => match conn.receive(s) {
+                        Ok(h) => handles.push(h),
+                        Err(e @ Asked::ServerGone(_)) => {
+                            failure = Some(e);
+                            break;
+                        }
+                        Err(e) => {
+                            failure.get_or_insert(e);
+                        }
+                    },
                 }
             }
         }
@@ -382,8 +481,8 @@ impl Zygote {
             None => Ok(handles),
             Some(Asked::Local(e)) => Err(e),
             Some(Asked::ServerGone(e)) => {
-                if let Some(gone) = sock.take() {
-                    unregister_socket(self.owner, &gone);
+                if let Some(gone) = link.take() {
+                    unregister_socket(self.owner, &gone.sock);
                 }
                 Err(SpawnError::Exec(e))
             }
@@ -393,11 +492,11 @@ impl Zygote {
 
 impl Drop for Zygote {
     fn drop(&mut self) {
-        if let Some(sock) = self.sock.get_mut().take() {
-            unregister_socket(self.owner, &sock);
-            // The zygote sees the end of its connection and exits; the
-            // child table reaps it.
-            drop(sock);
+        if let Some(link) = self.link.get_mut().take() {
+            unregister_socket(self.owner, &link.sock);
+            // The zygote sees the end of its connection and exits (and so
+            // does an offered spare); the child table reaps it.
+            drop(link);
         }
     }
 }
@@ -441,15 +540,21 @@ pub(crate) fn serve(fd: &str) -> ! {
     serve_on(sock, sys::getppid())
 }
 
-/// A child forked ahead of the next request: it waits on `chan` for the
-/// request's descriptors, so that a request costs the server a message
-/// instead of a fork (the fork happens after the reply, off the
-/// requester's path).
+/// A child forked ahead of the next request. The server offers it to the
+/// requester as soon as it is forked (its pid, a pidfd and the other end
+/// of the channel it waits on) and keeps only what it needs to reap it:
+/// the requester hands the next request's descriptors to it directly and
+/// then tells the server (`Took`, with the status pipe), so a start costs
+/// no round trip through the server at all; the fork of the next spare
+/// comes after, off the requester's path.
 struct Spare {
     pid: libc::pid_t,
     pidfd: OwnedFd,
-    chan: OwnedFd,
 }
+
+/// A child the server reaps: (pid, pidfd, status pipe: where its raw wait
+/// status goes).
+type Live = (libc::pid_t, OwnedFd, Option<File>);
 
 /// The server loop on `sock`, for `requester`: never returns.
 fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
@@ -491,11 +596,20 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
     // Known once here, every child inherits it for its same-executable
     // check.
     let _ = sys::exe_identity();
-    // Children not yet reaped: (pid, pidfd, status pipe).
-    let mut live: Vec<(libc::pid_t, OwnedFd, File)> = Vec::new();
-    // Made once a second request came (a zygote whose pool never replaces
-    // a worker, or replaces one, never keeps an idle copy of itself).
+    // Only the server holds the write end: a spare sees the server gone
+    // when the read end reports the hang-up.
+    let Ok((alive_read, alive_write)) = sys::pipe() else {
+        sys::exit_now(1)
+    };
+    let mut live: Vec<Live> = Vec::new();
+    // The spare offered to the requester, if any (one at a time; made once
+    // a second request came, so that a zygote whose pool never replaces a
+    // worker keeps no idle copy of itself).
     let mut spare: Option<Spare> = None;
+    // A spare that ended before its `Took` was read: its raw wait status,
+    // for the `Took` that may follow (the requester sends it right after
+    // the request, so any other message means none is coming).
+    let mut ended_spare: Option<(libc::pid_t, i32)> = None;
     let mut served = 0u32;
     loop {
         // [the socket, the requester's pidfd?, the children's, the spare's?]
@@ -512,7 +626,7 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
         let children = 1 + usize::from(requester_fd.is_some());
         if children == 2 && ready[1] {
             // The requester is gone: as when it closes its end (below).
-            end_serving(spare.take(), &live);
+            end_serving(&sock, spare.take(), &live);
         }
         // Children that ended: report their status, forget them.
         let mut ended = ready[children..].iter();
@@ -523,7 +637,9 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
             match sys::waitpid_nohang(*pid) {
                 Ok(sys::Reap::Exited(exit)) => {
                     use std::os::unix::process::ExitStatusExt;
-                    let _ = status.write_all(&exit.into_raw().to_le_bytes());
+                    if let Some(status) = status {
+                        let _ = status.write_all(&exit.into_raw().to_le_bytes());
+                    }
                     false
                 }
                 // Reaped by someone else after all: its status is gone, and
@@ -533,86 +649,183 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
             }
         });
         if ended.next().copied().unwrap_or(false) {
-            // The spare died waiting (killed from outside).
+            // The spare ended: killed from outside while it waited, or it
+            // took a request (and may be done already) whose `Took` is
+            // still on its way.
             if let Some(gone) = spare.take() {
-                let _ = sys::waitpid_nohang(gone.pid);
+                match sys::waitpid_nohang(gone.pid) {
+                    Ok(sys::Reap::Exited(exit)) => {
+                        use std::os::unix::process::ExitStatusExt;
+                        ended_spare = Some((gone.pid, exit.into_raw()));
+                    }
+                    // Reaped by someone else: its status is gone.
+                    Ok(sys::Reap::NoChild) => {}
+                    // Not yet (or the call failed): look again.
+                    _ => spare = Some(gone),
+                }
             }
         }
         if !ready[0] {
             continue;
         }
-        let fds = match sys::receive(&sock) {
-            Ok(Some(fds)) => fds,
+        let message = match sys::receive_request(&sock) {
+            Ok(Some(message)) => message,
             // The requester closed its end (it is gone, or dropped its
             // zygote): reap the children that have ended, so that none is
             // left a zombie for whoever adopts it, and go.
-            Ok(None) => end_serving(spare.take(), &live),
-            Err(_) => continue,
+            Ok(None) => end_serving(&sock, spare.take(), &live),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // A message taken but unreadable (its descriptors cut short):
+            // not knowing what it asked, the server cannot answer in step.
+            // Its end tells the requester, whose next start makes another.
+            Err(_) => end_serving(&sock, spare.take(), &live),
         };
-        if fds.len() < 3 {
-            let _ = sys::reply(&sock, -1, None);
-            continue;
-        }
-        let mut fds = fds.into_iter();
-        let (Some(request), Some(result), Some(status)) = (fds.next(), fds.next(), fds.next())
-        else {
-            continue;
-        };
-        let shared: Vec<OwnedFd> = fds.collect();
-        let status = File::from(status);
         served = served.saturating_add(1);
-        // The spare takes it if there is one; else a child is forked now.
-        if let Some(Spare { pid, pidfd, chan }) = spare.take() {
-            let mut handed: Vec<RawFd> = vec![request.as_raw_fd(), result.as_raw_fd()];
-            handed.extend(shared.iter().map(|fd| fd.as_raw_fd()));
-            let sent = sys::send_request(&chan, &handed).is_ok();
-            drop(chan);
-            if sent {
-                let _ = sys::reply(&sock, pid, Some(&pidfd));
-                live.push((pid, pidfd, status));
-                // The next spare must not hold copies of this request's
-                // descriptors (a pipe in the arguments would never see
-                // its end).
-                drop((request, result, shared));
-                spare = make_spare(server, &sock, requester_fd.as_ref(), &live, program);
-                continue;
+        match message {
+            sys::ToServer::Took(pid, status) => {
+                let status = status.map(File::from);
+                match (spare.take(), ended_spare.take()) {
+                    (Some(taken), _) if taken.pid == pid => {
+                        live.push((taken.pid, taken.pidfd, status));
+                    }
+                    (other, Some((ended, raw))) if ended == pid => {
+                        spare = other;
+                        if let Some(mut status) = status {
+                            let _ = status.write_all(&raw.to_le_bytes());
+                        }
+                    }
+                    // Not ours (the pipe closing tells the requester).
+                    (other, _) => spare = other,
+                }
             }
-            // It died meanwhile: a fork, as without one.
-            kill_and_reap(pid);
+            sys::ToServer::Fork(fds) => {
+                ended_spare = None;
+                let own = Own {
+                    sock: &sock,
+                    requester: requester_fd.as_ref(),
+                    alive: (&alive_read, &alive_write),
+                    live: &live,
+                    spare: spare.as_ref().map(|s| &s.pidfd),
+                };
+                if let Some(child) = fork_for(fds, &own, server, program) {
+                    live.push(child);
+                }
+            }
         }
-        let permit = match ForkPermit::single_threaded() {
-            Ok(permit) => permit,
-            Err(_) => sys::exit_now(1),
+        // After each request, one word about the spare: a new one, or none.
+        let made = if spare.is_none() && served >= 2 {
+            let own = Own {
+                sock: &sock,
+                requester: requester_fd.as_ref(),
+                alive: (&alive_read, &alive_write),
+                live: &live,
+                spare: None,
+            };
+            make_spare(server, &own, program)
+        } else {
+            None
         };
-        match sys::fork(permit) {
-            Ok(Fork::Child) => {
-                drop(sock);
-                drop(requester_fd);
-                drop(live);
-                drop(status);
-                program.restore();
-                run_child(request, result, shared, server)
+        match made {
+            Some((new, chan)) => {
+                if sys::offer(&sock, Some((new.pid, &new.pidfd, &chan))).is_ok() {
+                    spare = Some(new);
+                } else {
+                    kill_and_reap(new.pid);
+                    // The requester waits for a word either way.
+                    let _ = sys::offer(&sock, None);
+                }
+                // Only the requester holds its end of the channel now.
+                drop(chan);
             }
-            Ok(Fork::Parent(pid)) => match sys::pidfd_open(pid).ok().flatten() {
-                Some(pidfd) => {
-                    let _ = sys::reply(&sock, pid, Some(&pidfd));
-                    live.push((pid, pidfd, status));
-                }
-                None => {
-                    // Without a pidfd neither side could wait for it: it
-                    // must not run unwatched (nor stay a zombie).
-                    kill_and_reap(pid);
-                    let _ = sys::reply(&sock, -1, None);
-                }
-            },
-            Err(_) => {
-                let _ = sys::reply(&sock, -1, None);
+            None => {
+                let _ = sys::offer(&sock, None);
             }
         }
-        // (As above: the spare gets none of this request's descriptors.)
-        drop((request, result, shared));
-        if served >= 2 {
-            spare = make_spare(server, &sock, requester_fd.as_ref(), &live, program);
+    }
+}
+
+/// The server's own descriptors, which none of its children keeps (their
+/// owners live in the server's frame, which a child never returns to).
+struct Own<'a> {
+    sock: &'a OwnedFd,
+    requester: Option<&'a OwnedFd>,
+    /// The pipe whose hang-up tells a spare that the server is gone: (read
+    /// end, which a spare keeps, write end).
+    alive: (&'a File, &'a File),
+    live: &'a [Live],
+    spare: Option<&'a OwnedFd>,
+}
+
+impl Own<'_> {
+    /// In a child of the server: closes them all but the `alive` read end.
+    fn close_in_child(&self) {
+        sys::close_inherited(self.sock.as_raw_fd());
+        if let Some(fd) = self.requester {
+            sys::close_inherited(fd.as_raw_fd());
+        }
+        sys::close_inherited(self.alive.1.as_raw_fd());
+        for (_, pidfd, status) in self.live {
+            sys::close_inherited(pidfd.as_raw_fd());
+            if let Some(status) = status {
+                sys::close_inherited(status.as_raw_fd());
+            }
+        }
+        if let Some(fd) = self.spare {
+            sys::close_inherited(fd.as_raw_fd());
+        }
+    }
+}
+
+/// Serves a `Fork` request: forks its child and replies with the child's
+/// pid and pidfd (or -1); returns the child to reap.
+fn fork_for(
+    fds: Vec<OwnedFd>,
+    own: &Own<'_>,
+    server: libc::pid_t,
+    program: ProgramSignals,
+) -> Option<Live> {
+    if fds.len() < 3 {
+        let _ = sys::reply(own.sock, -1, None);
+        return None;
+    }
+    let mut fds = fds.into_iter();
+    let (Some(request), Some(result), Some(status)) = (fds.next(), fds.next(), fds.next()) else {
+        let _ = sys::reply(own.sock, -1, None);
+        return None;
+    };
+    let shared: Vec<OwnedFd> = fds.collect();
+    let status = File::from(status);
+    let permit = match ForkPermit::single_threaded() {
+        Ok(permit) => permit,
+        Err(_) => sys::exit_now(1),
+    };
+    // The spare made next must not hold copies of this request's
+    // descriptors (a pipe in the arguments would never see its end): they
+    // are dropped on return, before it is forked.
+    match sys::fork(permit) {
+        Ok(Fork::Child) => {
+            own.close_in_child();
+            sys::close_inherited(own.alive.0.as_raw_fd());
+            drop(status);
+            program.restore();
+            run_child(request, result, shared, server)
+        }
+        Ok(Fork::Parent(pid)) => match sys::pidfd_open(pid).ok().flatten() {
+            Some(pidfd) => {
+                let _ = sys::reply(own.sock, pid, Some(&pidfd));
+                Some((pid, pidfd, Some(status)))
+            }
+            None => {
+                // Without a pidfd neither side could wait for it: it
+                // must not run unwatched (nor stay a zombie).
+                kill_and_reap(pid);
+                let _ = sys::reply(own.sock, -1, None);
+                None
+            }
+        },
+        Err(_) => {
+            let _ = sys::reply(own.sock, -1, None);
+            None
         }
     }
 }
@@ -635,10 +848,23 @@ impl ProgramSignals {
     }
 }
 
-/// The requester is gone: reaps the children that have ended, so that
-/// none is left a zombie for whoever adopts it, ends the spare, and exits
-/// (daemon children die with the server: their death signal).
-fn end_serving(spare: Option<Spare>, live: &[(libc::pid_t, OwnedFd, File)]) -> ! {
+/// The requester is gone: ends the spare, unless a `Took` still queued
+/// says it took a request (the requester went right after a start: it runs
+/// on, as a child started a moment earlier would), reaps the children that
+/// have ended, so that none is left a zombie for whoever adopts it, and
+/// exits (daemon children die with the server: their death signal).
+fn end_serving(sock: &OwnedFd, mut spare: Option<Spare>, live: &[Live]) -> ! {
+    while spare.is_some() && sys::readable_now(sock.as_fd()) {
+        match sys::receive_request(sock) {
+            Ok(Some(sys::ToServer::Took(pid, _)))
+                if spare.as_ref().is_some_and(|s| s.pid == pid) =>
+            {
+                spare = None;
+            }
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
     if let Some(spare) = spare {
         kill_and_reap(spare.pid);
     }
@@ -669,46 +895,52 @@ fn run_child(request: OwnedFd, result: OwnedFd, shared: Vec<OwnedFd>, server: li
     sys::exit_now(1)
 }
 
-/// Forks a spare child (see [`Spare`]); `None` if that fails (the next
-/// request forks then).
+/// Forks a spare child (see [`Spare`]) and returns it with the other end
+/// of its channel, for the offer; `None` if that fails (the next request
+/// forks then).
 ///
 /// The spare is set up as a child forked for a request would be (SIGINT,
-/// SIGPIPE and SIGCHLD as the program has them) and then waits. It needs no death
-/// signal: only the server holds the other end of its channel, so when
-/// the server goes, however it goes, the wait ends and so does the spare.
+/// SIGPIPE and SIGCHLD as the program has them) and then waits for a
+/// request on its channel, or for the server's end (the hang-up of the
+/// `alive` pipe; a server that ends in order ends its spare itself): then
+/// it runs a request already sent to it, if any, and otherwise ends.
+/// (Forked copies of the requester may hold copies of the channel, so the
+/// channel's end alone would not do; nor would a death signal, which could
+/// kill a spare that already took a request.)
 fn make_spare(
     server: libc::pid_t,
-    sock: &OwnedFd,
-    requester_fd: Option<&OwnedFd>,
-    live: &[(libc::pid_t, OwnedFd, File)],
+    own: &Own<'_>,
     program: ProgramSignals,
-) -> Option<Spare> {
+) -> Option<(Spare, OwnedFd)> {
     let (ours, theirs) = sys::seqpacket_pair().ok()?;
     let permit = ForkPermit::single_threaded().ok()?;
     match sys::fork(permit) {
         Ok(Fork::Child) => {
             drop(ours);
-            // Nothing of the server's: its connection, its other children.
-            // (Their owners live in the server's frame, which this process
-            // never returns to.)
-            sys::close_inherited(sock.as_raw_fd());
-            if let Some(fd) = requester_fd {
-                sys::close_inherited(fd.as_raw_fd());
-            }
-            for (_, pidfd, status) in live {
-                sys::close_inherited(pidfd.as_raw_fd());
-                sys::close_inherited(status.as_raw_fd());
-            }
+            own.close_in_child();
             program.restore();
             let fds = loop {
+                let ready = match sys::poll_many(&[theirs.as_fd(), own.alive.0.as_fd()]) {
+                    Ok(ready) => ready,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => sys::exit_now(0),
+                };
+                if !ready[0] {
+                    // The server is gone: a request already here still runs.
+                    if sys::readable_now(theirs.as_fd()) {
+                        continue;
+                    }
+                    sys::exit_now(0)
+                }
                 match sys::receive(&theirs) {
                     Ok(Some(fds)) if fds.len() >= 2 => break fds,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    // The server is gone, or dropped it.
+                    // The requester is gone, or dropped it.
                     _ => sys::exit_now(0),
                 }
             };
             drop(theirs);
+            sys::close_inherited(own.alive.0.as_raw_fd());
             let mut fds = fds.into_iter();
             let (Some(request), Some(result)) = (fds.next(), fds.next()) else {
                 sys::exit_now(0)
@@ -716,11 +948,7 @@ fn make_spare(
             run_child(request, result, fds.collect(), server)
         }
         Ok(Fork::Parent(pid)) => match sys::pidfd_open(pid).ok().flatten() {
-            Some(pidfd) => Some(Spare {
-                pid,
-                pidfd,
-                chan: ours,
-            }),
+            Some(pidfd) => Some((Spare { pid, pidfd }, ours)),
             None => {
                 kill_and_reap(pid);
                 None

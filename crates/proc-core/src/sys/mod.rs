@@ -695,6 +695,7 @@ fn send_with_fds(sock: &OwnedFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> 
     let iov = [std::io::IoSlice::new(bytes)];
     let rights = [ControlMessage::ScmRights(fds)];
     let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
+    // (A peer gone is EPIPE: sequenced-packet sockets raise no SIGPIPE.)
     sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None)
         .map_err(io::Error::from)?;
     Ok(())
@@ -727,33 +728,91 @@ fn receive_with_fds(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, Vec<Ow
 }
 
 /// Sends one request carrying `fds` to the fork server (its reply comes
-/// with [`receive_reply`], in order).
+/// with [`receive_from_server`], in order), or to a spare child.
 pub(crate) fn send_request(sock: &OwnedFd, fds: &[RawFd]) -> io::Result<()> {
     send_with_fds(sock, b"r", fds)
 }
 
-/// Waits for the fork server's reply to the oldest unanswered request: a
-/// pid and a pidfd.
-/// `Ok(None)` when the server answered but could not start the child (it
-/// goes on serving); `Err` when the server is gone.
-pub(crate) fn receive_reply(sock: &OwnedFd) -> io::Result<Option<(libc::pid_t, OwnedFd)>> {
-    let mut buf = [0u8; 4];
-    let (n, received) = receive_with_fds(sock, &mut buf)?;
-    if n != 4 {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "fork server closed",
-        ));
-    }
-    let pid = i32::from_le_bytes(buf);
-    Ok(match (pid, received.into_iter().next()) {
-        (pid, Some(pidfd)) if pid > 0 => Some((pid, pidfd)),
-        _ => None,
-    })
+/// Tells the fork server that its spare `pid` was handed a request
+/// directly; `status` is where the server writes its wait status.
+pub(crate) fn send_took(sock: &OwnedFd, pid: libc::pid_t, status: RawFd) -> io::Result<()> {
+    let mut msg = [0u8; 5];
+    msg[0] = b't';
+    msg[1..].copy_from_slice(&pid.to_le_bytes());
+    send_with_fds(sock, &msg, &[status])
 }
 
-/// In the fork server: the next request's descriptors, or `None` when the
-/// requester closed its end.
+/// What a fork server says.
+pub(crate) enum FromServer {
+    /// The answer to the oldest unanswered request: a pid and a pidfd, or
+    /// `None` when the server could not start the child (it goes on
+    /// serving).
+    Reply(Option<(libc::pid_t, OwnedFd)>),
+    /// A spare child for the next request: its pid, pidfd and channel.
+    Offer(libc::pid_t, OwnedFd, OwnedFd),
+    /// No new spare (after each request the server says one or the other).
+    NoOffer,
+}
+
+/// Waits for the fork server's next message; `Err` when the server is
+/// gone or out of step.
+pub(crate) fn receive_from_server(sock: &OwnedFd) -> io::Result<FromServer> {
+    let mut buf = [0u8; 8];
+    let (n, received) = receive_with_fds(sock, &mut buf)?;
+    let mut received = received.into_iter();
+    let word = |at: usize| i32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]);
+    match n {
+        4 => {
+            let pid = word(0);
+            Ok(FromServer::Reply(match received.next() {
+                Some(pidfd) if pid > 0 => Some((pid, pidfd)),
+                _ => None,
+            }))
+        }
+        1 if buf[0] == b'n' => Ok(FromServer::NoOffer),
+        5 if buf[0] == b'o' => match (word(1), received.next(), received.next()) {
+            (pid, Some(pidfd), Some(chan)) if pid > 0 => Ok(FromServer::Offer(pid, pidfd, chan)),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "fork server: malformed offer",
+            )),
+        },
+        0 => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "fork server closed",
+        )),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "fork server: unknown message",
+        )),
+    }
+}
+
+/// What a fork server's requester says.
+pub(crate) enum ToServer {
+    /// Fork a child for this request (its descriptors).
+    Fork(Vec<OwnedFd>),
+    /// The spare `pid` took a request; the descriptor is its status pipe.
+    Took(libc::pid_t, Option<OwnedFd>),
+}
+
+/// In the fork server: the requester's next message, or `None` when it
+/// closed its end.
+pub(crate) fn receive_request(sock: &OwnedFd) -> io::Result<Option<ToServer>> {
+    let mut buf = [0u8; 8];
+    let (n, fds) = receive_with_fds(sock, &mut buf)?;
+    if n == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    if n == 5 && buf[0] == b't' {
+        let pid = i32::from_le_bytes([buf[1], buf[2], buf[3], buf[4]]);
+        return Ok(Some(ToServer::Took(pid, fds.into_iter().next())));
+    }
+    Ok(Some(ToServer::Fork(fds)))
+}
+
+/// In a spare child: the request's descriptors, or `None` when the other
+/// end closed.
 pub(crate) fn receive(sock: &OwnedFd) -> io::Result<Option<Vec<OwnedFd>>> {
     let mut buf = [0u8; 1];
     let (n, fds) = receive_with_fds(sock, &mut buf)?;
@@ -767,6 +826,23 @@ pub(crate) fn receive(sock: &OwnedFd) -> io::Result<Option<Vec<OwnedFd>>> {
 pub(crate) fn reply(sock: &OwnedFd, pid: libc::pid_t, pidfd: Option<&OwnedFd>) -> io::Result<()> {
     let fds: Vec<RawFd> = pidfd.map(|f| f.as_raw_fd()).into_iter().collect();
     send_with_fds(sock, &pid.to_le_bytes(), &fds)
+}
+
+/// In the fork server: offers the spare `(pid, pidfd, channel)` for the
+/// next request, or says there is no new one.
+pub(crate) fn offer(
+    sock: &OwnedFd,
+    spare: Option<(libc::pid_t, &OwnedFd, &OwnedFd)>,
+) -> io::Result<()> {
+    match spare {
+        Some((pid, pidfd, chan)) => {
+            let mut msg = [0u8; 5];
+            msg[0] = b'o';
+            msg[1..].copy_from_slice(&pid.to_le_bytes());
+            send_with_fds(sock, &msg, &[pidfd.as_raw_fd(), chan.as_raw_fd()])
+        }
+        None => send_with_fds(sock, b"n", &[]),
+    }
 }
 
 /// Waits until one of `fds` is readable; which ones are.
