@@ -8,8 +8,9 @@
 //! (`multiprocessing` with the fork context); then, interleaved with each
 //! other, `raw-exec` (std `Command` running this binary, which exits at
 //! once), `proc-spawn` (`spawn_entry` with `StartMethod::Spawn`) and
-//! `proc-forkserver` (`StartMethod::ForkServer`), with N/2 each. `PROC_BENCH_QUICK=1`: N = 20,
-//! one round.
+//! `proc-forkserver` (`StartMethod::ForkServer`), N each, then Python's
+//! `spawn` and `forkserver` contexts (`python-spawn`, `python-forkserver`,
+//! N each, after each round). `PROC_BENCH_QUICK=1`: N = 20, one round.
 
 mod common;
 
@@ -99,7 +100,7 @@ fn main() {
         return;
     }
     let n = if common::quick() { 20 } else { 200 };
-    const SYSTEMS: [&str; 7] = [
+    const SYSTEMS: [&str; 9] = [
         "raw-fork",
         "proc",
         "proc-process",
@@ -107,6 +108,8 @@ fn main() {
         "raw-exec",
         "proc-spawn",
         "proc-forkserver",
+        "python-spawn",
+        "python-forkserver",
     ];
     if common::list_systems() {
         common::print_systems("W1", &SYSTEMS);
@@ -114,7 +117,6 @@ fn main() {
     }
     if let Some(only) = common::only_system() {
         // One system alone, for the suite runner (which interleaves).
-        let m = n / 2;
         // Five starts to warm up page tables and the allocator, as below.
         let mean = |k: usize, f: &dyn Fn() -> f64| {
             (0..5).for_each(|_| {
@@ -127,12 +129,16 @@ fn main() {
             "proc" => Some(mean(n, &proc_spawn)),
             "proc-process" => Some(mean(n, &proc_process)),
             "python" => common::python("w1_spawn_join.py", &[n.to_string(), "fork".into()]),
-            "raw-exec" => Some(mean(m, &raw_exec)),
-            "proc-spawn" => Some(mean(m, &|| proc_entry(proc::StartMethod::Spawn))),
+            "raw-exec" => Some(mean(n, &raw_exec)),
+            "proc-spawn" => Some(mean(n, &|| proc_entry(proc::StartMethod::Spawn))),
             "proc-forkserver" => {
                 // The first start execs the server: not part of the figure.
                 proc_entry(proc::StartMethod::ForkServer);
-                Some(mean(m, &|| proc_entry(proc::StartMethod::ForkServer)))
+                Some(mean(n, &|| proc_entry(proc::StartMethod::ForkServer)))
+            }
+            "python-spawn" => common::python("w1_spawn_join.py", &[n.to_string(), "spawn".into()]),
+            "python-forkserver" => {
+                common::python("w1_spawn_join.py", &[n.to_string(), "forkserver".into()])
             }
             _ => None,
         };
@@ -186,7 +192,8 @@ fn main() {
     }
     // The exec start methods, interleaved the same way.
     let (mut rex, mut psp, mut pfs) = (vec![], vec![], vec![]);
-    let m = n / 2;
+    let (mut pysp, mut pyfs) = (vec![], vec![]);
+    let m = n;
     // The first ForkServer start execs the server: not part of the figure.
     proc_entry(proc::StartMethod::ForkServer);
     for round in 1..=rounds {
@@ -203,17 +210,30 @@ fn main() {
         rex.push(a / m as f64);
         psp.push(b / m as f64);
         pfs.push(c / m as f64);
+        for (method, into) in [("spawn", &mut pysp), ("forkserver", &mut pyfs)] {
+            if let Some(us) = common::python("w1_spawn_join.py", &[m.to_string(), method.into()]) {
+                into.push(us);
+            }
+        }
         println!(
             "  round {round} (exec, N = {m}): raw-exec {:.1} µs, proc-spawn {:.1} µs, \
-             proc-forkserver {:.1} µs",
+             proc-forkserver {:.1} µs, python-spawn {} µs, python-forkserver {} µs",
             a / m as f64,
             b / m as f64,
-            c / m as f64
+            c / m as f64,
+            pysp.last().map_or("-".to_owned(), |v| format!("{v:.1}")),
+            pyfs.last().map_or("-".to_owned(), |v| format!("{v:.1}"))
         );
     }
     common::result("W1", "raw-exec", &rex, "us");
     common::result("W1", "proc-spawn", &psp, "us");
     common::result("W1", "proc-forkserver", &pfs, "us");
+    if !pysp.is_empty() {
+        common::result("W1", "python-spawn", &pysp, "us");
+    }
+    if !pyfs.is_empty() {
+        common::result("W1", "python-forkserver", &pyfs, "us");
+    }
     println!(
         "ratio proc-spawn / raw-exec: {:.2}x",
         common::median(&psp) / common::median(&rex)

@@ -22,6 +22,8 @@ fn proc_run(cycles: u64, method: proc::StartMethod) -> f64 {
         assert_eq!(pool.apply(square, 3), Ok(9));
         pool.close();
         pool.join().expect("join");
+        // The whole cycle: dropping the pool (its zygote) too.
+        drop(pool);
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     common::median(&ms)
@@ -43,6 +45,11 @@ fn main() {
             common::System {
                 name: "proc-forkserver",
                 run: Box::new(|| Some(proc_run(cycles, proc::StartMethod::ForkServer))),
+            },
+            // Workers exec'd, like procspawn's: the like-for-like pair.
+            common::System {
+                name: "proc-spawn",
+                run: Box::new(|| Some(proc_run(cycles, proc::StartMethod::Spawn))),
             },
             common::python_pool_system("W8", cycles),
         ],

@@ -7,12 +7,14 @@ use std::process::Command;
 use crate::runner::{Row, Sample};
 
 /// Column order of the table (systems no workload plans are left out).
-const COLUMNS: [&str; 12] = [
+const COLUMNS: [&str; 14] = [
     "proc",
     "proc-process",
     "proc-forkserver",
     "proc-spawn",
     "python",
+    "python-spawn",
+    "python-forkserver",
     "procspawn",
     "ipc-channel",
     "ipmpsc",
@@ -171,13 +173,23 @@ pub fn ratios(row: &Row) -> Vec<(String, f64)> {
         return Vec::new();
     };
     let mut out = Vec::new();
-    // The best peer: the one proc's ratio is smallest against.
+    // The best peer: the one proc's ratio is smallest against, each peer
+    // against its like: procspawn execs its processes, so it faces
+    // proc-spawn where the row has it.
+    let counterpart = |peer: &str| match peer {
+        "procspawn" if get("proc-spawn").is_some() => "proc-spawn",
+        _ => "proc",
+    };
     let best_peer = PEERS
         .iter()
-        .filter_map(|p| get(p).map(|v| (*p, ratio(proc_, v, &unit))))
-        .min_by(|a, b| a.1.total_cmp(&b.1));
-    if let Some((p, r)) = best_peer {
-        out.push((format!("proc vs best peer ({p})"), r));
+        .filter_map(|p| {
+            let ours = counterpart(p);
+            let v = get(p)?;
+            Some((ours, *p, ratio(get(ours)?, v, &unit)))
+        })
+        .min_by(|a, b| a.2.total_cmp(&b.2));
+    if let Some((ours, p, r)) = best_peer {
+        out.push((format!("{ours} vs best peer ({p})"), r));
     }
     if let Some(py) = get("python") {
         out.push(("proc vs python".into(), ratio(proc_, py, &unit)));

@@ -171,6 +171,10 @@ fn run_one(
         if matches!(runner, Runner::Peer) {
             cmd.arg("--quick");
         }
+    } else {
+        // A full card: no quick setting inherited from the environment
+        // (the peers read only `--quick`: every system runs the full N).
+        cmd.env_remove("PROC_BENCH_QUICK");
     }
     cmd.current_dir(root)
         .stdin(Stdio::null())
