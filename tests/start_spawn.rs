@@ -152,6 +152,11 @@ fn main() {
             a_direct_start_outlives_its_dropped_zygote as fn(),
         ),
         (
+            "many_shared_descriptors_cross_or_are_refused",
+            60,
+            many_shared_descriptors_cross_or_are_refused as fn(),
+        ),
+        (
             "a_dead_server_with_a_spare_offered_is_an_error",
             30,
             a_dead_server_with_a_spare_offered_is_an_error as fn(),
@@ -1139,4 +1144,60 @@ fn a_direct_start_outlives_its_dropped_zygote() {
         drop(zygote);
         assert_eq!(child.join().expect("join"), 21, "round {round}");
     }
+}
+
+fn put_in_each(queues: Vec<Queue<u64>>) -> usize {
+    for (i, q) in queues.iter().enumerate() {
+        q.put(i as u64).expect("put");
+    }
+    queues.len()
+}
+
+/// A start whose arguments share many descriptors (one per queue): 100
+/// cross (more than one message's old 64-descriptor buffer held) through
+/// the server, its spare and a zygote; more than one message can carry is
+/// a clear error, and the server goes on serving.
+fn many_shared_descriptors_cross_or_are_refused() {
+    let make = |n: usize| -> Vec<Queue<u64>> {
+        (0..n)
+            .map(|_| Queue::builder().capacity(4096).build().expect("queue"))
+            .collect()
+    };
+    let server = || Builder::new().start_method(StartMethod::ForkServer);
+    let zygote = proc::Zygote::new().expect("zygote");
+    // Three starts each way: the third goes to the offered spare.
+    for round in 0..3 {
+        let queues = make(100);
+        let via_server = server()
+            .spawn_entry(put_in_each, queues.clone())
+            .expect("spawn");
+        assert_eq!(via_server.join().expect("join"), 100, "round {round}");
+        let via_zygote = zygote
+            .spawn_entry(Builder::new(), put_in_each, queues.clone())
+            .expect("spawn");
+        assert_eq!(via_zygote.join().expect("join"), 100, "round {round}");
+        for (i, q) in queues.iter().enumerate() {
+            assert_eq!(q.try_get().ok(), Some(i as u64));
+            assert_eq!(q.try_get().ok(), Some(i as u64));
+        }
+    }
+    let too_many = make(251);
+    match server().spawn_entry(put_in_each, too_many.clone()) {
+        Err(proc::SpawnError::Encode(message)) => {
+            assert!(message.contains("251 descriptors"), "{message}")
+        }
+        other => panic!("expected an Encode error, got {:?}", other.map(|_| ())),
+    }
+    assert!(matches!(
+        zygote.spawn_entry(Builder::new(), put_in_each, too_many),
+        Err(proc::SpawnError::Encode(_))
+    ));
+    assert_eq!(
+        server()
+            .spawn_entry(put_in_each, make(3))
+            .expect("spawn")
+            .join()
+            .expect("join"),
+        3
+    );
 }

@@ -168,6 +168,14 @@ impl Link {
             daemon,
             ..
         } = prepared;
+        // With the request, result and status descriptors, one message.
+        if fds.len() > sys::MAX_FDS_PER_MESSAGE - 3 {
+            return Err(Asked::Local(SpawnError::Encode(format!(
+                "the arguments share {} descriptors; a fork-server or zygote start carries at most {}",
+                fds.len(),
+                sys::MAX_FDS_PER_MESSAGE - 3
+            ))));
+        }
         let (status_read, status_write) = sys::pipe()
             .map_err(SpawnError::ResultChannel)
             .map_err(Asked::Local)?;
@@ -176,9 +184,12 @@ impl Link {
         if let Some(Offer { pid, pidfd, chan }) = self.offer.take() {
             // An error means the spare is gone (killed from outside, or it
             // saw the server end) or the message could not be sent: the
-            // server forks a child instead (a live spare left behind ends
-            // when its channel, dropped here, closes).
-            if sys::send_request(&chan, &send).is_ok() {
+            // server forks a child instead. A spare still alive is ended
+            // (through its pidfd: no pid reuse), so that the server, seeing
+            // it go, makes and offers another.
+            if sys::send_request(&chan, &send).is_err() {
+                let _ = sys::pidfd_signal(pidfd.as_fd(), libc::SIGKILL);
+            } else {
                 drop(chan);
                 if let Err(e) = sys::send_took(&self.sock, pid, status_write.as_raw_fd()) {
                     // The server is gone: nobody would reap or report it.
@@ -707,8 +718,11 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
                     live: &live,
                     spare: spare.as_ref().map(|s| &s.pidfd),
                 };
-                if let Some(child) = fork_for(fds, &own, server, program) {
-                    live.push(child);
+                let (child, replied) = fork_for(fds, &own, server, program);
+                live.extend(child);
+                if !replied {
+                    // The requester would wait for the reply for ever.
+                    end_serving(&sock, spare.take(), &live);
                 }
             }
         }
@@ -725,21 +739,26 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
         } else {
             None
         };
-        match made {
+        // The requester waits for the word: one that cannot be sent ends
+        // the server (the requester sees its end, and its next start makes
+        // another), rather than leave the two out of step.
+        let said = match made {
             Some((new, chan)) => {
-                if sys::offer(&sock, Some((new.pid, &new.pidfd, &chan))).is_ok() {
-                    spare = Some(new);
-                } else {
-                    kill_and_reap(new.pid);
-                    // The requester waits for a word either way.
-                    let _ = sys::offer(&sock, None);
-                }
+                let offered = sys::offer(&sock, Some((new.pid, &new.pidfd, &chan))).is_ok();
                 // Only the requester holds its end of the channel now.
                 drop(chan);
+                if offered {
+                    spare = Some(new);
+                    true
+                } else {
+                    kill_and_reap(new.pid);
+                    sys::offer(&sock, None).is_ok()
+                }
             }
-            None => {
-                let _ = sys::offer(&sock, None);
-            }
+            None => sys::offer(&sock, None).is_ok(),
+        };
+        if !said {
+            end_serving(&sock, spare.take(), &live);
         }
     }
 }
@@ -777,21 +796,21 @@ impl Own<'_> {
 }
 
 /// Serves a `Fork` request: forks its child and replies with the child's
-/// pid and pidfd (or -1); returns the child to reap.
+/// pid and pidfd (or -1); returns the child to reap, and whether the reply
+/// went out.
 fn fork_for(
     fds: Vec<OwnedFd>,
     own: &Own<'_>,
     server: libc::pid_t,
     program: ProgramSignals,
-) -> Option<Live> {
+) -> (Option<Live>, bool) {
+    let refuse = || (None, sys::reply(own.sock, -1, None).is_ok());
     if fds.len() < 3 {
-        let _ = sys::reply(own.sock, -1, None);
-        return None;
+        return refuse();
     }
     let mut fds = fds.into_iter();
     let (Some(request), Some(result), Some(status)) = (fds.next(), fds.next(), fds.next()) else {
-        let _ = sys::reply(own.sock, -1, None);
-        return None;
+        return refuse();
     };
     let shared: Vec<OwnedFd> = fds.collect();
     let status = File::from(status);
@@ -812,21 +831,17 @@ fn fork_for(
         }
         Ok(Fork::Parent(pid)) => match sys::pidfd_open(pid).ok().flatten() {
             Some(pidfd) => {
-                let _ = sys::reply(own.sock, pid, Some(&pidfd));
-                Some((pid, pidfd, Some(status)))
+                let replied = sys::reply(own.sock, pid, Some(&pidfd)).is_ok();
+                (Some((pid, pidfd, Some(status))), replied)
             }
             None => {
                 // Without a pidfd neither side could wait for it: it
                 // must not run unwatched (nor stay a zombie).
                 kill_and_reap(pid);
-                let _ = sys::reply(own.sock, -1, None);
-                None
+                refuse()
             }
         },
-        Err(_) => {
-            let _ = sys::reply(own.sock, -1, None);
-            None
-        }
+        Err(_) => refuse(),
     }
 }
 
@@ -859,7 +874,9 @@ fn end_serving(sock: &OwnedFd, mut spare: Option<Spare>, live: &[Live]) -> ! {
             Ok(Some(sys::ToServer::Took(pid, _)))
                 if spare.as_ref().is_some_and(|s| s.pid == pid) =>
             {
+                // A child now; reaped here if it is done already.
                 spare = None;
+                let _ = sys::waitpid_nohang(pid);
             }
             Ok(Some(_)) => {}
             _ => break,

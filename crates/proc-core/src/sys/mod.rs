@@ -696,24 +696,37 @@ fn send_with_fds(sock: &OwnedFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> 
     let rights = [ControlMessage::ScmRights(fds)];
     let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
     // (A peer gone is EPIPE: sequenced-packet sockets raise no SIGPIPE.)
-    sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None)
-        .map_err(io::Error::from)?;
-    Ok(())
+    loop {
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None) {
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(io::Error::from(e)),
+        }
+    }
 }
 
-/// Receives one message into `buf` with up to 64 attached descriptors
-/// (close-on-exec); returns its length and the descriptors.
+/// The most descriptors one message carries (the kernel's `SCM_MAX_FD`).
+pub(crate) const MAX_FDS_PER_MESSAGE: usize = 253;
+
+/// Receives one message into `buf` with its attached descriptors (up to
+/// [`MAX_FDS_PER_MESSAGE`], close-on-exec); returns its length and the
+/// descriptors. A signal does not cut it short.
 fn receive_with_fds(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     let mut iov = [std::io::IoSliceMut::new(buf)];
-    let mut space = nix::cmsg_space!([RawFd; 64]);
-    let msg = recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(io::Error::from)?;
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
+    let msg = loop {
+        match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => break msg,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(io::Error::from(e)),
+        }
+    };
     let mut fds = Vec::new();
     for cmsg in msg.cmsgs().map_err(io::Error::from)? {
         if let ControlMessageOwned::ScmRights(received) = cmsg {
