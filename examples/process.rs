@@ -59,14 +59,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     // Each process has its own copy of memory: changes stay in the child.
-    let mut counter = 10;
-    let mut p = Process::new(move || {
-        counter += 1;
-        println!("  child sees counter = {counter}");
-    });
-    p.start()?;
-    p.join()?;
-    println!("parent still sees counter = {counter}");
+    // (The closure changes the parent's own vector, not a copy moved into
+    // it: with a thread, the parent would see the push.)
+    let mut seen = vec![10];
+    let child = proc::spawn(|| {
+        seen.push(11);
+        println!("  child sees {seen:?}");
+    })?;
+    child.join()?;
+    println!("parent still sees {seen:?}");
 
     // No stdin in children: reading gives end-of-file at once.
     let child = proc::spawn(|| {

@@ -30,8 +30,11 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use proc::prelude::*;
 //!
-//! let child = proc::spawn(|| (1..=10u64).product::<u64>())?;
+//! let child = spawn(|| (1..=10u64).product::<u64>())?;
 //! assert_eq!(child.join()?, 3_628_800);
+//! let q: Queue<u64> = Queue::new()?;
+//! q.put(7)?;
+//! assert_eq!(q.get()?, 7);
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]

@@ -157,6 +157,11 @@ fn main() {
             many_shared_descriptors_cross_or_are_refused as fn(),
         ),
         (
+            "a_daemon_forked_on_a_thread_outlives_the_thread",
+            30,
+            a_daemon_forked_on_a_thread_outlives_the_thread as fn(),
+        ),
+        (
             "a_dead_server_with_a_spare_offered_is_an_error",
             30,
             a_dead_server_with_a_spare_offered_is_an_error as fn(),
@@ -1200,4 +1205,26 @@ fn many_shared_descriptors_cross_or_are_refused() {
             .expect("join"),
         3
     );
+}
+
+/// In a fresh process: a daemon forked (`spawn_unchecked`) on a thread
+/// that then ends; the death signal would follow that thread.
+fn fork_daemon_from_a_thread(_: ()) -> String {
+    let child = std::thread::spawn(|| {
+        // SAFETY: the closure only sleeps and returns a number; this
+        // process's other thread holds no lock meanwhile.
+        unsafe {
+            Builder::new()
+                .daemon(true)
+                .spawn_unchecked(|| nap_then(300))
+        }
+        .expect("spawn")
+    })
+    .join()
+    .expect("thread");
+    format!("{:?}", child.join())
+}
+
+fn a_daemon_forked_on_a_thread_outlives_the_thread() {
+    assert_eq!(in_fresh_process(fork_daemon_from_a_thread), "Ok(301)");
 }

@@ -82,7 +82,9 @@ impl Builder {
     ///
     /// The kernel ties the death signal to the thread that forked; the safe
     /// `spawn` only forks from a single-threaded process, where that thread
-    /// is the main thread. A `ForkServer` daemon dies with the fork server,
+    /// is the main thread (a daemon forked by `spawn_unchecked` on another
+    /// thread gets no death signal, as a `Spawn` daemon below). A
+    /// `ForkServer` daemon dies with the fork server,
     /// which ends with this process whatever thread started it. A `Spawn`
     /// daemon started from a thread other than the main one gets no death
     /// signal (that thread's end would kill it while this process runs
@@ -207,6 +209,7 @@ impl Builder {
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
         let parent = sys::getpid();
+        let forked_on_main_thread = sys::on_main_thread();
         match sys::fork(permit) {
             Err(e) => {
                 children::unreserve(slot);
@@ -220,6 +223,7 @@ impl Builder {
                     path,
                     daemon: self.daemon,
                     parent,
+                    forked_on_main_thread,
                 };
                 run_child(setup, &result, f)
             }
@@ -340,6 +344,9 @@ struct ChildSetup {
     path: Vec<u32>,
     daemon: bool,
     parent: libc::pid_t,
+    /// Whether the fork ran on the parent's main thread (the kernel ties a
+    /// death signal to the thread that forked).
+    forked_on_main_thread: bool,
 }
 
 /// `/dev/null`, opened once (close-on-exec) so that a child only `dup2`s it.
@@ -400,8 +407,13 @@ where
 {
     if setup.daemon {
         // If the parent died between fork and prctl, the signal will never
-        // come: the getppid re-check catches that window.
-        if sys::set_parent_death_signal(libc::SIGKILL).is_err() || sys::getppid() != setup.parent {
+        // come: the getppid re-check catches that window. Forked from a
+        // thread other than the main one (`spawn_unchecked`), the signal
+        // would come when that thread ends, while the program runs on: no
+        // signal then (terminated at normal exit, as a Spawn daemon).
+        if (setup.forked_on_main_thread && sys::set_parent_death_signal(libc::SIGKILL).is_err())
+            || sys::getppid() != setup.parent
+        {
             sys::exit_now(1);
         }
     }
