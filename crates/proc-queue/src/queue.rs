@@ -185,6 +185,14 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     /// A queue without a message bound and a ring of [`DEFAULT_CAPACITY`]
     /// bytes (Python's `Queue()`).
     ///
+    /// Unlike Python's, whose feeder thread buffers without limit in the
+    /// putting process (and loses what it holds if that process dies),
+    /// what is queued lives in the ring: with it full, `put` waits and
+    /// `try_put` fails with `Full`, bound or not. Putting more than the
+    /// ring holds before any consumer runs ("put all the work, then start
+    /// the consumers") waits for ever; size the ring for it with
+    /// [`builder`](Queue::builder)`().capacity(..)` (up to 128 MiB).
+    ///
     /// # Errors
     ///
     /// [`QueueError::Io`] if the shared memory cannot be created.
@@ -211,8 +219,8 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         }
     }
 
-    /// Puts `item`, waiting while the queue is full (Python's
-    /// `put(item)`).
+    /// Puts `item`, waiting while the queue is full: `maxsize` messages
+    /// queued, or no room left in the ring (Python's `put(item)`).
     ///
     /// # Errors
     ///
@@ -367,7 +375,8 @@ impl<T> Queue<T> {
     }
 
     /// Whether the queue holds `maxsize` messages now (Python's `full()`;
-    /// always false without a bound).
+    /// always false without a bound, though a `put` also waits for room in
+    /// the ring: see [`Queue::new`]).
     pub fn full(&self) -> bool {
         match self.maxsize() {
             Some(max) => self.qsize() >= max,

@@ -56,6 +56,10 @@ fn round16(n: usize) -> usize {
 /// Records up to this size are written with a single copy.
 const SMALL: usize = 64;
 
+/// How long a `try_put` that finds the producer lock held, while the queue
+/// has room, waits for the holder to finish its record.
+const TRY_GRACE: Duration = Duration::from_millis(2);
+
 /// A record header's 16 bytes.
 fn header_bytes(len: u32, flags: u8, seq: u32) -> [u8; HDR] {
     let a = u64::from(len) | (u64::from(flags) << 32);
@@ -235,15 +239,26 @@ impl Ring {
         deadline: Option<Instant>,
     ) -> Result<(), PushError> {
         let h = self.seg.header();
+        let total: usize = parts.iter().map(|p| p.len()).sum();
         let _guard: Guard<'_> = match h.producer_lock.lock(deadline) {
             Ok(g) => g,
+            // A try (`try_put`) that found the lock held while the queue
+            // has room: the holder is writing a record, not waiting for
+            // room; wait for it a little rather than call the queue full
+            // (Python's `put_nowait` waits for its lock too).
+            Err(LockError::Busy) if self.looks_roomy(total) => {
+                match h.producer_lock.lock(Some(Instant::now() + TRY_GRACE)) {
+                    Ok(g) => g,
+                    Err(LockError::Busy) => return Err(PushError::Full),
+                    Err(e) => return Err(PushError::Failed(Self::lock_err(e))),
+                }
+            }
             Err(LockError::Busy) => return Err(PushError::Full),
             Err(e) => return Err(PushError::Failed(Self::lock_err(e))),
         };
         if self.is_closed() {
             return Err(PushError::Closed);
         }
-        let total: usize = parts.iter().map(|p| p.len()).sum();
         let maxsize = self.seg.maxsize();
         // The message bound: wait while the queue holds `maxsize` messages.
         if maxsize > 0 {
@@ -305,6 +320,20 @@ impl Ring {
             }
             Ok(())
         }
+    }
+
+    /// Whether a message of `total` bytes would fit now, read without the
+    /// producer lock (a hint: the lock holder may take the room first).
+    fn looks_roomy(&self, total: usize) -> bool {
+        let maxsize = self.seg.maxsize() as usize;
+        if maxsize > 0 && self.len() >= maxsize {
+            return false;
+        }
+        let h = self.seg.header();
+        let tail = protocol::pos(protocol::observe(&h.producer.0.tail));
+        let head = protocol::pos(protocol::observe(&h.consumer.0.head));
+        let used = protocol::distance(tail, head) as usize;
+        used <= self.cap && self.cap - used > HDR + round16(total.min(self.max_single)) + HDR
     }
 
     /// Waits for room, then writes and commits one record of `len` payload
