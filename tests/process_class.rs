@@ -77,12 +77,16 @@ impl ProcessClass for Introspect {
     }
     fn run(&mut self) {
         let me = proc::current_process();
-        let ok = self.pid() == Some(proc::getpid())
+        let mut ok = self.pid() == Some(proc::getpid())
             && self.is_alive()
             && self.name() == "introspect"
             && me.name() == "introspect"
             && self.daemon()
             && me.daemon();
+        // Python's `self.name = …` inside run renames the running process.
+        ok &= self.set_name("renamed").is_ok()
+            && self.name() == "renamed"
+            && proc::current_process().name() == "renamed";
         proc::exit(if ok { 0 } else { 2 })
     }
 }

@@ -90,6 +90,12 @@ impl Builder {
     /// signal (that thread's end would kill it while this process runs
     /// on): it is terminated when this process exits normally, as in
     /// Python, but outlives a `SIGKILL` of this process.
+    ///
+    /// Unlike Python, which refuses ("daemonic processes are not allowed to
+    /// have children"), a daemon may start processes (a pool's workers are
+    /// daemons, and tasks may start processes). When a daemon is ended at
+    /// this process's exit, its own daemon children die with it, but its
+    /// other children are not joined: they are orphaned and run on.
     pub fn daemon(mut self, daemon: bool) -> Self {
         self.daemon = daemon;
         self

@@ -35,6 +35,11 @@ fn with_identity<R>(f: impl FnOnce(&mut Identity) -> R) -> R {
     f(id)
 }
 
+/// Renames this process (a process class's `self.name = …` inside `run`).
+pub(crate) fn rename(name: &str) {
+    with_identity(|id| name.clone_into(&mut id.name));
+}
+
 /// The next default child name, `Process-N` (or `Process-1:N` in a child),
 /// and the identity path that goes with it.
 pub(crate) fn next_child_identity() -> (String, Vec<u32>) {

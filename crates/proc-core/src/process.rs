@@ -117,13 +117,21 @@ impl Process {
         &self.name
     }
 
-    /// Renames the process.
+    /// Renames the process: before `start()`, the name the child gets;
+    /// inside a process class's `run` (the object describes the running
+    /// process), the running process's own name, as Python's
+    /// `self.name = …` there renames `current_process()`.
     ///
     /// # Errors
     ///
-    /// [`ProcessError::SetAfterStart`] once started: the child already runs
-    /// under its old name.
+    /// [`ProcessError::SetAfterStart`] once started, in the parent: the
+    /// child already runs under its old name.
     pub fn set_name(&mut self, name: impl Into<String>) -> Result<(), ProcessError> {
+        if matches!(self.state, State::Current) {
+            self.name = name.into();
+            crate::current::rename(&self.name);
+            return Ok(());
+        }
         self.check_not_started("name")?;
         self.name = name.into();
         Ok(())
