@@ -5,7 +5,9 @@
 //! no task ran twice (each logs its start in a file), at most one task
 //! fails per kill, and nothing hangs.
 //!
-//! `PROC_SOAK=1` runs 100 rounds instead of 6.
+//! Every fourth round's pool uses the fork server (the other rounds:
+//! `Fork`, replacements from the zygote). `PROC_SOAK=1` runs 100 rounds
+//! instead of 6.
 
 mod common;
 
@@ -15,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proc::{Pool, TaskError};
+use proc::{Pool, StartMethod, TaskError};
 
 fn main() {
     proc::init();
@@ -69,6 +71,11 @@ fn workers_sigkilled() {
         let mut builder = Pool::builder().processes(2 + round % 2);
         if round % 3 == 1 {
             builder = builder.maxtasksperchild(7);
+        }
+        if round % 4 == 3 {
+            // Workers and replacements from the fork server (its offered
+            // spare) instead of this process and its zygote.
+            builder = builder.start_method(StartMethod::ForkServer);
         }
         let pool = Arc::new(builder.build().expect("pool"));
         let n = 240u64;
