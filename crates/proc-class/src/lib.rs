@@ -118,11 +118,13 @@ pub trait ProcessClass {
         self.process().name()
     }
 
-    /// Renames the process.
+    /// Renames the process: before `start()`, the name the child gets;
+    /// inside `run`, the running process's own name (Python's
+    /// `self.name = …` there).
     ///
     /// # Errors
     ///
-    /// [`ProcessError::SetAfterStart`] once started.
+    /// [`ProcessError::SetAfterStart`] once started, in the parent.
     fn set_name(&mut self, name: &str) -> Result<(), ProcessError> {
         self.process_mut().set_name(name)
     }

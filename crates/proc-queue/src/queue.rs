@@ -246,7 +246,9 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
 
     /// Puts `item` only if there is room now (Python's `put_nowait`); a
     /// message larger than half the ring fits only while consumers drain
-    /// it as fast as it streams in.
+    /// it as fast as it streams in. Like Python's, it waits for another
+    /// producer that holds the queue while writing a record (at most
+    /// 2 ms, and only while the queue has room).
     ///
     /// # Errors
     ///
