@@ -162,6 +162,11 @@ fn main() {
             a_daemon_forked_on_a_thread_outlives_the_thread as fn(),
         ),
         (
+            "small_and_large_requests_cross",
+            60,
+            small_and_large_requests_cross as fn(),
+        ),
+        (
             "a_dead_server_with_a_spare_offered_is_an_error",
             30,
             a_dead_server_with_a_spare_offered_is_an_error as fn(),
@@ -1227,4 +1232,33 @@ fn fork_daemon_from_a_thread(_: ()) -> String {
 
 fn a_daemon_forked_on_a_thread_outlives_the_thread() {
     assert_eq!(in_fresh_process(fork_daemon_from_a_thread), "Ok(301)");
+}
+
+fn sum_bytes(bytes: Vec<u8>) -> (usize, u64) {
+    (bytes.len(), bytes.iter().map(|&b| u64::from(b)).sum())
+}
+
+/// Requests from empty to 300 kB (each travels in a memfd), through the
+/// fork server (forked and spare children) and a zygote.
+fn small_and_large_requests_cross() {
+    let server = || Builder::new().start_method(StartMethod::ForkServer);
+    let zygote = proc::Zygote::new().expect("zygote");
+    for len in [0usize, 100, 8 << 10, (8 << 10) + 1, 300_000] {
+        let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let want = sum_bytes(bytes.clone());
+        for round in 0..3 {
+            let got = server()
+                .spawn_entry(sum_bytes, bytes.clone())
+                .expect("spawn")
+                .join()
+                .expect("join");
+            assert_eq!(got, want, "server, {len} bytes, round {round}");
+            let got = zygote
+                .spawn_entry(Builder::new(), sum_bytes, bytes.clone())
+                .expect("spawn")
+                .join()
+                .expect("join");
+            assert_eq!(got, want, "zygote, {len} bytes, round {round}");
+        }
+    }
 }
