@@ -589,13 +589,18 @@ fn aborting_init(_: ()) {
     std::process::abort();
 }
 
-fn initializer_failure_fails_tasks() {
-    let pool = Pool::builder()
+/// A pool of two whose workers run `init` first.
+fn pool_initialized_by(init: fn(())) -> Pool {
+    Pool::builder()
         .processes(2)
-        .initializer(failing_init, ())
+        .initializer(init, ())
         .expect("initializer")
         .build()
-        .expect("pool");
+        .expect("pool")
+}
+
+fn initializer_failure_fails_tasks() {
+    let pool = pool_initialized_by(failing_init);
     let t = Instant::now();
     match pool.apply(square, 2) {
         Err(TaskError::InitializerFailed(message)) => {
@@ -612,12 +617,7 @@ fn initializer_failure_fails_tasks() {
     // segfault, exit) reports nothing: workers dying before they are
     // ready, over and over, mean the same. (Without this the pool
     // replaced them for ever and every get waited.)
-    let pool = Pool::builder()
-        .processes(2)
-        .initializer(aborting_init, ())
-        .expect("initializer")
-        .build()
-        .expect("pool");
+    let pool = pool_initialized_by(aborting_init);
     let t = Instant::now();
     match pool.apply(square, 2) {
         Err(TaskError::InitializerFailed(message)) => {

@@ -685,7 +685,7 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
             // zygote): reap the children that have ended, so that none is
             // left a zombie for whoever adopts it, and go.
             Ok(None) => end_serving(&sock, spare.take(), &live),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // (A signal does not end the receive: it is retried there.)
             // A message taken but unreadable (its descriptors cut short):
             // not knowing what it asked, the server cannot answer in step.
             // Its end tells the requester, whose next start makes another.
@@ -951,7 +951,6 @@ fn make_spare(
                 }
                 match sys::receive(&theirs) {
                     Ok(Some(fds)) if fds.len() >= 2 => break fds,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     // The requester is gone, or dropped it.
                     _ => sys::exit_now(0),
                 }

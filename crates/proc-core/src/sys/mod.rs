@@ -381,7 +381,7 @@ pub(crate) fn cached_pid() -> libc::pid_t {
 pub(crate) fn on_main_thread() -> bool {
     // SAFETY: gettid cannot fail and has no preconditions.
     let tid = unsafe { libc::syscall(libc::SYS_gettid) };
-    tid == libc::c_long::from(getpid())
+    tid == libc::c_long::from(cached_pid())
 }
 
 /// The parent's process id.
@@ -746,13 +746,26 @@ pub(crate) fn send_request(sock: &OwnedFd, fds: &[RawFd]) -> io::Result<()> {
     send_with_fds(sock, b"r", fds)
 }
 
+/// A message naming a process: a tag byte, then the pid.
+fn tagged_pid(tag: u8, pid: libc::pid_t) -> [u8; 5] {
+    let mut msg = [tag; 5];
+    msg[1..].copy_from_slice(&pid.to_le_bytes());
+    msg
+}
+
+/// The pid of a [`tagged_pid`] message of `n` bytes in `buf`, if it is
+/// one with `tag`.
+fn pid_tagged(tag: u8, buf: &[u8], n: usize) -> Option<libc::pid_t> {
+    match buf.get(..5) {
+        Some(&[t, a, b, c, d]) if n == 5 && t == tag => Some(i32::from_le_bytes([a, b, c, d])),
+        _ => None,
+    }
+}
+
 /// Tells the fork server that its spare `pid` was handed a request
 /// directly; `status` is where the server writes its wait status.
 pub(crate) fn send_took(sock: &OwnedFd, pid: libc::pid_t, status: RawFd) -> io::Result<()> {
-    let mut msg = [0u8; 5];
-    msg[0] = b't';
-    msg[1..].copy_from_slice(&pid.to_le_bytes());
-    send_with_fds(sock, &msg, &[status])
+    send_with_fds(sock, &tagged_pid(b't', pid), &[status])
 }
 
 /// What a fork server says.
@@ -773,23 +786,24 @@ pub(crate) fn receive_from_server(sock: &OwnedFd) -> io::Result<FromServer> {
     let mut buf = [0u8; 8];
     let (n, received) = receive_with_fds(sock, &mut buf)?;
     let mut received = received.into_iter();
-    let word = |at: usize| i32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]);
+    if let Some(pid) = pid_tagged(b'o', &buf, n) {
+        return match (received.next(), received.next()) {
+            (Some(pidfd), Some(chan)) if pid > 0 => Ok(FromServer::Offer(pid, pidfd, chan)),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "fork server: malformed offer",
+            )),
+        };
+    }
     match n {
         4 => {
-            let pid = word(0);
+            let pid = i32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
             Ok(FromServer::Reply(match received.next() {
                 Some(pidfd) if pid > 0 => Some((pid, pidfd)),
                 _ => None,
             }))
         }
         1 if buf[0] == b'n' => Ok(FromServer::NoOffer),
-        5 if buf[0] == b'o' => match (word(1), received.next(), received.next()) {
-            (pid, Some(pidfd), Some(chan)) if pid > 0 => Ok(FromServer::Offer(pid, pidfd, chan)),
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "fork server: malformed offer",
-            )),
-        },
         0 => Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "fork server closed",
@@ -817,8 +831,7 @@ pub(crate) fn receive_request(sock: &OwnedFd) -> io::Result<Option<ToServer>> {
     if n == 0 && fds.is_empty() {
         return Ok(None);
     }
-    if n == 5 && buf[0] == b't' {
-        let pid = i32::from_le_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    if let Some(pid) = pid_tagged(b't', &buf, n) {
         return Ok(Some(ToServer::Took(pid, fds.into_iter().next())));
     }
     Ok(Some(ToServer::Fork(fds)))
@@ -848,12 +861,11 @@ pub(crate) fn offer(
     spare: Option<(libc::pid_t, &OwnedFd, &OwnedFd)>,
 ) -> io::Result<()> {
     match spare {
-        Some((pid, pidfd, chan)) => {
-            let mut msg = [0u8; 5];
-            msg[0] = b'o';
-            msg[1..].copy_from_slice(&pid.to_le_bytes());
-            send_with_fds(sock, &msg, &[pidfd.as_raw_fd(), chan.as_raw_fd()])
-        }
+        Some((pid, pidfd, chan)) => send_with_fds(
+            sock,
+            &tagged_pid(b'o', pid),
+            &[pidfd.as_raw_fd(), chan.as_raw_fd()],
+        ),
         None => send_with_fds(sock, b"n", &[]),
     }
 }
