@@ -3,8 +3,11 @@
 //! libtest runs every test on a thread of its own, and the safe `spawn`
 //! refuses to fork a process with more than one thread; these targets run
 //! their tests one after the other on the main thread instead. Every test
-//! has a deadline: `alarm(2)` kills the binary (SIGALRM) if a test hangs,
-//! and the last `test … ` line printed names it.
+//! has a deadline: `alarm(2)` fires if a test hangs, and the binary ends
+//! with every process it started (the last `test … ` line printed names
+//! the test). The binary leads a process group of its own, so that no
+//! process a failed or hung test left behind outlives it (one blocked for
+//! ever would keep the output pipe of whoever runs the tests open).
 #![allow(dead_code)]
 
 use std::io::Write;
@@ -19,6 +22,7 @@ pub type Test = (&'static str, u32, fn());
 /// `N passed, N failed` line, and exits 1 if any failed.
 pub fn run(tests: &[Test]) -> ! {
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    lead_own_group();
     let (mut passed, mut failed) = (0, 0);
     let mut failures = Vec::new();
     for &(name, deadline_s, body) in tests {
@@ -55,7 +59,73 @@ pub fn run(tests: &[Test]) -> ! {
         if failed == 0 { "ok" } else { "FAILED" }
     );
     let _ = std::io::stdout().flush();
+    // Passing tests may leave a fork server (it ends with this process)
+    // or a sleeper whose handle was dropped; after a failure, whatever
+    // the failed test started is here too.
+    let left = end_leftovers();
+    if left > 0 && failed > 0 {
+        println!("ended {left} process(es) the tests left behind");
+    }
     std::process::exit(i32::from(failed > 0))
+}
+
+/// Makes this binary a process group's leader (every process the tests
+/// start joins it) and makes a missed deadline end the whole group.
+fn lead_own_group() {
+    // SAFETY: setpgid changes no memory; it fails harmlessly (EPERM) if
+    // this process leads a session already.
+    unsafe { libc::setpgid(0, 0) };
+    // SAFETY: on_alarm only makes async-signal-safe calls (write, kill).
+    unsafe {
+        libc::signal(
+            libc::SIGALRM,
+            on_alarm as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        )
+    };
+}
+
+extern "C" fn on_alarm(_: libc::c_int) {
+    let msg = b"TIMED OUT: ending this test binary and every process it started\n";
+    // SAFETY: write and kill are async-signal-safe; `msg` is valid.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::kill(0, libc::SIGKILL);
+    }
+}
+
+/// SIGKILLs the processes left in this binary's process group (other than
+/// itself); how many there were.
+fn end_leftovers() -> usize {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut ended = 0;
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // After the command's `)`: state, ppid, pgrp.
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let mut fields = after.split_whitespace();
+        let state = fields.next();
+        let pgrp = fields.nth(1).and_then(|p| p.parse::<u32>().ok());
+        if pid != me && pgrp == Some(me) && state != Some("Z") {
+            // SAFETY: kill changes no memory of this process.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            ended += 1;
+        }
+    }
+    ended
 }
 
 /// Polls `cond` until it holds or `timeout` passes; whether it held.
