@@ -31,6 +31,11 @@ fn main() {
             close_wakes_blocked,
         ),
         ("messages_of_every_size", 60, messages_of_every_size),
+        (
+            "small_messages_of_every_length_through_the_wrap",
+            30,
+            small_messages_through_the_wrap,
+        ),
         ("bytes_round_trip_with_typed_view", 20, bytes_round_trip),
         (
             "decode_error_keeps_queue_working",
@@ -305,6 +310,41 @@ fn messages_of_every_size() {
             got == pattern(n, i as u64),
             "message {i} of {n} bytes corrupted"
         );
+    }
+    child.join().expect("child");
+    assert!(q.empty());
+}
+
+/// Every length that takes the put's one-record fast path (a record of at
+/// most 64 bytes), typed and raw, many times round the smallest ring: the
+/// fast path meets the end of the ring, a full ring and a stale view of
+/// the consumer's position, and hands each of those to the general path.
+fn small_messages_through_the_wrap() {
+    let q: Queue<Vec<u8>> = Queue::builder().capacity(4096).build().expect("queue");
+    const ROUNDS: usize = 150;
+    const LENGTHS: usize = 50;
+    let producer = q.clone();
+    let child = proc::spawn(move || {
+        for round in 0..ROUNDS {
+            for n in 0..LENGTHS {
+                let data = pattern(n, (round * LENGTHS + n) as u64);
+                if (round + n) % 2 == 0 {
+                    producer.put_bytes(&data).expect("put_bytes");
+                } else {
+                    producer.put(data).expect("put");
+                }
+            }
+        }
+    })
+    .expect("spawn");
+    for round in 0..ROUNDS {
+        for n in 0..LENGTHS {
+            let got = q.get().expect("get");
+            assert!(
+                got == pattern(n, (round * LENGTHS + n) as u64),
+                "round {round}: message of {n} bytes came back as {got:?}"
+            );
+        }
     }
     child.join().expect("child");
     assert!(q.empty());

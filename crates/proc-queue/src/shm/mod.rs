@@ -232,6 +232,7 @@ impl Segment {
         unsafe { self.map.as_mut_ptr().add(DATA_OFFSET) }
     }
 
+    #[inline]
     fn check(&self, offset: usize, len: usize) {
         // The ring computes offsets from validated positions; a failure here
         // is a bug in this crate, never a peer's doing.
@@ -242,6 +243,7 @@ impl Segment {
     }
 
     /// Copies `bytes` into the ring at `offset`.
+    #[inline]
     pub(crate) fn write(&self, offset: usize, bytes: &[u8]) {
         self.check(offset, bytes.len());
         // SAFETY: in bounds (checked); the caller holds the producer lock
