@@ -51,12 +51,14 @@ pub(crate) fn count_distance(tail: u32, head: u32) -> u32 {
 
 /// Commits a side's new position word: everything written before becomes
 /// visible to whoever loads it with [`observe`].
+#[inline]
 pub(crate) fn commit(word: &AtomicU64, value: u64) {
     // SYNC: Release pairs with the Acquire in observe() on the other side.
     word.store(value, Ordering::Release);
 }
 
 /// Reads the other side's position word.
+#[inline]
 pub(crate) fn observe(word: &AtomicU64) -> u64 {
     // SYNC: Acquire pairs with the Release in commit().
     word.load(Ordering::Acquire)
@@ -93,6 +95,7 @@ impl Signal<'_> {
 
     /// After publishing: whether a sleeper must be woken; if so the
     /// sequence has been bumped and the caller wakes the futex.
+    #[inline]
     pub(crate) fn notify(&self) -> bool {
         // SYNC: AcqRel RMW on the same location as register()'s: whichever
         // comes second in its modification order sees the other.

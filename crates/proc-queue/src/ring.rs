@@ -158,6 +158,7 @@ impl Ring {
         self.cap
     }
 
+    #[inline]
     fn data_signal(&self) -> Signal<'_> {
         let h = self.seg.header();
         let s = &h.data.0;
@@ -168,6 +169,7 @@ impl Ring {
         }
     }
 
+    #[inline]
     fn space_signal(&self) -> Signal<'_> {
         let h = self.seg.header();
         let s = &h.space.0;
@@ -520,6 +522,7 @@ impl Ring {
 
     // ----- consumer side -----
 
+    #[inline]
     fn read_header(&self, off: usize, available: usize) -> Result<Record, QueueError> {
         let a = self.seg.read_u64(off);
         let b = self.seg.read_u64(off + 8);
@@ -723,6 +726,7 @@ impl Ring {
     }
 
     /// Published bytes after `head` (validated against the capacity).
+    #[inline]
     fn available(&self, head: u64) -> Result<usize, QueueError> {
         let h = self.seg.header();
         let cons = &h.consumer.0;

@@ -181,8 +181,17 @@ const LOOK_EVERY: u32 = 1024;
 static EMPTY_WAKES: AtomicU32 = AtomicU32::new(0);
 
 /// Wakes the sleepers of `signal` if there are any.
+#[inline]
 pub(crate) fn notify(signal: &Signal<'_>) {
-    if signal.notify() && shm::futex_wake_all(signal.seq) == 0 {
+    if signal.notify() {
+        wake(signal);
+    }
+}
+
+/// The part of [`notify`] that runs only when someone is registered.
+#[cold]
+fn wake(signal: &Signal<'_>) {
+    if shm::futex_wake_all(signal.seq) == 0 {
         // Someone is counted but nobody was asleep: usually a sleeper
         // between its registration and its sleep (or just woken); or one
         // killed in its sleep, whose count would otherwise make every

@@ -219,6 +219,7 @@ impl Segment {
     }
 
     /// The shared header.
+    #[inline]
     pub(crate) fn header(&self) -> &Header {
         // SAFETY: the mapping starts with a Header (created or validated);
         // its mutable parts are atomics and UnsafeCells, so a shared
@@ -226,6 +227,7 @@ impl Segment {
         unsafe { &*self.map.as_ptr().cast::<Header>() }
     }
 
+    #[inline]
     fn data(&self) -> *mut u8 {
         // SAFETY: DATA_OFFSET is inside the mapping (it is DATA_OFFSET +
         // capacity bytes long).
@@ -254,6 +256,7 @@ impl Segment {
     }
 
     /// Reads one little-endian `u64` from the ring at `offset`.
+    #[inline]
     pub(crate) fn read_u64(&self, offset: usize) -> u64 {
         self.check(offset, 8);
         // SAFETY: in bounds (checked); an unaligned volatile read of plain
@@ -267,6 +270,7 @@ impl Segment {
     ///
     /// The bytes are published and, by protocol, no producer writes them
     /// until the consumer holding the lock moves past them.
+    #[inline]
     pub(crate) fn bytes(&self, offset: usize, len: usize) -> &[u8] {
         self.check(offset, len);
         // SAFETY: in bounds (checked); the caller holds the consumer lock
@@ -357,7 +361,19 @@ impl RobustMutex {
     /// (a critical section is one record), so a held lock is re-tried,
     /// spinning briefly and then yielding the CPU, before the waiter sleeps
     /// in the kernel.
+    #[inline]
     pub(crate) fn lock(&self, deadline: Option<Instant>) -> Result<Guard<'_>, LockError> {
+        // SAFETY: the mutex was initialised as robust and shared.
+        match unsafe { libc::pthread_mutex_trylock(self.raw()) } {
+            0 => Ok(Guard { mutex: self }),
+            libc::EBUSY => self.lock_contended(deadline),
+            code => self.acquired(code),
+        }
+    }
+
+    /// [`lock`](RobustMutex::lock) once the lock was found held.
+    #[cold]
+    fn lock_contended(&self, deadline: Option<Instant>) -> Result<Guard<'_>, LockError> {
         for tries in 0..SPIN_TRIES {
             // SAFETY: the mutex was initialised as robust and shared.
             let code = unsafe { libc::pthread_mutex_trylock(self.raw()) };
