@@ -3,15 +3,20 @@
 //! libtest runs every test on a thread of its own, and the safe `spawn`
 //! refuses to fork a process with more than one thread; these targets run
 //! their tests one after the other on the main thread instead. Every test
-//! has a deadline: `alarm(2)` fires if a test hangs, and the binary ends
-//! with every process it started (the last `test … ` line printed names
-//! the test). The binary leads a process group of its own, so that no
-//! process a failed or hung test left behind outlives it (one blocked for
-//! ever would keep the output pipe of whoever runs the tests open).
+//! has a deadline: `alarm(2)` ends the binary if a test hangs (the last
+//! `test … ` line printed names the test). Run by `cargo test` outside a
+//! terminal (CI), the binary leads a process group of its own, and a
+//! missed deadline or the end of the run ends every process left in it:
+//! one that a failed or hung test left blocked for ever would otherwise
+//! keep the output pipe of whoever runs the tests open. In a terminal's
+//! foreground group (so that Ctrl-C still reaches it), or when it leads a
+//! group already (a shell pipeline's, shared with the other commands), it
+//! stays where it is.
 #![allow(dead_code)]
 
 use std::io::Write;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 /// One test: a name, a deadline in seconds, a body that panics on failure.
@@ -31,8 +36,8 @@ pub fn run(tests: &[Test]) -> ! {
         }
         print!("test {name} ... ");
         let _ = std::io::stdout().flush();
-        // SAFETY: alarm only arms a timer; SIGALRM's default action ends
-        // the whole test binary, which is the deadline we want.
+        // SAFETY: alarm only arms a timer; SIGALRM ends the whole test
+        // binary (and its group, see lead_own_group): the deadline.
         unsafe { libc::alarm(deadline_s) };
         let started = Instant::now();
         let result = panic::catch_unwind(AssertUnwindSafe(body));
@@ -69,12 +74,25 @@ pub fn run(tests: &[Test]) -> ! {
     std::process::exit(i32::from(failed > 0))
 }
 
+/// The process group this binary was in before it made its own (0: it
+/// did not make one).
+static OUTER_GROUP: AtomicI32 = AtomicI32::new(0);
+
 /// Makes this binary a process group's leader (every process the tests
-/// start joins it) and makes a missed deadline end the whole group.
+/// start joins it) and makes a missed deadline end the whole group —
+/// unless it sits in a terminal's foreground group or leads a group
+/// already (see the module docs).
 fn lead_own_group() {
-    // SAFETY: setpgid changes no memory; it fails harmlessly (EPERM) if
-    // this process leads a session already.
-    unsafe { libc::setpgid(0, 0) };
+    // SAFETY: getpid, getpgrp and tcgetpgrp change no memory.
+    let (me, outer, terminal) = unsafe { (libc::getpid(), libc::getpgrp(), libc::tcgetpgrp(2)) };
+    if outer == me || terminal == outer {
+        return;
+    }
+    // SAFETY: setpgid changes no memory.
+    if unsafe { libc::setpgid(0, 0) } != 0 {
+        return;
+    }
+    OUTER_GROUP.store(outer, Ordering::Relaxed);
     // SAFETY: on_alarm only makes async-signal-safe calls (write, kill).
     unsafe {
         libc::signal(
@@ -86,46 +104,56 @@ fn lead_own_group() {
 
 extern "C" fn on_alarm(_: libc::c_int) {
     let msg = b"TIMED OUT: ending this test binary and every process it started\n";
-    // SAFETY: write and kill are async-signal-safe; `msg` is valid.
+    // SAFETY: write and kill are async-signal-safe; `msg` is valid. This
+    // process leads the group (the handler is only installed then).
     unsafe {
         libc::write(2, msg.as_ptr().cast(), msg.len());
         libc::kill(0, libc::SIGKILL);
     }
 }
 
-/// SIGKILLs the processes left in this binary's process group (other than
-/// itself); how many there were.
+/// Ends the processes left in this binary's own process group (if it made
+/// one); how many there were. The binary first moves back to its outer
+/// group, then SIGKILLs its own by its number: one call, so no pid read
+/// here can have been reused by another process meanwhile.
 fn end_leftovers() -> usize {
+    let outer = OUTER_GROUP.load(Ordering::Relaxed);
+    if outer == 0 {
+        return 0;
+    }
     let me = std::process::id();
+    let left = group_members(me);
+    // SAFETY: setpgid changes no memory.
+    if left > 0 && unsafe { libc::setpgid(0, outer) } == 0 {
+        // SAFETY: kill changes no memory; the group `me` holds only
+        // processes started from this binary.
+        unsafe { libc::kill(-(me as i32), libc::SIGKILL) };
+    }
+    left
+}
+
+/// How many live processes other than `leader` are in its process group.
+fn group_members(leader: u32) -> usize {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0;
     };
-    let mut ended = 0;
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // After the command's `)`: state, ppid, pgrp.
-        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            continue;
-        };
-        let mut fields = after.split_whitespace();
-        let state = fields.next();
-        let pgrp = fields.nth(1).and_then(|p| p.parse::<u32>().ok());
-        if pid != me && pgrp == Some(me) && state != Some("Z") {
-            // SAFETY: kill changes no memory of this process.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            ended += 1;
-        }
-    }
-    ended
+    dir.flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != leader)
+        .filter(|&pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // After the command's `)`: state, ppid, pgrp.
+            let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+                return false;
+            };
+            let mut fields = after.split_whitespace();
+            let state = fields.next();
+            let pgrp = fields.nth(1).and_then(|p| p.parse::<u32>().ok());
+            pgrp == Some(leader) && state != Some("Z")
+        })
+        .count()
 }
 
 /// Polls `cond` until it holds or `timeout` passes; whether it held.
