@@ -171,6 +171,11 @@ fn main() {
             30,
             a_dead_server_with_a_spare_offered_is_an_error as fn(),
         ),
+        (
+            "starts_and_queues_survive_a_storm_of_signals",
+            90,
+            starts_and_queues_survive_a_storm_of_signals as fn(),
+        ),
     ])
     .collect();
     common::run(&tests);
@@ -1261,4 +1266,131 @@ fn small_and_large_requests_cross() {
             assert_eq!(got, want, "zygote, {len} bytes, round {round}");
         }
     }
+}
+
+/// In a fresh process: a timer sends SIGUSR2, whose handler is installed
+/// without SA_RESTART, every 20 µs, so that system calls in flight
+/// (sendmsg and recvmsg to the fork server, a zygote and their spares,
+/// reads of status pipes, futex waits) fail with EINTR again and again;
+/// starts through every path and a queue's blocking calls must go on as
+/// if nothing happened. Returns what went wrong, and how many signals
+/// arrived.
+fn under_a_signal_storm(_: ()) -> (Vec<String>, u64) {
+    use std::sync::atomic::AtomicU64;
+    static SEEN: AtomicU64 = AtomicU64::new(0);
+    extern "C" fn count(_: libc::c_int) {
+        SEEN.fetch_add(1, Ordering::Relaxed);
+    }
+    // SAFETY: a plain sigaction for SIGUSR2 with an async-signal-safe
+    // handler, and a POSIX timer of this process sending it; both are
+    // removed before returning.
+    let timer = unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = count as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        action.sa_flags = 0; // no SA_RESTART
+        libc::sigemptyset(&mut action.sa_mask);
+        assert_eq!(
+            libc::sigaction(libc::SIGUSR2, &action, std::ptr::null_mut()),
+            0
+        );
+        let mut event: libc::sigevent = std::mem::zeroed();
+        event.sigev_notify = libc::SIGEV_SIGNAL;
+        event.sigev_signo = libc::SIGUSR2;
+        let mut timer: libc::timer_t = std::mem::zeroed();
+        assert_eq!(
+            libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer),
+            0
+        );
+        let every = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 20_000,
+        };
+        let spec = libc::itimerspec {
+            it_interval: every,
+            it_value: every,
+        };
+        assert_eq!(
+            libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()),
+            0
+        );
+        timer
+    };
+    let mut wrong = Vec::new();
+    let zygote = proc::Zygote::new().expect("zygote");
+    for round in 0..60u32 {
+        let code = 10 + (round % 7) as i32;
+        let starts = [
+            (
+                "server",
+                Builder::new()
+                    .start_method(StartMethod::ForkServer)
+                    .spawn_entry(leave, code),
+            ),
+            ("zygote", zygote.spawn_entry(Builder::new(), leave, code)),
+            (
+                "fork",
+                Builder::new()
+                    .start_method(StartMethod::Fork)
+                    .spawn_entry(leave, code),
+            ),
+        ];
+        for (who, started) in starts {
+            match started.map(|h| h.join()) {
+                Ok(Err(JoinError::Exited { code: c })) if c == code => {}
+                other => wrong.push(format!("{who} round {round}: {other:?}")),
+            }
+        }
+        if round % 20 == 0 {
+            match Builder::new()
+                .start_method(StartMethod::Spawn)
+                .spawn_entry(leave, code)
+            {
+                Ok(h) => match h.join() {
+                    Err(JoinError::Exited { code: c }) if c == code => {}
+                    other => wrong.push(format!("spawn round {round}: {other:?}")),
+                },
+                Err(e) => wrong.push(format!("spawn round {round}: {e:?}")),
+            }
+        }
+    }
+    // A queue's blocking put and get, across processes, under the storm.
+    let q: Queue<u64> = Queue::builder().capacity(4096).build().expect("queue");
+    let producer = q.clone();
+    let child = Builder::new()
+        .start_method(StartMethod::ForkServer)
+        .spawn_entry(produce, (producer, 20_000))
+        .expect("spawn");
+    let mut sum = 0;
+    for _ in 0..20_000 {
+        match q.get() {
+            Ok(v) => sum += v,
+            Err(e) => {
+                wrong.push(format!("get: {e:?}"));
+                break;
+            }
+        }
+    }
+    if sum != 20_000 * 19_999 / 2 {
+        wrong.push(format!("queue sum {sum}"));
+    }
+    if let Err(e) = child.join() {
+        wrong.push(format!("producer: {e:?}"));
+    }
+    // SAFETY: the timer made above; SIGUSR2 ignored rather than reset (its
+    // default action would end this process if one were still pending).
+    unsafe {
+        libc::timer_delete(timer);
+        libc::signal(libc::SIGUSR2, libc::SIG_IGN);
+    }
+    (wrong, SEEN.load(Ordering::Relaxed))
+}
+
+fn starts_and_queues_survive_a_storm_of_signals() {
+    let (wrong, signals) = in_fresh_process(under_a_signal_storm);
+    assert!(
+        wrong.is_empty(),
+        "{} failures under {signals} signals: {wrong:?}",
+        wrong.len()
+    );
+    assert!(signals > 1000, "only {signals} signals arrived");
 }
