@@ -316,9 +316,11 @@ fn messages_of_every_size() {
 }
 
 /// Every length that takes the put's one-record fast path (a record of at
-/// most 64 bytes), typed and raw, many times round the smallest ring: the
-/// fast path meets the end of the ring, a full ring and a stale view of
-/// the consumer's position, and hands each of those to the general path.
+/// most 64 bytes: typed puts of 0 to 47 bytes, and empty ones of `()`),
+/// many times round the smallest ring, with raw puts (which take the
+/// general path) in between: the fast path meets the end of the ring, a
+/// full ring and a stale view of the consumer's position, and hands each
+/// of those to the general path.
 fn small_messages_through_the_wrap() {
     let q: Queue<Vec<u8>> = Queue::builder().capacity(4096).build().expect("queue");
     const ROUNDS: usize = 150;
@@ -348,6 +350,21 @@ fn small_messages_through_the_wrap() {
     }
     child.join().expect("child");
     assert!(q.empty());
+    // Zero-byte messages: 16-byte records, header only.
+    let units: Queue<()> = Queue::builder().capacity(4096).build().expect("queue");
+    let producer = units.clone();
+    let child = proc::spawn(move || {
+        for _ in 0..2_000 {
+            producer.put(()).expect("put");
+        }
+    })
+    .expect("spawn");
+    for i in 0..2_000 {
+        let got = units.get_timeout(Duration::from_secs(10));
+        assert!(got.is_ok(), "unit {i}: {got:?}");
+    }
+    child.join().expect("child");
+    assert_eq!(units.qsize(), 0);
 }
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]

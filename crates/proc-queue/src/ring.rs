@@ -777,6 +777,7 @@ impl Ring {
 /// sizes, without calling it.
 #[inline]
 fn copy_small(dst: &mut [u8], src: &[u8]) {
+    debug_assert!(src.len() <= dst.len() && dst.len() <= 48);
     #[inline(always)]
     fn two<const K: usize>(dst: &mut [u8], src: &[u8]) {
         let n = src.len();
