@@ -1268,55 +1268,116 @@ fn small_and_large_requests_cross() {
     }
 }
 
-/// In a fresh process: a timer sends SIGUSR2, whose handler is installed
-/// without SA_RESTART, every 20 µs, so that system calls in flight
-/// (sendmsg and recvmsg to the fork server, a zygote and their spares,
-/// reads of status pipes, futex waits) fail with EINTR again and again;
-/// starts through every path and a queue's blocking calls must go on as
-/// if nothing happened. Returns what went wrong, and how many signals
-/// arrived.
-fn under_a_signal_storm(_: ()) -> (Vec<String>, u64) {
-    use std::sync::atomic::AtomicU64;
-    static SEEN: AtomicU64 = AtomicU64::new(0);
-    extern "C" fn count(_: libc::c_int) {
-        SEEN.fetch_add(1, Ordering::Relaxed);
+/// A storm of SIGUSR2, with a handler installed without SA_RESTART: a
+/// POSIX timer of this process sends it every 20 µs, and the handler (in
+/// this process only) passes each one on to the processes in `STORM_TO`
+/// (a zygote, a queue's producer). Ended, and SIGUSR2 ignored, when the
+/// guard drops (a panic included).
+struct Storm {
+    timer: libc::timer_t,
+}
+
+static STORM_FROM: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+static STORM_TO: [std::sync::atomic::AtomicI32; 2] = [
+    std::sync::atomic::AtomicI32::new(0),
+    std::sync::atomic::AtomicI32::new(0),
+];
+static STORM_SEEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+extern "C" fn storm_signal(_: libc::c_int) {
+    STORM_SEEN.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: getpid and kill are async-signal-safe. Only the storm's own
+    // process passes signals on (forked copies inherit this handler), and
+    // only to processes it has not reaped yet (see `Storm::pass_to`).
+    unsafe {
+        if libc::getpid() == STORM_FROM.load(Ordering::Relaxed) {
+            for to in &STORM_TO {
+                let pid = to.load(Ordering::Relaxed);
+                if pid > 0 {
+                    libc::kill(pid, libc::SIGUSR2);
+                }
+            }
+        }
     }
-    // SAFETY: a plain sigaction for SIGUSR2 with an async-signal-safe
-    // handler, and a POSIX timer of this process sending it; both are
-    // removed before returning.
-    let timer = unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = count as extern "C" fn(libc::c_int) as libc::sighandler_t;
-        action.sa_flags = 0; // no SA_RESTART
-        libc::sigemptyset(&mut action.sa_mask);
-        assert_eq!(
-            libc::sigaction(libc::SIGUSR2, &action, std::ptr::null_mut()),
-            0
-        );
-        let mut event: libc::sigevent = std::mem::zeroed();
-        event.sigev_notify = libc::SIGEV_SIGNAL;
-        event.sigev_signo = libc::SIGUSR2;
-        let mut timer: libc::timer_t = std::mem::zeroed();
-        assert_eq!(
-            libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer),
-            0
-        );
-        let every = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 20_000,
-        };
-        let spec = libc::itimerspec {
-            it_interval: every,
-            it_value: every,
-        };
-        assert_eq!(
-            libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()),
-            0
-        );
-        timer
-    };
-    let mut wrong = Vec::new();
+}
+
+impl Storm {
+    fn start() -> Storm {
+        // SAFETY: getpid changes no memory.
+        STORM_FROM.store(unsafe { libc::getpid() }, Ordering::Relaxed);
+        // SAFETY: a plain sigaction for SIGUSR2 with an async-signal-safe
+        // handler, and a POSIX timer of this process sending it; both are
+        // undone by drop.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = storm_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            action.sa_flags = 0; // no SA_RESTART
+            libc::sigemptyset(&mut action.sa_mask);
+            assert_eq!(
+                libc::sigaction(libc::SIGUSR2, &action, std::ptr::null_mut()),
+                0
+            );
+            let mut event: libc::sigevent = std::mem::zeroed();
+            event.sigev_notify = libc::SIGEV_SIGNAL;
+            event.sigev_signo = libc::SIGUSR2;
+            let mut timer: libc::timer_t = std::mem::zeroed();
+            assert_eq!(
+                libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer),
+                0
+            );
+            let every = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 20_000,
+            };
+            let spec = libc::itimerspec {
+                it_interval: every,
+                it_value: every,
+            };
+            assert_eq!(
+                libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()),
+                0
+            );
+            Storm { timer }
+        }
+    }
+
+    /// Passes the signals on to `pid` too (slot `i`; 0 stops). A process
+    /// must be taken off before it is reaped: its pid could be reused.
+    fn pass_to(&self, i: usize, pid: u32) {
+        STORM_TO[i].store(pid as i32, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Storm {
+    fn drop(&mut self) {
+        for to in &STORM_TO {
+            to.store(0, Ordering::Relaxed);
+        }
+        // SAFETY: the timer made in start; SIGUSR2 ignored rather than
+        // reset (its default action would end this process if one were
+        // still pending).
+        unsafe {
+            libc::timer_delete(self.timer);
+            libc::signal(libc::SIGUSR2, libc::SIG_IGN);
+        }
+    }
+}
+
+/// In a fresh process under a [`Storm`]: the requester's receives from
+/// the fork server and a zygote (and its waits for statuses, its futex
+/// waits on a queue) fail with EINTR again and again, and so do the
+/// zygote's own receives and polls (the signals are passed on to it) and
+/// a producer's blocking puts into a full queue (passed on to it too).
+/// Starts through every path and the queue's messages must go on as if
+/// nothing happened. (The fork server and its children, exec'd, get
+/// none.) Returns what went wrong, and how many signals arrived.
+fn under_a_signal_storm(_: ()) -> (Vec<String>, u64) {
+    // The storm first: the zygote must inherit the handler (SIGUSR2's
+    // default action would end it).
+    let storm = Storm::start();
     let zygote = proc::Zygote::new().expect("zygote");
+    storm.pass_to(0, zygote.pid().as_u32());
+    let mut wrong = Vec::new();
     for round in 0..60u32 {
         let code = 10 + (round % 7) as i32;
         let starts = [
@@ -1353,15 +1414,29 @@ fn under_a_signal_storm(_: ()) -> (Vec<String>, u64) {
             }
         }
     }
-    // A queue's blocking put and get, across processes, under the storm.
+    // A queue's blocking put and get, across processes: the producer (a
+    // fork, which keeps the handler) fills a small ring and waits for
+    // room while the signals reach it; this process waits for data.
+    storm.pass_to(0, 0);
     let q: Queue<u64> = Queue::builder().capacity(4096).build().expect("queue");
     let producer = q.clone();
     let child = Builder::new()
-        .start_method(StartMethod::ForkServer)
+        .start_method(StartMethod::Fork)
         .spawn_entry(produce, (producer, 20_000))
         .expect("spawn");
+    storm.pass_to(1, child.pid().as_u32());
     let mut sum = 0;
-    for _ in 0..20_000 {
+    for i in 0..20_000 {
+        if i % 2_000 == 0 {
+            // Let the ring fill: the producer waits for room. (Not
+            // `thread::sleep`: a relative sleep re-entered after every
+            // signal makes no progress once the handler takes longer
+            // than the signals' interval.)
+            let until = std::time::Instant::now() + Duration::from_millis(2);
+            while std::time::Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        }
         match q.get() {
             Ok(v) => sum += v,
             Err(e) => {
@@ -1370,19 +1445,16 @@ fn under_a_signal_storm(_: ()) -> (Vec<String>, u64) {
             }
         }
     }
+    storm.pass_to(1, 0);
     if sum != 20_000 * 19_999 / 2 {
         wrong.push(format!("queue sum {sum}"));
     }
     if let Err(e) = child.join() {
         wrong.push(format!("producer: {e:?}"));
     }
-    // SAFETY: the timer made above; SIGUSR2 ignored rather than reset (its
-    // default action would end this process if one were still pending).
-    unsafe {
-        libc::timer_delete(timer);
-        libc::signal(libc::SIGUSR2, libc::SIG_IGN);
-    }
-    (wrong, SEEN.load(Ordering::Relaxed))
+    drop(storm);
+    drop(zygote);
+    (wrong, STORM_SEEN.load(Ordering::Relaxed))
 }
 
 fn starts_and_queues_survive_a_storm_of_signals() {
@@ -1392,5 +1464,7 @@ fn starts_and_queues_survive_a_storm_of_signals() {
         "{} failures under {signals} signals: {wrong:?}",
         wrong.len()
     );
-    assert!(signals > 1000, "only {signals} signals arrived");
+    // (Hundreds of thousands where timers are fine-grained; a coarse
+    // kernel tick still gives a few hundred.)
+    assert!(signals > 100, "only {signals} signals arrived");
 }
