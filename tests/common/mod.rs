@@ -93,6 +93,7 @@ fn lead_own_group() {
         return;
     }
     OUTER_GROUP.store(outer, Ordering::Relaxed);
+    GROUP_LEADER.store(me, Ordering::Relaxed);
     // SAFETY: on_alarm only makes async-signal-safe calls (write, kill).
     unsafe {
         libc::signal(
@@ -103,14 +104,25 @@ fn lead_own_group() {
 }
 
 extern "C" fn on_alarm(_: libc::c_int) {
-    let msg = b"TIMED OUT: ending this test binary and every process it started\n";
-    // SAFETY: write and kill are async-signal-safe; `msg` is valid. This
-    // process leads the group (the handler is only installed then).
+    // SAFETY: getpid, signal, raise, write and kill are async-signal-safe;
+    // `msg` is valid.
     unsafe {
+        if libc::getpid() != GROUP_LEADER.load(Ordering::Relaxed) {
+            // A forked child that inherited this handler: SIGALRM does
+            // what it would do there without it.
+            libc::signal(libc::SIGALRM, libc::SIG_DFL);
+            libc::raise(libc::SIGALRM);
+            return;
+        }
+        let msg = b"TIMED OUT: ending this test binary and every process it started\n";
         libc::write(2, msg.as_ptr().cast(), msg.len());
+        // This process leads the group (the handler is only installed then).
         libc::kill(0, libc::SIGKILL);
     }
 }
+
+/// The pid of the binary that made the group (see `on_alarm`).
+static GROUP_LEADER: AtomicI32 = AtomicI32::new(0);
 
 /// Ends the processes left in this binary's own process group (if it made
 /// one); how many there were. The binary first moves back to its outer
