@@ -301,6 +301,9 @@ pub(crate) fn pidfd_open(pid: libc::pid_t) -> io::Result<Option<OwnedFd>> {
 }
 
 /// Waits until `fd` is readable or `timeout` passes; `Ok(true)` if readable.
+/// `Ok(false)` also when a signal cut the wait short (EINTR): it does not
+/// mean the timeout passed, and every caller re-checks its own deadline
+/// (as `handle::poll_until` does).
 pub(crate) fn poll_readable(
     fd: std::os::fd::BorrowedFd<'_>,
     timeout: Duration,
