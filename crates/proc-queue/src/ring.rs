@@ -364,21 +364,37 @@ impl Ring {
             return false;
         }
         let seq = protocol::count(tail_word);
-        let mut buf = [0u8; SMALL];
-        buf[..HDR].copy_from_slice(&header_bytes(len as u32, flags, seq));
-        copy_small(&mut buf[HDR..], payload);
-        match rec {
-            16 => self.seg.write(off, &buf[..16]),
-            32 => self.seg.write(off, &buf[..32]),
-            48 => self.seg.write(off, &buf[..48]),
-            _ => self.seg.write(off, &buf[..SMALL]),
-        }
+        self.write_small(off, len, flags, seq, |dst| copy_small(dst, payload));
         protocol::commit(
             &prod.tail,
             protocol::pack(tail + rec as u64, (seq + 1) % COUNT_MOD),
         );
         wait::notify(&self.data_signal());
         true
+    }
+
+    /// Writes a record of at most [`SMALL`] bytes at `off` with one copy
+    /// into the ring: header and payload (`fill` copies the `len` payload
+    /// bytes into the slice it is given) assembled on the stack, then
+    /// written with a fixed-size copy.
+    #[inline]
+    fn write_small(
+        &self,
+        off: usize,
+        len: usize,
+        flags: u8,
+        seq: u32,
+        fill: impl FnOnce(&mut [u8]),
+    ) {
+        let mut buf = [0u8; SMALL];
+        buf[..HDR].copy_from_slice(&header_bytes(len as u32, flags, seq));
+        fill(&mut buf[HDR..HDR + len]);
+        match HDR + round16(len) {
+            16 => self.seg.write(off, &buf[..16]),
+            32 => self.seg.write(off, &buf[..32]),
+            48 => self.seg.write(off, &buf[..48]),
+            _ => self.seg.write(off, &buf[..SMALL]),
+        }
     }
 
     /// Waits for room, then writes and commits one record of `len` payload
@@ -432,12 +448,7 @@ impl Ring {
             }
             let seq = protocol::count(tail_word);
             if rec <= SMALL {
-                // Small records go in with one copy: header and payload
-                // assembled on the stack.
-                let mut buf = [0u8; SMALL];
-                buf[..HDR].copy_from_slice(&header_bytes(len as u32, flags, seq));
-                w.copy_to_slice(&mut buf[HDR..HDR + len]);
-                self.seg.write(off, &buf[..rec]);
+                self.write_small(off, len, flags, seq, |dst| w.copy_to_slice(dst));
             } else {
                 self.write_header(off, len as u32, flags, seq);
                 w.copy_into(&self.seg, off + HDR, len);
