@@ -1,7 +1,8 @@
 //! W5 pool-apply-async: a pool of 2 workers already started; submit N
 //! `apply_async(square, i)`, then get every result in order and check the
 //! sum. Figure: tasks/s (pool start excluded). N = 100,000
-//! (`PROC_BENCH_QUICK=1`: 10,000, one round).
+//! (`PROC_BENCH_QUICK=1`: 10,000, one round; `PROC_BENCH_WORKERS=<n>`:
+//! another worker count, for scaling runs).
 
 mod common;
 
@@ -17,7 +18,7 @@ fn expected(n: u64) -> u64 {
 
 fn proc_run(n: u64, method: proc::StartMethod) -> f64 {
     let pool = proc::Pool::builder()
-        .processes(2)
+        .processes(common::workers())
         .start_method(method)
         .build()
         .expect("pool");
@@ -39,7 +40,7 @@ fn proc_run(n: u64, method: proc::StartMethod) -> f64 {
 
 fn threads_run(n: u64) -> f64 {
     let t = Instant::now();
-    let out = common::thread_pool_map(2, (0..n).collect(), square);
+    let out = common::thread_pool_map(common::workers(), (0..n).collect(), square);
     let el = t.elapsed().as_secs_f64();
     assert_eq!(out.iter().sum::<u64>(), expected(n));
     n as f64 / el
@@ -48,7 +49,10 @@ fn threads_run(n: u64) -> f64 {
 fn main() {
     proc::init();
     let n: u64 = if common::quick() { 10_000 } else { 100_000 };
-    println!("W5 pool-apply-async: N = {n}, 2 workers");
+    println!(
+        "W5 pool-apply-async: N = {n}, {} workers",
+        common::workers()
+    );
     common::interleave(
         "W5",
         "tasks/s",

@@ -1,7 +1,8 @@
 //! W6 pool-map: a pool of 2 workers already started; `map(square, 0..N)`
 //! with the system's default chunking (proc and Python: ceil(N / 8)); check
 //! the sum. Figure: items/s. N = 1,000,000 (`PROC_BENCH_QUICK=1`:
-//! 100,000, one round).
+//! 100,000, one round; `PROC_BENCH_WORKERS=<n>`: another worker count,
+//! chunks of ceil(N / 4n), for scaling runs).
 
 mod common;
 
@@ -16,7 +17,7 @@ fn expected(n: u64) -> u64 {
 }
 
 fn proc_run(n: u64) -> f64 {
-    let pool = proc::Pool::new(2).expect("pool");
+    let pool = proc::Pool::new(common::workers()).expect("pool");
     assert_eq!(pool.apply(square, 1), Ok(1), "workers up");
     let t = Instant::now();
     let out = pool.map(square, 0..n).expect("map");
@@ -28,10 +29,11 @@ fn proc_run(n: u64) -> f64 {
 }
 
 fn threads_run(n: u64) -> f64 {
-    // The same chunking, two threads: the in-process ceiling.
-    let chunk = n.div_ceil(8);
+    // The same chunking, as many threads: the in-process ceiling.
+    let workers = common::workers() as u64;
+    let chunk = n.div_ceil(4 * workers);
     let t = Instant::now();
-    let handles: Vec<_> = (0..2u64)
+    let handles: Vec<_> = (0..workers)
         .map(|w| {
             std::thread::spawn(move || {
                 let mut parts = Vec::new();
@@ -40,7 +42,7 @@ fn threads_run(n: u64) -> f64 {
                     let lo = c * chunk;
                     let hi = (lo + chunk).min(n);
                     parts.push((c, (lo..hi).map(square).collect::<Vec<u64>>()));
-                    c += 2;
+                    c += workers;
                 }
                 parts
             })
@@ -60,7 +62,11 @@ fn threads_run(n: u64) -> f64 {
 fn main() {
     proc::init();
     let n: u64 = if common::quick() { 100_000 } else { 1_000_000 };
-    println!("W6 pool-map: N = {n}, 2 workers, chunks of ceil(N/8)");
+    let workers = common::workers();
+    println!(
+        "W6 pool-map: N = {n}, {workers} workers, chunks of ceil(N/{})",
+        4 * workers
+    );
     common::interleave(
         "W6",
         "items/s",

@@ -11,6 +11,17 @@ pub fn quick() -> bool {
     std::env::var("PROC_BENCH_QUICK").is_ok_and(|v| v == "1")
 }
 
+/// The pool workloads' worker count: 2, the card's (`WORKLOADS.md`), unless
+/// `PROC_BENCH_WORKERS=<n>` asks for another to see how W5 and W6 scale on
+/// a machine with more cores (not a card figure).
+pub fn workers() -> usize {
+    std::env::var("PROC_BENCH_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(2)
+}
+
 /// The one system the suite runner (`proc-bench`) asks this target to
 /// measure (`PROC_BENCH_SYSTEM=<name>`): one round of it alone, so that the
 /// runner can interleave it with the peers' measurements.
@@ -223,7 +234,12 @@ pub fn bytes_crossbeam(n: usize, size: usize) -> f64 {
 pub fn python_pool_system(workload: &'static str, n: u64) -> System<'static> {
     System {
         name: "python",
-        run: Box::new(move || python("pool_workloads.py", &[workload.to_owned(), n.to_string()])),
+        run: Box::new(move || {
+            python(
+                "pool_workloads.py",
+                &[workload.to_owned(), n.to_string(), workers().to_string()],
+            )
+        }),
     }
 }
 

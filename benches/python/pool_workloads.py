@@ -2,7 +2,7 @@
 fork context. Prints the figure on the last line, in the card's unit:
 tasks/s (W5), items/s (W6), ms per cycle (W8, median of the cycles).
 
-usage: pool_workloads.py W5|W6|W8 N
+usage: pool_workloads.py W5|W6|W8 N [WORKERS]  (WORKERS: 2 unless given)
 """
 import multiprocessing as mp
 import statistics
@@ -16,9 +16,10 @@ def square(x):
 
 def main():
     workload, n = sys.argv[1], int(sys.argv[2])
+    workers = int(sys.argv[3]) if len(sys.argv) > 3 else 2
     ctx = mp.get_context("fork")
     if workload == "W5":
-        with ctx.Pool(2) as pool:
+        with ctx.Pool(workers) as pool:
             pool.apply(square, (1,))  # workers up
             t = time.perf_counter()
             pending = [pool.apply_async(square, (i,)) for i in range(n)]
@@ -27,7 +28,7 @@ def main():
         assert total == sum(i * i for i in range(n))
         print(n / el)
     elif workload == "W6":
-        with ctx.Pool(2) as pool:
+        with ctx.Pool(workers) as pool:
             pool.apply(square, (1,))
             t = time.perf_counter()
             out = pool.map(square, range(n))
