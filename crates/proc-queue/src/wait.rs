@@ -22,7 +22,7 @@ const MAX_SPIN_NS: u32 = 50_000;
 /// The current spin budget in nanoseconds (process-wide, adaptive).
 static SPIN_NS: AtomicU32 = AtomicU32::new(20_000);
 
-fn multi_cpu() -> bool {
+pub(crate) fn multi_cpu() -> bool {
     static MULTI: OnceLock<bool> = OnceLock::new();
     *MULTI.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() > 1))
 }
