@@ -96,6 +96,11 @@ fn main() {
             initializer_failure_fails_tasks,
         ),
         ("encode_and_decode_failures", 30, encode_and_decode_failures),
+        (
+            "panics_in_serde_are_results",
+            30,
+            panics_in_serde_are_results,
+        ),
         ("close_join_semantics", 30, close_join_semantics),
         (
             "terminate_and_drop_leave_nothing",
@@ -676,6 +681,72 @@ fn encode_and_decode_failures() {
     }
     // Neither killed the worker.
     assert_eq!(pool.apply(worker_pid, ()), Ok(pid));
+}
+
+/// In a worker: panics when serialized holding 7, when deserialized
+/// holding 13.
+#[derive(Debug, PartialEq)]
+struct Touchy(u64);
+
+impl serde::Serialize for Touchy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0 == 7 && proc::parent_process().is_some() {
+            panic!("serializing seven");
+        }
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Touchy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = <u64 as serde::Deserialize>::deserialize(d)?;
+        if v == 13 && proc::parent_process().is_some() {
+            panic!("decoding thirteen");
+        }
+        Ok(Touchy(v))
+    }
+}
+
+fn touchy(x: u64) -> Touchy {
+    if x == 3 {
+        panic!("no threes");
+    }
+    Touchy(x)
+}
+
+fn untouchy(x: Touchy) -> u64 {
+    x.0
+}
+
+fn panics_in_serde_are_results() {
+    let pool = make_pool(1);
+    let pid = pool.apply(worker_pid, ()).expect("pid");
+    // One chunk: the task's panic (3) and its result's (7) fail their own
+    // items; the others around and between them stand.
+    let results: Vec<_> = pool.imap_chunked(touchy, 0..30, 30).collect();
+    assert_eq!(results.len(), 30);
+    for (i, r) in results.into_iter().enumerate() {
+        match (i, r) {
+            (3, Err(TaskError::Panicked { message, .. })) => assert_eq!(message, "no threes"),
+            (7, Err(TaskError::Panicked { message, .. })) => {
+                assert_eq!(message, "serializing seven")
+            }
+            (i, Ok(v)) if i != 3 && i != 7 => assert_eq!(v, Touchy(i as u64)),
+            (i, other) => panic!("{i}: {other:?}"),
+        }
+    }
+    // An argument whose decoding panics: the rest of its chunk cannot be
+    // found, so the chunk fails as one.
+    match pool.map_chunked(untouchy, (0..30).map(Touchy), 30) {
+        Err(TaskError::ArgsDecode(m)) => assert!(m.contains("decoding thirteen"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // Neither killed the worker.
+    assert_eq!(pool.apply(worker_pid, ()), Ok(pid));
+    assert_eq!(
+        pool.map(untouchy, (20..25).map(Touchy)),
+        Ok(vec![20, 21, 22, 23, 24])
+    );
 }
 
 fn close_join_semantics() {

@@ -189,19 +189,23 @@ where
         }
         let _ = enc.encode(&Err::<(), TaskError>(error));
     };
-    for done in 0..count {
-        let a = match de.decode::<A>() {
-            Ok(a) => a,
-            Err(e) => {
-                // The rest of the chunk cannot be found: the whole task
-                // fails (one error, not one per item).
-                enc.out.truncate(start);
-                failed(&TaskError::ArgsDecode(e.to_string()), enc.out);
-                return;
-            }
-        };
-        match catch_panic(|| f(a)) {
-            Ok(value) => {
+    // The items run in stretches, each under one panic catch (a catch per
+    // item kept `f` from being inlined into the loop: ~6% of W6's CPU). A
+    // panic ends the stretch at its item, which fails alone (whatever of
+    // its result was written is dropped); the next stretch starts after it.
+    let mut done = 0u64;
+    // Where the current item's result starts, and whether the panic came
+    // from decoding its argument rather than from `f` or its result.
+    let mut mark = enc.out.len();
+    let mut decoding = false;
+    while done < count {
+        let stretch = catch_panic(|| -> Result<(), crate::codec::Error> {
+            while done < count {
+                mark = enc.out.len();
+                decoding = true;
+                let a = de.decode::<A>()?;
+                decoding = false;
+                let value = f(a);
                 let written = if plain {
                     enc.encode(&value)
                 } else {
@@ -210,9 +214,28 @@ where
                 if let Err(e) = written {
                     fail(&mut enc, &mut plain, done, TaskError::Encode(e.to_string()));
                 }
+                done += 1;
             }
-            Err(panic) => fail(&mut enc, &mut plain, done, TaskError::from(panic)),
-        }
+            Ok(())
+        });
+        let error = match stretch {
+            Ok(Ok(())) => return,
+            // The rest of the chunk cannot be found: the whole task fails
+            // (one error, not one per item).
+            Ok(Err(e)) => TaskError::ArgsDecode(e.to_string()),
+            Err(panic) if decoding => {
+                TaskError::ArgsDecode(format!("decoding an argument panicked: {}", panic.message))
+            }
+            Err(panic) => {
+                enc.out.truncate(mark);
+                fail(&mut enc, &mut plain, done, TaskError::from(panic));
+                done += 1;
+                continue;
+            }
+        };
+        enc.out.truncate(start);
+        failed(&error, enc.out);
+        return;
     }
 }
 
