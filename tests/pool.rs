@@ -683,10 +683,18 @@ fn encode_and_decode_failures() {
     assert_eq!(pool.apply(worker_pid, ()), Ok(pid));
 }
 
-/// In a worker: panics when serialized holding 7, when deserialized
-/// holding 13.
+/// In a worker: panics when serialized holding 7, when dropped holding
+/// 11, when deserialized holding 13.
 #[derive(Debug, PartialEq)]
 struct Touchy(u64);
+
+impl Drop for Touchy {
+    fn drop(&mut self) {
+        if self.0 == 11 && proc::parent_process().is_some() {
+            panic!("dropping eleven");
+        }
+    }
+}
 
 impl serde::Serialize for Touchy {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -721,8 +729,9 @@ fn untouchy(x: Touchy) -> u64 {
 fn panics_in_serde_are_results() {
     let pool = make_pool(1);
     let pid = pool.apply(worker_pid, ()).expect("pid");
-    // One chunk: the task's panic (3) and its result's (7) fail their own
-    // items; the others around and between them stand.
+    // One chunk: the task's panic (3), its result's serialization's (7)
+    // and its result's drop's (11) fail their own items; the others
+    // around and between them stand.
     let results: Vec<_> = pool.imap_chunked(touchy, 0..30, 30).collect();
     assert_eq!(results.len(), 30);
     for (i, r) in results.into_iter().enumerate() {
@@ -731,10 +740,22 @@ fn panics_in_serde_are_results() {
             (7, Err(TaskError::Panicked { message, .. })) => {
                 assert_eq!(message, "serializing seven")
             }
-            (i, Ok(v)) if i != 3 && i != 7 => assert_eq!(v, Touchy(i as u64)),
+            (11, Err(TaskError::Panicked { message, .. })) => {
+                assert_eq!(message, "dropping eleven")
+            }
+            (i, Ok(v)) if ![3, 7, 11].contains(&i) => assert_eq!(v, Touchy(i as u64)),
             (i, other) => panic!("{i}: {other:?}"),
         }
     }
+    // A panic at the chunk's first and last items.
+    let results: Vec<_> = pool.imap_chunked(touchy, [3, 1, 7], 3).collect();
+    assert!(
+        matches!(&results[0], Err(TaskError::Panicked { message, .. }) if message == "no threes")
+    );
+    assert_eq!(results[1], Ok(Touchy(1)));
+    assert!(
+        matches!(&results[2], Err(TaskError::Panicked { message, .. }) if message == "serializing seven")
+    );
     // An argument whose decoding panics: the rest of its chunk cannot be
     // found, so the chunk fails as one.
     match pool.map_chunked(untouchy, (0..30).map(Touchy), 30) {

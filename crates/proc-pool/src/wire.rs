@@ -158,7 +158,9 @@ pub(crate) fn encode_one<A: Serialize>(item: &A, out: &mut Vec<u8>) -> Result<()
 }
 
 /// The runner of every task: decodes the chunk item by item, runs `f` on
-/// each (a panic fails that item only), appends each result.
+/// each, appends each result. A panic in `f`, or in serializing or
+/// dropping its result, fails that item only; one while decoding an
+/// argument fails the whole task (the items after it cannot be found).
 pub(crate) fn run_chunk<A, R>(f: fn(A) -> R, input: &[u8], out: &mut Vec<u8>)
 where
     A: DeserializeOwned,
@@ -195,7 +197,8 @@ where
     // its result was written is dropped); the next stretch starts after it.
     let mut done = 0u64;
     // Where the current item's result starts, and whether the panic came
-    // from decoding its argument rather than from `f` or its result.
+    // from decoding its argument rather than from `f`, its result's
+    // encoding or its result's drop (all of which fail the item alone).
     let mut mark = enc.out.len();
     let mut decoding = false;
     while done < count {
@@ -214,6 +217,9 @@ where
                 if let Err(e) = written {
                     fail(&mut enc, &mut plain, done, TaskError::Encode(e.to_string()));
                 }
+                // Before the count moves on: a panicking drop is this
+                // item's failure (its written result is cut off at `mark`).
+                drop(value);
                 done += 1;
             }
             Ok(())
