@@ -59,7 +59,11 @@ const SMALL: usize = 64;
 
 /// How long a consumer that finds the ring empty, right after a get that
 /// did not wait, leaves the producers' position word alone before it
-/// looks.
+/// looks again.
+///
+/// "Did not wait": the get found its message at its first look. One that
+/// waited for it (after a delay or not), or timed out, did; waits for the
+/// rest of a streamed message, or for a closing producer, do not count.
 ///
 /// Such a consumer is keeping up with a stream: looking at once, it finds
 /// one new record per look, and every look takes the position word's
@@ -156,8 +160,9 @@ pub(crate) struct Ring {
     max_single: usize,
     /// Largest fragment payload of a streamed message.
     max_fragment: usize,
-    /// Whether this process's last get found its message without waiting
-    /// (see [`BATCH_DELAY`]).
+    /// Whether the last get through this ring (this handle, its clones
+    /// and threads in this process) found its message without waiting
+    /// (see [`BATCH_DELAY`]; a hint: a race costs at most one delay).
     streaming: AtomicBool,
 }
 
@@ -834,13 +839,18 @@ fn let_producer_ahead(deadline: Option<Instant>) {
     if !wait::multi_cpu() {
         return;
     }
-    let start = Instant::now();
-    let until = deadline.map_or(start + BATCH_DELAY, |d| d.min(start + BATCH_DELAY));
+    let until = batch_delay_end(Instant::now(), deadline);
     while Instant::now() < until {
         for _ in 0..4 {
             std::hint::spin_loop();
         }
     }
+}
+
+/// When a [`BATCH_DELAY`] started at `start` ends: never after `deadline`.
+fn batch_delay_end(start: Instant, deadline: Option<Instant>) -> Instant {
+    let end = start + BATCH_DELAY;
+    deadline.map_or(end, |d| d.min(end))
 }
 
 /// Copies `src` (at most `dst.len()` ≤ 48 bytes) to the start of `dst`
@@ -930,8 +940,12 @@ mod tests {
     #[test]
     fn the_batch_delay_keeps_to_its_deadline() {
         let t = Instant::now();
-        let_producer_ahead(Some(t));
-        assert!(t.elapsed() < Duration::from_millis(50));
+        assert_eq!(batch_delay_end(t, None), t + BATCH_DELAY);
+        assert_eq!(batch_delay_end(t, Some(t)), t, "a try does not delay");
+        let soon = t + BATCH_DELAY / 2;
+        assert_eq!(batch_delay_end(t, Some(soon)), soon);
+        let later = t + BATCH_DELAY * 2;
+        assert_eq!(batch_delay_end(t, Some(later)), t + BATCH_DELAY);
         let t = Instant::now();
         let_producer_ahead(None);
         if wait::multi_cpu() {
@@ -960,10 +974,10 @@ mod tests {
         ));
         assert!(t.elapsed() >= Duration::from_millis(5));
         assert!(!streaming(), "a get that timed out is not streaming");
-        // A get that waited for its message is not either.
         assert!(ring.push(&[b"three"], false, None).is_ok());
         assert_eq!(pop(None).ok().as_deref(), Some(&b"three"[..]));
         assert!(streaming());
+        // A get that waited for its message is not either.
         std::thread::scope(|s| {
             s.spawn(|| {
                 std::thread::sleep(Duration::from_millis(20));
