@@ -160,6 +160,16 @@ fn main() {
             a_killed_zygote_is_replaced,
         ),
         (
+            "a_killed_zygote_is_no_initializer_failure",
+            30,
+            a_killed_zygote_is_no_initializer_failure,
+        ),
+        (
+            "a_corrupted_result_queue_breaks_the_pool",
+            30,
+            a_corrupted_result_queue_breaks_the_pool,
+        ),
+        (
             "a_zygotes_spare_goes_with_it",
             30,
             a_zygotes_spare_goes_with_it,
@@ -1320,6 +1330,123 @@ fn a_killed_zygote_is_replaced() {
     }
     pool.close();
     pool.join().expect("join");
+}
+
+/// Sleeps for 3 s while the file `path` exists.
+fn init_slow_while(path: String) {
+    if std::path::Path::new(&path).exists() {
+        std::thread::sleep(Duration::from_secs(3));
+    }
+}
+
+/// Workers that die with their zygote while their initializer runs report
+/// no status (the zygote reported it): that is a kill from outside, not an
+/// initializer that ended its process, and must not break the pool.
+fn a_killed_zygote_is_no_initializer_failure() {
+    let marker = std::env::temp_dir().join(format!("proc-init-slow-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let pool = Pool::builder()
+        .processes(3)
+        .initializer(init_slow_while, marker.display().to_string())
+        .expect("initializer")
+        .start_method(StartMethod::Fork)
+        .build()
+        .expect("pool");
+    assert_eq!(pool.map(square, 0..30u64).expect("map").len(), 30);
+    let first: Vec<u32> = pool.worker_pids().iter().map(|p| p.as_u32()).collect();
+    // From now on a worker's initializer takes 3 s: the replacements of
+    // the killed first workers (from the zygote) are all in theirs.
+    std::fs::write(&marker, b"").expect("marker");
+    for w in &first {
+        // SAFETY: a plain kill of one of this pool's workers.
+        unsafe { libc::kill(*w as i32, libc::SIGKILL) };
+    }
+    let mut replacements = Vec::new();
+    assert!(common::eventually(Duration::from_secs(5), || {
+        let _ = pool.apply_async(square, 1);
+        replacements = pool.worker_pids().iter().map(|p| p.as_u32()).collect();
+        replacements.len() == 3 && replacements.iter().all(|w| !first.contains(w))
+    }));
+    let zygote = common::ppid_of(replacements[0]).expect("a replacement's parent");
+    assert_ne!(
+        zygote,
+        std::process::id(),
+        "replacements come from the zygote"
+    );
+    // SAFETY: a plain kill of this pool's zygote; its workers die with it.
+    unsafe { libc::kill(zygote as i32, libc::SIGKILL) };
+    // New workers (a new zygote) start, take 3 s in their initializer (so
+    // none reports ready while the three deaths are settled), and run the
+    // tasks; the pool is not broken with InitializerFailed.
+    let mapped = pool.map(square, 0..20u64);
+    std::fs::remove_file(&marker).expect("remove marker");
+    assert_eq!(mapped, Ok((0..20u64).map(|i| i * i).collect::<Vec<_>>()));
+    pool.close();
+    pool.join().expect("join");
+}
+
+/// In a worker: overwrites the head position of the pool's result queue
+/// (the 4 MiB ring among this process's queue segments; the consumers'
+/// position word at byte 512, as in proc-queue's corruption test) with a
+/// position out of range.
+fn corrupt_result_queue(_: ()) -> u32 {
+    let mut hit = 0;
+    for entry in std::fs::read_dir("/proc/self/fd").expect("fds").flatten() {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        if !target.to_string_lossy().starts_with("/memfd:proc-queue") {
+            continue;
+        }
+        let Ok(file) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(entry.path())
+        else {
+            continue;
+        };
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if len != (4 << 20) + 4096 {
+            continue;
+        }
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh shared mapping of the segment's first page,
+        // written once and unmapped; the pool's own mappings see the change,
+        // which is the point of the test.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            std::ptr::write_volatile(p.cast::<u8>().add(512).cast::<u64>(), 0x00AB_CDEF_0123_4567);
+            libc::munmap(p, 4096);
+        }
+        hit += 1;
+    }
+    hit
+}
+
+/// A result queue whose bytes were changed under the pool gives its
+/// waiters a typed error instead of a hang (or a spin).
+fn a_corrupted_result_queue_breaks_the_pool() {
+    let pool = make_pool(1);
+    assert_eq!(pool.apply(square, 3), Ok(9));
+    let t = Instant::now();
+    match pool.apply(corrupt_result_queue, ()) {
+        Err(TaskError::Corrupted(m)) => assert!(m.contains("result queue"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        pool.apply(square, 2),
+        Err(TaskError::Corrupted(_))
+    ));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    pool.terminate();
 }
 
 /// A process forked from the parent while a pool lives inherits a copy of

@@ -1043,9 +1043,12 @@ impl Inner {
                     self.cond.notify_all();
                     return until(state);
                 }
-                Err(_) => {
-                    // A corrupted result: its task cannot be named; the
-                    // message is gone and the queue goes on.
+                Err(GetError::Failed(e)) => {
+                    // The result queue is corrupted (or a result cannot be
+                    // held in memory): a result's task cannot be named, and
+                    // a record that cannot be read stays where it is.
+                    self.results_failed(state, &e);
+                    return until(state);
                 }
             }
             self.cond.notify_all();
@@ -1062,17 +1065,16 @@ impl Inner {
     }
 
     /// Handles up to `limit` results already in the queue; stops when it
-    /// is empty, or after 64 reads that failed (a queue that keeps failing
-    /// on the same bytes is given up on, not spun on under the lock).
+    /// is empty, or when it fails (see [`results_failed`](Inner::results_failed)).
     fn read_results(&self, state: &mut State, limit: usize) {
-        let mut failures = 0;
         for _ in 0..limit {
             let mut message = state.buffer();
             match self.results.try_get_bytes_into(&mut message) {
                 Ok(()) => self.handle_result(state, message),
-                Err(GetError::Failed(_)) if failures < 64 => {
-                    failures += 1;
+                Err(GetError::Failed(e)) => {
                     state.recycle(message);
+                    self.results_failed(state, &e);
+                    break;
                 }
                 Err(_) => {
                     state.recycle(message);
@@ -1082,8 +1084,27 @@ impl Inner {
         }
     }
 
+    /// The result queue failed (corrupted bytes, or a result too large to
+    /// hold): which tasks' results are lost cannot be told, and a record
+    /// that cannot be read blocks the ones behind it. The pool breaks:
+    /// every unfinished task fails with the error rather than waiting for
+    /// ever (its workers stay until `close`/`join` or `terminate`).
+    fn results_failed(&self, state: &mut State, error: &proc_queue::QueueError) {
+        self.break_pool(
+            state,
+            TaskError::Corrupted(format!("the pool's result queue failed: {error}")),
+        );
+    }
+
     fn handle_result(&self, state: &mut State, message: Vec<u8>) {
         let Some((worker, id, micros, output)) = wire::take_result(&message) else {
+            // A message that does not even name its task: the queue's
+            // bytes were changed under it (see `results_failed`).
+            state.recycle(message);
+            self.results_failed(
+                state,
+                &proc_queue::QueueError::Corrupted("a result message without its header".into()),
+            );
             return;
         };
         if id == wire::INIT_DONE {
@@ -1400,7 +1421,9 @@ impl Inner {
         // counted: that is a kill from outside, or the death of the zygote
         // the worker came from (all its initializing workers at once),
         // and such workers are just replaced.
-        let killed = status.is_some_and(|s| s.signal() == Some(libc::SIGKILL));
+        // (A status that was lost counts as such a kill: a zygote's
+        // children report theirs through it, and it is gone.)
+        let killed = status.is_none_or(|s| s.signal() == Some(libc::SIGKILL));
         if self.config.initializer.is_some() && !state.workers[i].ready && !killed {
             state.unready_deaths += 1;
             if state.unready_deaths >= UNREADY_DEATHS {
