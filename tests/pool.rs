@@ -170,6 +170,11 @@ fn main() {
             a_corrupted_result_queue_breaks_the_pool,
         ),
         (
+            "terminate_ends_a_join_waiting_on_an_endless_task",
+            30,
+            terminate_ends_a_join_waiting_on_an_endless_task,
+        ),
+        (
             "a_zygotes_spare_goes_with_it",
             30,
             a_zygotes_spare_goes_with_it,
@@ -1447,6 +1452,43 @@ fn a_corrupted_result_queue_breaks_the_pool() {
     ));
     assert!(t.elapsed() < Duration::from_secs(5));
     pool.terminate();
+}
+
+fn endless(_: ()) {
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A broken pool fails its tasks but leaves a worker that runs an endless
+/// one alone: `join` waits for it (as Python's does) until `terminate`, on
+/// another thread, stops the workers; then both return.
+fn terminate_ends_a_join_waiting_on_an_endless_task() {
+    let pool = make_pool(2);
+    let stuck = pool.apply_async(endless, ()).expect("submit");
+    std::thread::sleep(Duration::from_millis(200));
+    // The other worker breaks the pool.
+    assert!(matches!(
+        pool.apply(corrupt_result_queue, ()),
+        Err(TaskError::Corrupted(_))
+    ));
+    assert!(matches!(stuck.get(), Err(TaskError::Corrupted(_))));
+    pool.close();
+    std::thread::scope(|s| {
+        let joiner = s.spawn(|| pool.join());
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!joiner.is_finished(), "join waits for the endless worker");
+        let t = Instant::now();
+        pool.terminate();
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(
+            joiner.is_finished(),
+            "terminate returns once the join is done"
+        );
+        assert!(joiner.join().expect("joiner").is_ok());
+    });
+    // A join after that returns at once.
+    assert!(pool.join().is_ok());
 }
 
 /// A process forked from the parent while a pool lives inherits a copy of

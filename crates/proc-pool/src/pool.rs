@@ -199,6 +199,8 @@ impl PoolBuilder {
             next_id: 0,
             phase: Phase::Running,
             pumping: false,
+            joining: false,
+            join_kill: false,
             broken: None,
             unready_deaths: 0,
             last_retry: Instant::now(),
@@ -371,6 +373,10 @@ struct State {
     phase: Phase,
     /// A caller is waiting on the result queue (without the lock).
     pumping: bool,
+    /// A `join` is waiting for the workers to exit (its handles are out of
+    /// the state), and whether `terminate` asked it to stop them.
+    joining: bool,
+    join_kill: bool,
     /// Set when the initializer failed: every task fails with it.
     broken: Option<TaskError>,
     /// Worker processes that died before their initializer was done, in a
@@ -1513,7 +1519,20 @@ impl Inner {
 
     fn terminate(&self) {
         let mut state = self.state.lock();
-        if matches!(state.phase, Phase::Terminated | Phase::Joined) {
+        if state.phase == Phase::Joined {
+            // A join on another thread may still wait for a worker (one
+            // running an endless task): it holds the handles; it stops
+            // them, and this returns once they are gone.
+            if state.joining {
+                state.join_kill = true;
+                self.cond.notify_all();
+                while state.joining {
+                    self.cond.wait(&mut state);
+                }
+            }
+            return;
+        }
+        if state.phase == Phase::Terminated {
             return;
         }
         state.phase = Phase::Terminated;
@@ -1546,7 +1565,13 @@ impl Inner {
         let mut state = self.state.lock();
         match state.phase {
             Phase::Running => return Err(PoolError::StillRunning),
-            Phase::Joined | Phase::Terminated => return Ok(()),
+            Phase::Joined | Phase::Terminated => {
+                // Another join may still be waiting for the workers.
+                while state.joining {
+                    self.cond.wait(&mut state);
+                }
+                return Ok(());
+            }
             Phase::Closed => {}
         }
         self.progress(&mut state, None, |s| s.unfinished == 0);
@@ -1554,6 +1579,7 @@ impl Inner {
             return Ok(());
         }
         state.phase = Phase::Joined;
+        state.joining = true;
         let mut handles = Vec::new();
         for w in &mut state.workers {
             // A closed queue tells an idle worker to exit.
@@ -1569,18 +1595,32 @@ impl Inner {
         // Meanwhile stray results (of tasks already settled: a broken
         // pool's) are read away, so that no worker waits for room to put
         // one.
+        // A worker that never exits (an endless task of a broken pool's)
+        // keeps this waiting, as Python's join does, until `terminate` on
+        // another thread asks for the workers to be stopped.
+        let mut killed = false;
         for handle in &handles {
             while !matches!(
                 handle.wait_ended_timeout(Duration::from_millis(100)),
                 Ok(true) | Err(_)
             ) {
                 while self.results.try_get_bytes().is_ok() {}
+                if !killed && self.state.lock().join_kill {
+                    killed = true;
+                    for h in &handles {
+                        let _ = h.kill();
+                    }
+                }
             }
         }
         drop(zygote);
         for mut handle in handles {
             let _ = handle.try_wait();
         }
+        let mut state = self.state.lock();
+        state.joining = false;
+        drop(state);
+        self.cond.notify_all();
         Ok(())
     }
 }
