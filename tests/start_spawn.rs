@@ -152,6 +152,11 @@ fn main() {
             a_direct_start_outlives_its_dropped_zygote as fn(),
         ),
         (
+            "a_child_outlives_its_killed_zygote",
+            30,
+            a_child_outlives_its_killed_zygote as fn(),
+        ),
+        (
             "many_shared_descriptors_cross_or_are_refused",
             60,
             many_shared_descriptors_cross_or_are_refused as fn(),
@@ -1159,6 +1164,35 @@ fn a_direct_start_outlives_its_dropped_zygote() {
         drop(zygote);
         assert_eq!(child.join().expect("join"), 21, "round {round}");
     }
+}
+
+/// A zygote killed while its child (not a daemon) runs: the child runs on,
+/// and its handle says so until it ends (what is lost with the zygote is
+/// the status it would have reported, not the child).
+fn a_child_outlives_its_killed_zygote() {
+    let zygote = proc::Zygote::new().expect("zygote");
+    let mut child = zygote
+        .spawn_entry(Builder::new(), nap_then, 600)
+        .expect("spawn");
+    let zpid = zygote.pid().as_u32();
+    // SAFETY: a plain kill of the zygote made above.
+    unsafe { libc::kill(zpid as libc::pid_t, libc::SIGKILL) };
+    assert!(common::eventually(Duration::from_secs(5), || {
+        common::proc_state(zpid).is_none_or(|s| s == 'Z')
+    }));
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        matches!(child.try_wait(), Ok(None)),
+        "{:?}",
+        child.try_wait()
+    );
+    assert!(!child.is_finished());
+    assert!(matches!(
+        child.wait_timeout(Duration::from_millis(20)),
+        Ok(None)
+    ));
+    assert_eq!(child.join().expect("join"), 601);
+    drop(zygote);
 }
 
 fn put_in_each(queues: Vec<Queue<u64>>) -> usize {

@@ -362,7 +362,27 @@ impl<T> JoinHandle<T> {
         let reaped = if got == 4 {
             Reaped::Status(ExitStatus::from_raw(i32::from_le_bytes(raw)))
         } else {
-            // The server died before reporting: the status is lost.
+            // The server (or zygote) died before reporting: the status is
+            // lost, not the child, which may outlive it (a non-daemon has
+            // no death signal; a daemon's comes a moment later). Until its
+            // pidfd says it is gone, it runs.
+            let gone = match deadline {
+                None => loop {
+                    if sys::poll_readable(remote.pidfd.as_fd(), Duration::from_secs(3600))
+                        .map_err(JoinError::Io)?
+                    {
+                        break true;
+                    }
+                },
+                Some(d) => poll_until(
+                    remote.pidfd.as_fd(),
+                    d.saturating_duration_since(Instant::now()),
+                )
+                .map_err(JoinError::Io)?,
+            };
+            if !gone {
+                return Ok(false);
+            }
             Reaped::Lost
         };
         self.set_reaped(reaped);
