@@ -20,7 +20,7 @@
 //! half-visible: an uncommitted record is overwritten later, a record a
 //! consumer was reading stays for the next consumer.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU32;
 use std::time::{Duration, Instant};
 
 use crate::error::QueueError;
@@ -57,9 +57,9 @@ fn round16(n: usize) -> usize {
 /// Records up to this size are written with a single copy.
 const SMALL: usize = 64;
 
-/// How long a consumer that finds the ring empty, right after a get that
-/// did not wait, leaves the producers' position word alone before it
-/// looks again.
+/// How long a consumer that finds the ring empty, right after two gets in
+/// a row that did not wait, leaves the producers' position word alone
+/// before it looks again.
 ///
 /// "Did not wait": the get found its message at its first look. One that
 /// waited for it (after a delay or not), or timed out, did; waits for the
@@ -73,11 +73,16 @@ const SMALL: usize = 64;
 /// moment, the producer commits a few records in a row and the consumer
 /// takes them together. Delaying every wait, W2 there measured medians of
 /// 4.3, 5.6, 10.5 and 8.4 M msg/s for 0, 150, 400 ns and 1 µs, and W4 1.17,
-/// 1.07, 1.13 and 1.74 µs; this rule (only after a get that did not wait,
-/// so a request/reply exchange such as W4, whose gets all wait, never
-/// delays) measured W2 4.12 → 5.83 M and W4 1.12 → 1.12 µs there (12
-/// alternated runs), and no change on the 2-vCPU card machine (BENCHMARKS.md).
+/// 1.07, 1.13 and 1.74 µs; delaying after one get that did not wait, W2
+/// 4.12 → 5.83 M and W4 1.12 → 1.12 µs there (12 alternated runs). On the
+/// 2-vCPU card machine that one-get rule cost W4 ~10% (a reply that came
+/// before its get marked a stream); with at most one message in flight
+/// each way, a request/reply exchange never has two gets in a row that do
+/// not wait, while a consumer taking a batch has (BENCHMARKS.md).
 const BATCH_DELAY: Duration = Duration::from_nanos(400);
+
+/// Gets in a row that did not wait before a consumer counts as streaming.
+const STREAM_RUN: u32 = 2;
 
 /// How long a `try_put` that finds the producer lock held, while the queue
 /// has room, waits for the holder to finish its record.
@@ -160,10 +165,11 @@ pub(crate) struct Ring {
     max_single: usize,
     /// Largest fragment payload of a streamed message.
     max_fragment: usize,
-    /// Whether the last get through this ring (this handle, its clones
-    /// and threads in this process) found its message without waiting
-    /// (see [`BATCH_DELAY`]; a hint: a race costs at most one delay).
-    streaming: AtomicBool,
+    /// How many of the last gets through this ring (this handle, its
+    /// clones and threads in this process) in a row found their message
+    /// without waiting, up to [`STREAM_RUN`] (see [`BATCH_DELAY`]; a hint:
+    /// a race costs at most one delay).
+    immediate: AtomicU32,
 }
 
 impl Ring {
@@ -174,7 +180,7 @@ impl Ring {
             cap,
             max_single: cap / 2 - HDR,
             max_fragment: cap / 4,
-            streaming: AtomicBool::new(false),
+            immediate: AtomicU32::new(0),
         }
     }
 
@@ -594,12 +600,23 @@ impl Ring {
     ) -> Result<R, PopError> {
         let mut waited = false;
         let popped = self.pop_waiting(deadline, decode, &mut waited);
-        let streaming = popped.is_ok() && !waited;
-        if self.streaming.load(std::sync::atomic::Ordering::Relaxed) != streaming {
-            self.streaming
-                .store(streaming, std::sync::atomic::Ordering::Relaxed);
+        let run = self.immediate.load(std::sync::atomic::Ordering::Relaxed);
+        let next = if popped.is_ok() && !waited {
+            (run + 1).min(STREAM_RUN)
+        } else {
+            0
+        };
+        if next != run {
+            self.immediate
+                .store(next, std::sync::atomic::Ordering::Relaxed);
         }
         popped
+    }
+
+    /// Whether this ring's consumer is keeping up with a stream (see
+    /// [`BATCH_DELAY`]).
+    fn streaming(&self) -> bool {
+        self.immediate.load(std::sync::atomic::Ordering::Relaxed) >= STREAM_RUN
     }
 
     /// [`pop`](Ring::pop); `waited` tells whether it waited for data.
@@ -669,7 +686,7 @@ impl Ring {
                     }
                     continue;
                 }
-                if !*waited && self.streaming.load(std::sync::atomic::Ordering::Relaxed) {
+                if !*waited && self.streaming() {
                     let_producer_ahead(deadline);
                 }
                 *waited = true;
@@ -954,18 +971,18 @@ mod tests {
     }
 
     #[test]
-    fn only_a_get_that_did_not_wait_marks_a_stream() {
+    fn only_gets_that_did_not_wait_mark_a_stream() {
         let ring = Ring::new(Segment::create(1 << 16, 0).expect("segment"));
-        let streaming = || ring.streaming.load(std::sync::atomic::Ordering::Relaxed);
+        let streaming = || ring.streaming();
         let pop = |deadline| ring.pop(deadline, |p| p.bytes.as_slice().to_vec());
         assert!(!streaming());
         for m in [&b"one"[..], b"two"] {
             assert!(ring.push(&[m], false, None).is_ok());
         }
         assert_eq!(pop(None).ok().as_deref(), Some(&b"one"[..]));
-        assert!(streaming(), "found without waiting");
+        assert!(!streaming(), "one get found without waiting is no stream");
         assert_eq!(pop(None).ok().as_deref(), Some(&b"two"[..]));
-        assert!(streaming());
+        assert!(streaming(), "two in a row are");
         // Empty: this one waits (after the delay) until its deadline.
         let t = Instant::now();
         assert!(matches!(
@@ -974,16 +991,19 @@ mod tests {
         ));
         assert!(t.elapsed() >= Duration::from_millis(5));
         assert!(!streaming(), "a get that timed out is not streaming");
-        assert!(ring.push(&[b"three"], false, None).is_ok());
+        for m in [&b"three"[..], b"four"] {
+            assert!(ring.push(&[m], false, None).is_ok());
+        }
         assert_eq!(pop(None).ok().as_deref(), Some(&b"three"[..]));
+        assert_eq!(pop(None).ok().as_deref(), Some(&b"four"[..]));
         assert!(streaming());
         // A get that waited for its message is not either.
         std::thread::scope(|s| {
             s.spawn(|| {
                 std::thread::sleep(Duration::from_millis(20));
-                assert!(ring.push(&[b"four"], false, None).is_ok());
+                assert!(ring.push(&[b"five"], false, None).is_ok());
             });
-            assert_eq!(pop(None).ok().as_deref(), Some(&b"four"[..]));
+            assert_eq!(pop(None).ok().as_deref(), Some(&b"five"[..]));
         });
         assert!(!streaming(), "waited for its message");
     }
