@@ -170,6 +170,11 @@ fn main() {
             a_corrupted_result_queue_breaks_the_pool,
         ),
         (
+            "a_large_task_waits_for_initialized_workers_without_stalling",
+            30,
+            a_large_task_waits_for_initialized_workers_without_stalling,
+        ),
+        (
             "terminate_ends_a_join_waiting_on_an_endless_task",
             30,
             terminate_ends_a_join_waiting_on_an_endless_task,
@@ -1452,6 +1457,37 @@ fn a_corrupted_result_queue_breaks_the_pool() {
     ));
     assert!(t.elapsed() < Duration::from_secs(5));
     pool.terminate();
+}
+
+/// A task too large for one ring record streams to an idle worker under
+/// the pool's lock; while the workers run their initializer nobody reads,
+/// and the pool's calls must not wait out a streaming attempt each.
+fn a_large_task_waits_for_initialized_workers_without_stalling() {
+    let pool = Pool::builder()
+        .processes(2)
+        .initializer(sleepy_init, 1500)
+        .expect("initializer")
+        .start_method(method())
+        .build()
+        .expect("pool");
+    let bytes = vec![7u8; 3 << 20];
+    let big = pool.apply_async(checksum, bytes.clone()).expect("submit");
+    // (Each call below dispatches; a streaming attempt on each of the two
+    // initializing workers took 2 x 131 ms.)
+    let t = Instant::now();
+    for _ in 0..5 {
+        assert!(!big.ready());
+    }
+    assert!(
+        t.elapsed() < Duration::from_millis(100),
+        "five ready() took {:?}",
+        t.elapsed()
+    );
+    let (len, sum, back) = big.get().expect("result");
+    assert_eq!((len, sum), (bytes.len(), 7 * bytes.len() as u64));
+    assert_eq!(back, bytes);
+    pool.close();
+    pool.join().expect("join");
 }
 
 fn endless(_: ()) {

@@ -1215,8 +1215,12 @@ impl Inner {
             let worker = &mut state.workers[w];
             let first_len = state.pending.front().map_or(0, |t| t.record.len());
             if first_len > SINGLE_MAX {
-                // Streams through the ring: only to a worker waiting for it.
-                if !worker.outstanding.is_empty() {
+                // Streams through the ring: only to a worker waiting for it
+                // (not one in its initializer: the bounded put below,
+                // under the pool's lock, would wait out its timeout on
+                // every dispatch meanwhile, and stall the other threads).
+                let initializing = self.config.initializer.is_some() && !worker.ready;
+                if !worker.outstanding.is_empty() || initializing {
                     full[w] = true;
                     continue;
                 }
