@@ -201,6 +201,7 @@ impl PoolBuilder {
             pumping: false,
             joining: false,
             join_kill: false,
+            results_broken: false,
             broken: None,
             unready_deaths: 0,
             last_retry: Instant::now(),
@@ -220,6 +221,7 @@ impl PoolBuilder {
                 outstanding: VecDeque::new(),
                 budget: config.maxtasks,
                 ready: false,
+                remote: false,
             });
         }
         if let Err(e) = start_all(&config, &mut state, &results) {
@@ -279,6 +281,9 @@ struct Worker {
     budget: Option<u64>,
     /// Whether this worker process reported its initializer done.
     ready: bool,
+    /// Whether its process is a child of a zygote or of the fork server,
+    /// which report its status (lost if they die first).
+    remote: bool,
 }
 
 /// How often an empty worker slot is given a new process again.
@@ -377,6 +382,8 @@ struct State {
     /// the state), and whether `terminate` asked it to stop them.
     joining: bool,
     join_kill: bool,
+    /// The result queue failed (see `results_failed`).
+    results_broken: bool,
     /// Set when the initializer failed: every task fails with it.
     broken: Option<TaskError>,
     /// Worker processes that died before their initializer was done, in a
@@ -507,6 +514,7 @@ fn start_worker(
 ) -> Result<JoinHandle<()>, SpawnError> {
     state.started += 1;
     let (builder, args) = worker_start(config, state, i, results);
+    state.workers[i].remote = state.zygote.is_some() || state.method == StartMethod::ForkServer;
     match &state.zygote {
         Some(zygote) => zygote.spawn_entry(builder, worker_main, args),
         None => builder.spawn_entry(worker_main, args),
@@ -869,7 +877,10 @@ impl Pool {
 
     /// Stops the workers now (SIGTERM, then SIGKILL after a second) and
     /// reaps them; tasks not finished fail with [`TaskError::Terminated`]
-    /// (Python's `terminate`).
+    /// (Python's `terminate`). While a [`join`](Pool::join) on another
+    /// thread waits for the workers to exit (one running an endless task,
+    /// say), it has that join SIGKILL them and returns once the join is
+    /// done.
     ///
     /// # Examples
     ///
@@ -1094,8 +1105,10 @@ impl Inner {
     /// hold): which tasks' results are lost cannot be told, and a record
     /// that cannot be read blocks the ones behind it. The pool breaks:
     /// every unfinished task fails with the error rather than waiting for
-    /// ever (its workers stay until `close`/`join` or `terminate`).
+    /// ever. Its workers stay until `terminate`, or until `join`, which
+    /// stops them (they could wait for room in that queue for ever).
     fn results_failed(&self, state: &mut State, error: &proc_queue::QueueError) {
+        state.results_broken = true;
         self.break_pool(
             state,
             TaskError::Corrupted(format!("the pool's result queue failed: {error}")),
@@ -1431,9 +1444,11 @@ impl Inner {
         // counted: that is a kill from outside, or the death of the zygote
         // the worker came from (all its initializing workers at once),
         // and such workers are just replaced.
-        // (A status that was lost counts as such a kill: a zygote's
-        // children report theirs through it, and it is gone.)
-        let killed = status.is_none_or(|s| s.signal() == Some(libc::SIGKILL));
+        // (So does a status lost with the zygote or fork server that was
+        // to report it: its children die with it. A child of this process
+        // whose status is lost, SIGCHLD ignored say, still counts.)
+        let lost_with_server = status.is_none() && state.workers[i].remote;
+        let killed = lost_with_server || status.is_some_and(|s| s.signal() == Some(libc::SIGKILL));
         if self.config.initializer.is_some() && !state.workers[i].ready && !killed {
             state.unready_deaths += 1;
             if state.unready_deaths >= UNREADY_DEATHS {
@@ -1580,10 +1595,15 @@ impl Inner {
         }
         self.progress(&mut state, None, |s| s.unfinished == 0);
         if state.phase != Phase::Closed {
+            // Terminated meanwhile, or another join got here first.
+            while state.joining {
+                self.cond.wait(&mut state);
+            }
             return Ok(());
         }
         state.phase = Phase::Joined;
         state.joining = true;
+        let kill_now = state.results_broken;
         let mut handles = Vec::new();
         for w in &mut state.workers {
             // A closed queue tells an idle worker to exit.
@@ -1599,10 +1619,21 @@ impl Inner {
         // Meanwhile stray results (of tasks already settled: a broken
         // pool's) are read away, so that no worker waits for room to put
         // one.
+        // Whatever happens below, the wait is over for `terminate` and a
+        // second `join` when this returns.
+        let _done = JoinDone(self);
         // A worker that never exits (an endless task of a broken pool's)
         // keeps this waiting, as Python's join does, until `terminate` on
-        // another thread asks for the workers to be stopped.
+        // another thread asks for the workers to be stopped. After the
+        // result queue failed, they are stopped at once: one may wait for
+        // room in that queue for ever.
         let mut killed = false;
+        if kill_now {
+            killed = true;
+            for h in &handles {
+                let _ = h.kill();
+            }
+        }
         for handle in &handles {
             while !matches!(
                 handle.wait_ended_timeout(Duration::from_millis(100)),
@@ -1621,11 +1652,17 @@ impl Inner {
         for mut handle in handles {
             let _ = handle.try_wait();
         }
-        let mut state = self.state.lock();
-        state.joining = false;
-        drop(state);
-        self.cond.notify_all();
         Ok(())
+    }
+}
+
+/// Ends a `join`'s wait for the workers (on every way out of it).
+struct JoinDone<'a>(&'a Inner);
+
+impl Drop for JoinDone<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().joining = false;
+        self.0.cond.notify_all();
     }
 }
 
@@ -1638,10 +1675,10 @@ fn take_outstanding(worker: &mut Worker, id: u64) -> Option<Task> {
     worker.outstanding.remove(at)
 }
 
-/// Puts a task too large for one ring record: the worker is idle, so it
-/// takes the fragments as they come. One bounded attempt (the pool's lock is
-/// held): a worker still in its initializer, or stopped, does not read, and
-/// the task waits in pending for the next try.
+/// Puts a task too large for one ring record: the worker is idle (and
+/// past its initializer), so it takes the fragments as they come. One
+/// bounded attempt (the pool's lock is held): a worker that does not read
+/// (stopped, say) lets the task wait in pending for the next try.
 fn put_streamed(worker: &mut Worker, record: &[u8]) -> Result<(), ()> {
     // At least 100 ms, and time for the copy at a slow 100 MB/s.
     let timeout = Duration::from_millis(100) + Duration::from_micros(record.len() as u64 / 100);

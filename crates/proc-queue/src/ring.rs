@@ -76,9 +76,11 @@ const SMALL: usize = 64;
 /// 1.07, 1.13 and 1.74 µs; delaying after one get that did not wait, W2
 /// 4.12 → 5.83 M and W4 1.12 → 1.12 µs there (12 alternated runs). On the
 /// 2-vCPU card machine that one-get rule cost W4 ~10% (a reply that came
-/// before its get marked a stream); with at most one message in flight
-/// each way, a request/reply exchange never has two gets in a row that do
-/// not wait, while a consumer taking a batch has (BENCHMARKS.md).
+/// before its get marked a stream). With at most one message in flight
+/// each way, a request/reply exchange has two gets in a row that do not
+/// wait only when the peer answers before each get is called (the caller
+/// preempted between its put and its get, twice), while a consumer taking
+/// a batch has them at every batch (BENCHMARKS.md).
 const BATCH_DELAY: Duration = Duration::from_nanos(400);
 
 /// Gets in a row that did not wait before a consumer counts as streaming.
