@@ -1502,8 +1502,9 @@ fn endless(_: ()) {
 }
 
 /// A broken pool fails its tasks but leaves a worker that runs an endless
-/// one alone: `join` waits for it (as Python's does) until `terminate`, on
-/// another thread, stops the workers; then both return.
+/// one alone: `join` (two of them at once here) waits for it, as Python's
+/// does, until `terminate`, on another thread, stops the workers; then
+/// all return.
 fn terminate_ends_a_join_waiting_on_an_endless_task() {
     let dir = common::temp_dir("pool-endless-join");
     let counter = dir.join("calls").to_string_lossy().into_owned();
@@ -1524,13 +1525,18 @@ fn terminate_ends_a_join_waiting_on_an_endless_task() {
     assert!(matches!(stuck.get(), Err(TaskError::InitializerFailed(_))));
     pool.close();
     std::thread::scope(|s| {
-        let joiner = s.spawn(|| pool.join());
+        // Two joins at once: neither returns while the workers live.
+        let joiners = [s.spawn(|| pool.join()), s.spawn(|| pool.join())];
         std::thread::sleep(Duration::from_millis(300));
-        assert!(!joiner.is_finished(), "join waits for the endless worker");
+        for joiner in &joiners {
+            assert!(!joiner.is_finished(), "join waits for the endless worker");
+        }
         let t = Instant::now();
         pool.terminate();
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
-        assert!(joiner.join().expect("joiner").is_ok());
+        for joiner in joiners {
+            assert!(joiner.join().expect("joiner").is_ok());
+        }
     });
     // A join after that returns at once.
     assert!(pool.join().is_ok());

@@ -491,7 +491,6 @@ fn worker_start(
     (builder, args)
 }
 
-/// Starts a process for worker `i`.
 /// Takes every message left in a worker's task queue (its worker gone or
 /// not to run them), handing each to `each`; a garbled one is skipped (up
 /// to 64 of them).
@@ -506,6 +505,7 @@ fn take_untaken(queue: &Queue<()>, mut each: impl FnMut(Vec<u8>)) {
     }
 }
 
+/// Starts a process for worker `i`.
 fn start_worker(
     config: &Config,
     state: &mut State,
