@@ -175,6 +175,11 @@ fn main() {
             a_large_task_waits_for_initialized_workers_without_stalling,
         ),
         (
+            "a_join_during_terminate_returns_once_workers_are_gone",
+            30,
+            a_join_during_terminate_returns_once_workers_are_gone,
+        ),
+        (
             "terminate_ends_a_join_waiting_on_an_endless_task",
             30,
             terminate_ends_a_join_waiting_on_an_endless_task,
@@ -1493,6 +1498,35 @@ fn a_large_task_waits_for_initialized_workers_without_stalling() {
     assert_eq!(back, bytes);
     pool.close();
     pool.join().expect("join");
+}
+
+/// Ignores SIGTERM, then runs for ever.
+fn stubborn(_: ()) {
+    // SAFETY: changes this worker process's SIGTERM disposition only.
+    unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+    endless(());
+}
+
+/// `terminate` gives workers a grace period after SIGTERM; a `join` on
+/// another thread meanwhile returns only once they are gone.
+fn a_join_during_terminate_returns_once_workers_are_gone() {
+    let pool = make_pool(1);
+    let _stuck = pool.apply_async(stubborn, ()).expect("submit");
+    std::thread::sleep(Duration::from_millis(300));
+    let pids: Vec<u32> = pool.worker_pids().iter().map(|p| p.as_u32()).collect();
+    assert_eq!(pids.len(), 1);
+    std::thread::scope(|s| {
+        let terminator = s.spawn(|| pool.terminate());
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!terminator.is_finished(), "the worker ignores SIGTERM");
+        assert!(pool.join().is_ok());
+        let state = common::proc_state(pids[0]);
+        assert!(
+            state.is_none_or(|s| s == 'Z'),
+            "worker still {state:?} after join"
+        );
+        terminator.join().expect("terminate");
+    });
 }
 
 fn endless(_: ()) {

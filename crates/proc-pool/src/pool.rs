@@ -378,8 +378,9 @@ struct State {
     phase: Phase,
     /// A caller is waiting on the result queue (without the lock).
     pumping: bool,
-    /// A `join` is waiting for the workers to exit (its handles are out of
-    /// the state), and whether `terminate` asked it to stop them.
+    /// A `join` or `terminate` is waiting for the workers to exit (their
+    /// handles are out of the state), and whether `terminate` asked such a
+    /// join to stop them.
     joining: bool,
     join_kill: bool,
     /// The result queue failed (see `results_failed`).
@@ -1552,9 +1553,14 @@ impl Inner {
             return;
         }
         if state.phase == Phase::Terminated {
+            // Another terminate may still be reaping the workers.
+            while state.joining {
+                self.cond.wait(&mut state);
+            }
             return;
         }
         state.phase = Phase::Terminated;
+        state.joining = true;
         let mut handles: Vec<JoinHandle<()>> = Vec::new();
         for w in &mut state.workers {
             w.queue.close();
@@ -1569,6 +1575,9 @@ impl Inner {
         self.results.close();
         drop(state);
         self.cond.notify_all();
+        // A join (or terminate) on another thread returns once they are
+        // reaped.
+        let _done = JoinDone(self);
         let deadline = Instant::now() + TERMINATE_GRACE;
         for handle in &mut handles {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -1656,7 +1665,8 @@ impl Inner {
     }
 }
 
-/// Ends a `join`'s wait for the workers (on every way out of it).
+/// Ends a `join`'s or `terminate`'s wait for the workers (on every way
+/// out of it).
 struct JoinDone<'a>(&'a Inner);
 
 impl Drop for JoinDone<'_> {
