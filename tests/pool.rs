@@ -565,6 +565,16 @@ fn maxtasksperchild_recycles() {
     }
     pool.close();
     pool.join().expect("join");
+    // Retired workers are reaped after their replacements start, not
+    // waited for: join leaves none of them behind either.
+    for pid in per_pid.keys() {
+        assert!(
+            common::eventually(Duration::from_secs(2), || {
+                common::proc_state(*pid).is_none_or(|s| s == 'Z')
+            }),
+            "worker {pid} still runs after join"
+        );
+    }
 }
 
 static INIT_CALLS: AtomicU32 = AtomicU32::new(0);

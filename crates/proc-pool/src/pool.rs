@@ -53,6 +53,9 @@ const CHECK_EVERY: Duration = Duration::from_millis(20);
 const PUMP_SLICE: Duration = Duration::from_millis(10);
 /// How long terminate() waits after SIGTERM before SIGKILL.
 const TERMINATE_GRACE: Duration = Duration::from_secs(1);
+/// How long a worker retired by `maxtasksperchild` may take to exit
+/// before it is killed.
+const RETIRE_GRACE: Duration = Duration::from_secs(5);
 
 /// A pool of worker processes (Python's `multiprocessing.Pool`).
 ///
@@ -202,6 +205,7 @@ impl PoolBuilder {
             joining: false,
             join_kill: false,
             results_broken: false,
+            retiring: Vec::new(),
             broken: None,
             unready_deaths: 0,
             last_retry: Instant::now(),
@@ -385,6 +389,8 @@ struct State {
     join_kill: bool,
     /// The result queue failed (see `results_failed`).
     results_broken: bool,
+    /// Workers retired by `maxtasksperchild`, not reaped yet, and when.
+    retiring: Vec<(JoinHandle<()>, Instant)>,
     /// Set when the initializer failed: every task fails with it.
     broken: Option<TaskError>,
     /// Worker processes that died before their initializer was done, in a
@@ -1347,27 +1353,44 @@ impl Inner {
         self.dispatch(state);
     }
 
-    /// Reaps workers that used up `maxtasksperchild` and starts their
-    /// replacements.
+    /// Starts replacements for the workers that used up
+    /// `maxtasksperchild`. A retired worker exits right after its last
+    /// result (it takes nothing more from its queue): it is reaped later
+    /// (see [`reap_retiring`](Inner::reap_retiring)), not waited for here,
+    /// under the pool's lock.
     fn replace_retired(&self, state: &mut State) {
         for i in 0..state.workers.len() {
             let w = &mut state.workers[i];
             if w.budget == Some(0) && w.outstanding.is_empty() {
-                if let Some(mut handle) = w.handle.take() {
-                    // It exits right after its last result.
-                    let _ = handle.wait_timeout(Duration::from_secs(5));
-                    if handle.try_wait().ok().flatten().is_none() {
-                        let _ = handle.kill();
-                        let _ = handle.wait();
-                    }
+                if let Some(handle) = w.handle.take() {
+                    state.retiring.push((handle, Instant::now()));
                 }
                 self.restart(state, i);
             }
         }
     }
 
+    /// Reaps the retired workers that have exited; one still there after
+    /// [`RETIRE_GRACE`] is killed.
+    fn reap_retiring(&self, state: &mut State) {
+        state
+            .retiring
+            .retain_mut(|(handle, since)| match handle.try_wait() {
+                Ok(Some(_)) | Err(_) => false,
+                Ok(None) => {
+                    if since.elapsed() >= RETIRE_GRACE {
+                        let _ = handle.kill();
+                    }
+                    true
+                }
+            });
+    }
+
     /// Looks for dead workers; settles their tasks and replaces them.
     fn check_workers(&self, state: &mut State) {
+        if !state.retiring.is_empty() {
+            self.reap_retiring(state);
+        }
         if state.pumping {
             // Another thread is reading the result queue (and may hold a
             // result it has not handed over yet): settling a death now could
@@ -1569,6 +1592,10 @@ impl Inner {
                 handles.push(handle);
             }
         }
+        for (handle, _) in state.retiring.drain(..) {
+            let _ = handle.terminate();
+            handles.push(handle);
+        }
         self.fail_unfinished(&mut state, &TaskError::Terminated);
         // The zygote reaps the workers: it goes after them.
         let zygote = state.zygote.take();
@@ -1619,6 +1646,7 @@ impl Inner {
             w.queue.close();
             handles.extend(w.handle.take());
         }
+        handles.extend(state.retiring.drain(..).map(|(handle, _)| handle));
         let zygote = state.zygote.take();
         drop(state);
         // Waiting for each to be gone (its pidfd) is enough: the zygote
