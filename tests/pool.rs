@@ -558,11 +558,14 @@ fn maxtasksperchild_recycles() {
     assert!(per_pid.len() >= 10, "{per_pid:?}");
     // apply_async too: nothing lost or duplicated.
     let pending: Vec<_> = (0..25u64)
-        .map(|i| pool.apply_async(square, i).expect("submit"))
+        .map(|i| pool.apply_async(sleep_then_pid, i % 2).expect("submit"))
         .collect();
     for (i, r) in pending.into_iter().enumerate() {
-        assert_eq!(r.get(), Ok((i * i) as u64));
+        let (ms, pid) = r.get().expect("result");
+        assert_eq!(ms, (i % 2) as u64);
+        *per_pid.entry(pid).or_default() += 1;
     }
+    assert!(per_pid.values().all(|&n| n <= 3), "{per_pid:?}");
     pool.close();
     pool.join().expect("join");
     // Retired workers are reaped after their replacements start, not

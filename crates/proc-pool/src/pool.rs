@@ -1646,6 +1646,13 @@ impl Inner {
             w.queue.close();
             handles.extend(w.handle.take());
         }
+        // Retired workers still exiting: killed once their grace is up.
+        let retiring: Vec<(usize, Instant)> = state
+            .retiring
+            .iter()
+            .enumerate()
+            .map(|(k, (_, since))| (handles.len() + k, *since))
+            .collect();
         handles.extend(state.retiring.drain(..).map(|(handle, _)| handle));
         let zygote = state.zygote.take();
         drop(state);
@@ -1677,6 +1684,11 @@ impl Inner {
                 Ok(true) | Err(_)
             ) {
                 while self.results.try_get_bytes().is_ok() {}
+                for &(k, since) in &retiring {
+                    if since.elapsed() >= RETIRE_GRACE {
+                        let _ = handles[k].kill();
+                    }
+                }
                 if !killed && self.state.lock().join_kill {
                     killed = true;
                     for h in &handles {
