@@ -366,21 +366,7 @@ impl<T> JoinHandle<T> {
             // lost, not the child, which may outlive it (a non-daemon has
             // no death signal; a daemon's comes a moment later). Until its
             // pidfd says it is gone, it runs.
-            let gone = match deadline {
-                None => loop {
-                    if sys::poll_readable(remote.pidfd.as_fd(), Duration::from_secs(3600))
-                        .map_err(JoinError::Io)?
-                    {
-                        break true;
-                    }
-                },
-                Some(d) => poll_until(
-                    remote.pidfd.as_fd(),
-                    d.saturating_duration_since(Instant::now()),
-                )
-                .map_err(JoinError::Io)?,
-            };
-            if !gone {
+            if !readable_by(remote.pidfd.as_fd(), deadline).map_err(JoinError::Io)? {
                 return Ok(false);
             }
             Reaped::Lost
@@ -435,9 +421,7 @@ impl<T: DeserializeOwned> JoinHandle<T> {
             // exit (status 0, see `run_and_exit`) is the answer, without
             // waiting for the status the server reports after reaping it,
             // one hop later. Anything else goes by the status.
-            while !sys::poll_readable(remote.pidfd.as_fd(), Duration::from_secs(3600))
-                .map_err(JoinError::Io)?
-            {}
+            readable_by(remote.pidfd.as_fd(), None).map_err(JoinError::Io)?;
             let bytes = read_result(&self.result).map_err(JoinError::Io)?;
             if let Ok((Outcome::Value(value), [crate::builder::EXITING_ZERO])) =
                 postcard::take_from_bytes::<Outcome<T>>(&bytes)
@@ -463,6 +447,21 @@ fn poll_until(fd: std::os::fd::BorrowedFd<'_>, timeout: Duration) -> std::io::Re
         if start.elapsed() >= timeout {
             return Ok(sys::readable_now(fd));
         }
+    }
+}
+
+/// Waits until `fd` is readable or `deadline` passes (`None`: for ever);
+/// whether it is readable.
+fn readable_by(
+    fd: std::os::fd::BorrowedFd<'_>,
+    deadline: Option<Instant>,
+) -> std::io::Result<bool> {
+    match deadline {
+        None => {
+            while !sys::poll_readable(fd, Duration::from_secs(3600))? {}
+            Ok(true)
+        }
+        Some(d) => poll_until(fd, d.saturating_duration_since(Instant::now())),
     }
 }
 

@@ -1378,9 +1378,7 @@ impl Inner {
             .retain_mut(|(handle, since)| match handle.try_wait() {
                 Ok(Some(_)) | Err(_) => false,
                 Ok(None) => {
-                    if since.elapsed() >= RETIRE_GRACE {
-                        let _ = handle.kill();
-                    }
+                    kill_if_overdue(handle, *since);
                     true
                 }
             });
@@ -1639,69 +1637,76 @@ impl Inner {
         }
         state.phase = Phase::Joined;
         state.joining = true;
-        let kill_now = state.results_broken;
-        let mut handles = Vec::new();
+        let mut killed = state.results_broken;
+        // Each handle with, for a worker retired by `maxtasksperchild`,
+        // when it retired.
+        let mut handles: Vec<(JoinHandle<()>, Option<Instant>)> = Vec::new();
         for w in &mut state.workers {
             // A closed queue tells an idle worker to exit.
             w.queue.close();
-            handles.extend(w.handle.take());
+            handles.extend(w.handle.take().map(|handle| (handle, None)));
         }
-        // Retired workers still exiting: killed once their grace is up.
-        let retiring: Vec<(usize, Instant)> = state
-            .retiring
-            .iter()
-            .enumerate()
-            .map(|(k, (_, since))| (handles.len() + k, *since))
-            .collect();
-        handles.extend(state.retiring.drain(..).map(|(handle, _)| handle));
+        handles.extend(
+            state
+                .retiring
+                .drain(..)
+                .map(|(handle, since)| (handle, Some(since))),
+        );
         let zygote = state.zygote.take();
         drop(state);
+        // Whatever happens below, the wait is over for `terminate` and a
+        // second `join` when this returns.
+        let _done = JoinDone(self);
         // Waiting for each to be gone (its pidfd) is enough: the zygote
         // reaps its children when it sees the end of its connection (one
         // hop shorter than waiting for the status it reports), this
         // process reaps its own (the first workers) as their handles drop.
         // Meanwhile stray results (of tasks already settled: a broken
         // pool's) are read away, so that no worker waits for room to put
-        // one.
-        // Whatever happens below, the wait is over for `terminate` and a
-        // second `join` when this returns.
-        let _done = JoinDone(self);
+        // one, and retired workers past their grace are killed.
         // A worker that never exits (an endless task of a broken pool's)
         // keeps this waiting, as Python's join does, until `terminate` on
         // another thread asks for the workers to be stopped. After the
         // result queue failed, they are stopped at once: one may wait for
         // room in that queue for ever.
-        let mut killed = false;
-        if kill_now {
-            killed = true;
-            for h in &handles {
-                let _ = h.kill();
+        let kill_all = || {
+            for (handle, _) in &handles {
+                let _ = handle.kill();
             }
+        };
+        if killed {
+            kill_all();
         }
-        for handle in &handles {
+        for (handle, _) in &handles {
             while !matches!(
                 handle.wait_ended_timeout(Duration::from_millis(100)),
                 Ok(true) | Err(_)
             ) {
                 while self.results.try_get_bytes().is_ok() {}
-                for &(k, since) in &retiring {
-                    if since.elapsed() >= RETIRE_GRACE {
-                        let _ = handles[k].kill();
+                for (retired, since) in &handles {
+                    if let Some(since) = *since {
+                        kill_if_overdue(retired, since);
                     }
                 }
                 if !killed && self.state.lock().join_kill {
                     killed = true;
-                    for h in &handles {
-                        let _ = h.kill();
-                    }
+                    kill_all();
                 }
             }
         }
         drop(zygote);
-        for mut handle in handles {
+        for (mut handle, _) in handles {
             let _ = handle.try_wait();
         }
         Ok(())
+    }
+}
+
+/// Kills a worker retired at `since` that is still there after
+/// [`RETIRE_GRACE`].
+fn kill_if_overdue(handle: &JoinHandle<()>, since: Instant) {
+    if since.elapsed() >= RETIRE_GRACE {
+        let _ = handle.kill();
     }
 }
 
