@@ -52,6 +52,11 @@ fn main() {
             10,
             withdrawn_stream_at_the_wrap,
         ),
+        (
+            "a_whole_get_leaves_a_stream_of_a_stopped_producer",
+            20,
+            a_whole_get_leaves_a_stream,
+        ),
         ("joinable_queue", 20, joinable_queue),
         ("simple_queue", 10, simple_queue),
         (
@@ -442,6 +447,57 @@ fn timed_out_stream_is_withdrawn() {
     q.put_timeout(big, Duration::from_secs(10))
         .expect("put with a consumer");
     assert_eq!(child.join().expect("join"), 64 * 1024);
+}
+
+fn a_whole_get_leaves_a_stream() {
+    // A producer streams a message four times the ring, stops midway (the
+    // ring full of its first fragments), then is stopped by SIGSTOP: a
+    // whole get returns at once (Timeout: it would have to wait) instead
+    // of waiting for the rest; an
+    // ordinary get takes the stream once the producer goes on.
+    let q: Queue<Vec<u8>> = Queue::builder().capacity(16 * 1024).build().expect("queue");
+    let producer = q.clone();
+    let big = pattern(64 * 1024, 9);
+    let sent = big.clone();
+    let child = proc::spawn(move || {
+        producer.put_bytes(&sent).expect("put big");
+        producer.put_bytes(b"after").expect("put after");
+    })
+    .expect("spawn");
+    let pid = child.pid().as_u32() as i32;
+    // Blocked on the full ring once its state is 'S'.
+    assert!(common::eventually(Duration::from_secs(5), || {
+        common::proc_state(pid as u32) == Some('S')
+    }));
+    // SAFETY: a signal to our own child, which `child` still holds.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    assert!(common::eventually(Duration::from_secs(5), || {
+        common::proc_state(pid as u32) == Some('T')
+    }));
+    let mut buf = Vec::new();
+    let t = Instant::now();
+    assert!(matches!(
+        q.try_get_whole_bytes_into(&mut buf),
+        Err(GetError::Timeout)
+    ));
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(buf.is_empty());
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    assert!(q.get_bytes().expect("the stream") == big);
+    assert!(common::eventually(Duration::from_secs(5), || {
+        q.try_get_whole_bytes_into(&mut buf).is_ok()
+    }));
+    assert_eq!(buf, b"after");
+    assert!(matches!(
+        q.try_get_whole_bytes_into(&mut buf),
+        Err(GetError::Empty)
+    ));
+    child.join().expect("join");
 }
 
 fn withdrawn_stream_at_the_wrap() {

@@ -359,6 +359,8 @@ fn finish_get<R>(popped: Result<R, PopError>, nowait: bool) -> Result<R, GetErro
         Err(PopError::Empty) if nowait => Err(GetError::Empty),
         Err(PopError::Empty) => Err(GetError::Timeout),
         Err(PopError::Closed) => Err(GetError::Closed),
+        // Only a whole get stops at a streamed message (see there).
+        Err(PopError::Streamed) => Err(GetError::Timeout),
         Err(PopError::Failed(e)) => Err(GetError::Failed(e)),
     }
 }
@@ -533,6 +535,28 @@ impl<T> Queue<T> {
         self.get_bytes_into_deadline(buf, Some(Instant::now()), true)
     }
 
+    /// [`try_get_bytes_into`](Queue::try_get_bytes_into) only if the oldest
+    /// message is in the ring whole: a message larger than half the ring
+    /// streams through in fragments, and taking it means waiting for its
+    /// producer to write the rest (for ever, if that process is stopped).
+    /// Such a message is left for a blocking get: this never waits. For a
+    /// consumer that reads while it holds a lock of its own, and takes a
+    /// streamed message after letting go of it.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_get`](Queue::try_get), and [`GetError::Timeout`] when the
+    /// oldest message is a streamed one (taking it now would mean waiting).
+    pub fn try_get_whole_bytes_into(&self, buf: &mut Vec<u8>) -> Result<(), GetError> {
+        buf.clear();
+        let popped = self.ring.try_pop_whole(|p| copy_bytes(p, buf));
+        let got = finish_get(popped, true).and_then(|r| r.map_err(GetError::Failed));
+        if got.is_err() {
+            buf.clear();
+        }
+        got
+    }
+
     fn get_bytes_into_deadline(
         &self,
         buf: &mut Vec<u8>,
@@ -540,28 +564,31 @@ impl<T> Queue<T> {
         nowait: bool,
     ) -> Result<(), GetError> {
         buf.clear();
-        let popped = self.ring.pop(deadline, |p: Payload<'_>| {
-            if p.raw {
-                match p.bytes {
-                    Bytes::Assembled(v) if buf.capacity() < v.len() => *buf = v,
-                    bytes => buf.extend_from_slice(bytes.as_slice()),
-                }
-                return Ok(());
-            }
-            let bytes = p.bytes.as_slice();
-            match decode_varint(bytes) {
-                Some((len, used)) if bytes.len() - used == len as usize => {
-                    buf.extend_from_slice(&bytes[used..]);
-                    Ok(())
-                }
-                _ => Err(QueueError::Decode("message is not a byte string".into())),
-            }
-        });
+        let popped = self.ring.pop(deadline, |p| copy_bytes(p, buf));
         let got = finish_get(popped, nowait).and_then(|r| r.map_err(GetError::Failed));
         if got.is_err() {
             buf.clear();
         }
         got
+    }
+}
+
+/// Appends a byte-string message's bytes to `buf` (empty).
+fn copy_bytes(p: Payload<'_>, buf: &mut Vec<u8>) -> Result<(), QueueError> {
+    if p.raw {
+        match p.bytes {
+            Bytes::Assembled(v) if buf.capacity() < v.len() => *buf = v,
+            bytes => buf.extend_from_slice(bytes.as_slice()),
+        }
+        return Ok(());
+    }
+    let bytes = p.bytes.as_slice();
+    match decode_varint(bytes) {
+        Some((len, used)) if bytes.len() - used == len as usize => {
+            buf.extend_from_slice(&bytes[used..]);
+            Ok(())
+        }
+        _ => Err(QueueError::Decode("message is not a byte string".into())),
     }
 }
 

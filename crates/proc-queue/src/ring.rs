@@ -128,6 +128,8 @@ pub(crate) enum PopError {
     Empty,
     /// The queue is closed and drained.
     Closed,
+    /// The oldest message is streamed, and the pop takes whole ones only.
+    Streamed,
     /// The segment is broken.
     Failed(QueueError),
 }
@@ -601,7 +603,7 @@ impl Ring {
         decode: impl FnMut(Payload<'_>) -> R,
     ) -> Result<R, PopError> {
         let mut waited = false;
-        let popped = self.pop_waiting(deadline, decode, &mut waited);
+        let popped = self.pop_waiting(deadline, false, decode, &mut waited);
         let run = self.immediate.load(std::sync::atomic::Ordering::Relaxed);
         let next = if popped.is_ok() && !waited {
             (run + 1).min(STREAM_RUN)
@@ -615,6 +617,18 @@ impl Ring {
         popped
     }
 
+    /// Reads the oldest message only if it is there whole now: one record.
+    /// A message streaming through in fragments is left where it is (for a
+    /// [`pop`](Ring::pop)), so this never waits for a producer to write
+    /// the rest.
+    pub(crate) fn try_pop_whole<R>(
+        &self,
+        decode: impl FnMut(Payload<'_>) -> R,
+    ) -> Result<R, PopError> {
+        let mut waited = false;
+        self.pop_waiting(Some(Instant::now()), true, decode, &mut waited)
+    }
+
     /// Whether this ring's consumer is keeping up with a stream (see
     /// [`BATCH_DELAY`]).
     fn streaming(&self) -> bool {
@@ -622,9 +636,11 @@ impl Ring {
     }
 
     /// [`pop`](Ring::pop); `waited` tells whether it waited for data.
+    /// With `whole_only`, a streamed message is not started (`Streamed`).
     fn pop_waiting<R>(
         &self,
         deadline: Option<Instant>,
+        whole_only: bool,
         mut decode: impl FnMut(Payload<'_>) -> R,
         waited: &mut bool,
     ) -> Result<R, PopError> {
@@ -737,6 +753,7 @@ impl Ring {
                     retire(hcount + 1);
                     return Ok(out);
                 }
+                (true, false) if whole_only => return Err(PopError::Streamed),
                 (true, false) => {
                     // A streamed message starts (any earlier part was
                     // abandoned by a dead producer).
