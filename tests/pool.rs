@@ -180,6 +180,11 @@ fn main() {
             a_join_during_terminate_returns_once_workers_are_gone,
         ),
         (
+            "a_result_streamed_by_a_stopped_worker_does_not_block_terminate",
+            30,
+            a_result_streamed_by_a_stopped_worker_does_not_block_terminate,
+        ),
+        (
             "terminate_ends_a_join_waiting_on_an_endless_task",
             30,
             terminate_ends_a_join_waiting_on_an_endless_task,
@@ -1540,6 +1545,43 @@ fn a_join_during_terminate_returns_once_workers_are_gone() {
         );
         terminator.join().expect("terminate");
     });
+}
+
+fn bytes_of(len: usize) -> Vec<u8> {
+    vec![7; len]
+}
+
+/// A worker stopped (SIGSTOP) while it streams a large result back: a
+/// thread polling `ready()` reads the stream without holding the pool's
+/// lock, so `terminate()` on another thread still stops that worker.
+fn a_result_streamed_by_a_stopped_worker_does_not_block_terminate() {
+    let pool = make_pool(1);
+    let pid = pool.apply(worker_pid, ()).expect("worker");
+    // Eight times the result ring: the worker fills it and waits for room.
+    let big = pool.apply_async(bytes_of, 32 << 20).expect("submit");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(common::eventually(Duration::from_secs(5), || {
+        common::proc_state(pid) == Some('S')
+    }));
+    // SAFETY: a signal to one of this pool's workers.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+    assert!(common::eventually(Duration::from_secs(5), || {
+        common::proc_state(pid) == Some('T')
+    }));
+    let small = pool.apply_async(square, 2).expect("submit");
+    std::thread::scope(|s| {
+        // It finds the stream at the head of the result queue and waits
+        // for the rest.
+        let poller = s.spawn(|| small.ready());
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!poller.is_finished());
+        let t = Instant::now();
+        pool.terminate();
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(poller.join().expect("poller"), "failed by terminate");
+    });
+    assert!(matches!(big.get(), Err(TaskError::Terminated)));
+    assert!(matches!(small.get(), Err(TaskError::Terminated)));
 }
 
 fn endless(_: ()) {

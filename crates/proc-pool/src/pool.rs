@@ -1030,7 +1030,12 @@ impl Inner {
                         if state.last_check.elapsed() > CHECK_EVERY {
                             self.check_workers(state);
                         }
-                        self.drain_results(state, None);
+                        if self.drain_results(state, None) {
+                            // A streamed result: read as it comes (the
+                            // lock let go, so terminate() can stop its
+                            // writer if it never comes).
+                            self.pump(state, Duration::ZERO);
+                        }
                     }
                     return until(state);
                 }
@@ -1050,51 +1055,79 @@ impl Inner {
             if until(state) {
                 return true;
             }
-            state.pumping = true;
-            let mut message = state.buffer();
-            let got = MutexGuard::unlocked(state, || {
-                self.results.get_bytes_into_timeout(&mut message, left)
-            });
-            state.pumping = false;
-            match got {
-                Ok(()) => self.drain_results(state, Some(message)),
-                Err(GetError::Timeout | GetError::Empty) => {
-                    state.recycle(message);
-                    self.check_workers(state)
-                }
-                Err(GetError::Closed) => {
-                    // Only terminate() closes it; it failed every task.
-                    self.cond.notify_all();
-                    return until(state);
-                }
-                Err(GetError::Failed(e)) => {
-                    // The result queue is corrupted (or a result cannot be
-                    // held in memory): a result's task cannot be named, and
-                    // a record that cannot be read stays where it is.
-                    self.results_failed(state, &e);
-                    return until(state);
-                }
+            match self.pump(state, left) {
+                Pumped::Read => {}
+                Pumped::Nothing => self.check_workers(state),
+                Pumped::Over => return until(state),
             }
-            self.cond.notify_all();
         }
+    }
+
+    /// Reads results for up to `wait` (and the rest of a streamed result
+    /// it starts), with the pool's lock let go meanwhile: a result
+    /// streamed by a worker that stopped (SIGSTOP) must not keep other
+    /// threads — `terminate()` among them — out of the pool. The caller
+    /// is the pumping thread (none other is).
+    fn pump(&self, state: &mut MutexGuard<'_, State>, wait: Duration) -> Pumped {
+        state.pumping = true;
+        let mut message = state.buffer();
+        let got = MutexGuard::unlocked(state, || {
+            self.results.get_bytes_into_timeout(&mut message, wait)
+        });
+        state.pumping = false;
+        let pumped = match got {
+            Ok(()) => {
+                // (Stopping at another streamed one: the next pump reads it.)
+                self.drain_results(state, Some(message));
+                Pumped::Read
+            }
+            Err(GetError::Timeout | GetError::Empty) => {
+                state.recycle(message);
+                Pumped::Nothing
+            }
+            Err(GetError::Closed) => {
+                // Only terminate() closes it; it failed every task.
+                state.recycle(message);
+                Pumped::Over
+            }
+            Err(GetError::Failed(e)) => {
+                // The result queue is corrupted (or a result cannot be
+                // held in memory): a result's task cannot be named, and
+                // a record that cannot be read stays where it is.
+                state.recycle(message);
+                self.results_failed(state, &e);
+                Pumped::Over
+            }
+        };
+        self.cond.notify_all();
+        pumped
     }
 
     /// Handles `first` and the results already in the queue (at most
     /// 4096: a steady stream must not keep the caller here forever).
-    fn drain_results(&self, state: &mut State, first: Option<Vec<u8>>) {
+    /// True if it stopped at a streamed result (see
+    /// [`read_results`](Inner::read_results)).
+    fn drain_results(&self, state: &mut State, first: Option<Vec<u8>>) -> bool {
         if let Some(message) = first {
             self.handle_result(state, message);
         }
-        self.read_results(state, 4096);
+        self.read_results(state, 4096)
     }
 
     /// Handles up to `limit` results already in the queue; stops when it
     /// is empty, or when it fails (see [`results_failed`](Inner::results_failed)).
-    fn read_results(&self, state: &mut State, limit: usize) {
+    /// The pool's lock is held: a result streamed in fragments (larger
+    /// than half the ring) is left for [`pump`](Inner::pump), which waits
+    /// for its rest without the lock; true if it stopped at one.
+    fn read_results(&self, state: &mut State, limit: usize) -> bool {
         for _ in 0..limit {
             let mut message = state.buffer();
-            match self.results.try_get_bytes_into(&mut message) {
+            match self.results.try_get_whole_bytes_into(&mut message) {
                 Ok(()) => self.handle_result(state, message),
+                Err(GetError::Timeout) => {
+                    state.recycle(message);
+                    return true;
+                }
                 Err(GetError::Failed(e)) => {
                     state.recycle(message);
                     self.results_failed(state, &e);
@@ -1106,6 +1139,7 @@ impl Inner {
                 }
             }
         }
+        false
     }
 
     /// The result queue failed (corrupted bytes, or a result too large to
@@ -1411,17 +1445,23 @@ impl Inner {
                 Some(Ok(Some(status))) => Some(status),
                 Some(Err(_)) => None,
             };
+            // Everything it finished is in the result queue by now (nobody
+            // else reads it: see above); all of it, however much there is.
+            // A streamed result in front of them is for `pump` to read
+            // without the lock: the death is settled at a later check (the
+            // status stays with the handle).
+            if self.read_results(state, usize::MAX) {
+                return;
+            }
             self.settle_dead(state, i, status);
         }
     }
 
-    /// Worker `i` exited with `status`: its results are read, the tasks
+    /// Worker `i` exited with `status` (its results were read: see
+    /// `check_workers`): the tasks
     /// still in its queue go back to pending, the one it was running fails.
     fn settle_dead(&self, state: &mut State, i: usize, status: Option<std::process::ExitStatus>) {
         use std::os::unix::process::ExitStatusExt;
-        // Everything it finished is in the result queue by now (nobody else
-        // reads it: see check_workers); all of it, however much there is.
-        self.read_results(state, usize::MAX);
         let worker = &mut state.workers[i];
         worker.handle = None;
         // What it had not taken yet, read back with the records themselves.
@@ -1700,6 +1740,17 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// What a [`pump`](Inner::pump) did.
+enum Pumped {
+    /// Read a result (and those behind it).
+    Read,
+    /// Found none in its time.
+    Nothing,
+    /// The result queue was closed by `terminate()`, or failed: no result
+    /// will come.
+    Over,
 }
 
 /// Kills a worker retired at `since` that is still there after
