@@ -185,6 +185,16 @@ fn main() {
             a_result_streamed_by_a_stopped_worker_does_not_block_terminate,
         ),
         (
+            "terminate_ends_a_join_reading_a_stopped_workers_stream",
+            30,
+            terminate_ends_a_join_reading_a_stopped_workers_stream,
+        ),
+        (
+            "submitting_alone_reads_streamed_results",
+            30,
+            submitting_alone_reads_streamed_results,
+        ),
+        (
             "terminate_ends_a_join_waiting_on_an_endless_task",
             30,
             terminate_ends_a_join_waiting_on_an_endless_task,
@@ -1582,6 +1592,88 @@ fn a_result_streamed_by_a_stopped_worker_does_not_block_terminate() {
     });
     assert!(matches!(big.get(), Err(TaskError::Terminated)));
     assert!(matches!(small.get(), Err(TaskError::Terminated)));
+}
+
+fn bytes_after((ms, len): (u64, usize)) -> Vec<u8> {
+    std::thread::sleep(Duration::from_millis(ms));
+    vec![7; len]
+}
+
+/// A broken pool's worker streams a result nobody waits for; stopped
+/// (SIGSTOP) midway, it keeps `join` (which reads such stray results
+/// away) waiting in that read: `terminate()` from another thread must
+/// still stop it and end the join.
+fn terminate_ends_a_join_reading_a_stopped_workers_stream() {
+    let dir = common::temp_dir("pool-stopped-stream-join");
+    let counter = dir.join("calls").to_string_lossy().into_owned();
+    let pool = Pool::builder()
+        .processes(2)
+        .initializer(init_fails_third_time, counter)
+        .expect("initializer")
+        .start_method(StartMethod::Fork)
+        .build()
+        .expect("pool");
+    // 32 MiB after 400 ms: eight times the result ring.
+    let big = pool
+        .apply_async(bytes_after, (400, 32 << 20))
+        .expect("submit");
+    let idle = pool.apply(worker_pid, ()).expect("the idle worker");
+    let streamer = pool
+        .worker_pids()
+        .into_iter()
+        .map(|p| p.as_u32())
+        .find(|&p| p != idle)
+        .expect("the other worker");
+    // The replacement of the idle one fails its initializer: broken.
+    // SAFETY: a plain kill of one of this pool's workers.
+    unsafe { libc::kill(idle as i32, libc::SIGKILL) };
+    assert!(matches!(big.get(), Err(TaskError::InitializerFailed(_))));
+    // Nobody reads its result: it fills the ring and waits for room.
+    std::thread::sleep(Duration::from_millis(1000));
+    // SAFETY: a signal to one of this pool's workers.
+    assert_eq!(unsafe { libc::kill(streamer as i32, libc::SIGSTOP) }, 0);
+    assert!(common::eventually(Duration::from_secs(5), || {
+        common::proc_state(streamer) == Some('T')
+    }));
+    pool.close();
+    std::thread::scope(|s| {
+        let joiner = s.spawn(|| pool.join());
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!joiner.is_finished(), "join waits for the stopped worker");
+        let t = Instant::now();
+        pool.terminate();
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(joiner.join().expect("joiner").is_ok());
+    });
+    assert!(common::eventually(Duration::from_secs(5), || {
+        common::proc_state(streamer).is_none_or(|s| s == 'Z')
+    }));
+}
+
+fn touch(path: String) {
+    std::fs::write(path, b"").expect("touch");
+}
+
+/// A result larger than the result ring, and a caller that only submits
+/// tasks after it: the submissions read it, so that its worker goes on to
+/// the next tasks without anyone waiting on a result.
+fn submitting_alone_reads_streamed_results() {
+    let dir = common::temp_dir("pool-submit-reads");
+    let marker = dir.join("ran").to_string_lossy().into_owned();
+    let pool = make_pool(1);
+    let big = pool.apply_async(bytes_of, 16 << 20).expect("submit");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut pending = Vec::new();
+    let ran = common::eventually(Duration::from_secs(10), || {
+        pending.push(pool.apply_async(touch, marker.clone()).expect("submit"));
+        std::thread::sleep(Duration::from_millis(20));
+        std::path::Path::new(&marker).exists()
+    });
+    assert!(ran, "the worker stayed blocked on its streamed result");
+    assert_eq!(big.get().map(|v| v.len()), Ok(16 << 20));
+    for r in pending {
+        assert_eq!(r.get(), Ok(()));
+    }
 }
 
 fn endless(_: ()) {

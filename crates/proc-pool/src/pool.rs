@@ -203,7 +203,8 @@ impl PoolBuilder {
             phase: Phase::Running,
             pumping: false,
             joining: false,
-            join_kill: false,
+            reaping: None,
+            results_read: 0,
             results_broken: false,
             retiring: Vec::new(),
             broken: None,
@@ -226,6 +227,7 @@ impl PoolBuilder {
                 budget: config.maxtasks,
                 ready: false,
                 remote: false,
+                settle_at: None,
             });
         }
         if let Err(e) = start_all(&config, &mut state, &results) {
@@ -288,6 +290,9 @@ struct Worker {
     /// Whether its process is a child of a zygote or of the fork server,
     /// which report its status (lost if they die first).
     remote: bool,
+    /// Its process is dead: settled once `State::results_read` reaches
+    /// this (the results it finished read; see `check_workers`).
+    settle_at: Option<u64>,
 }
 
 /// How often an empty worker slot is given a new process again.
@@ -368,6 +373,10 @@ impl Done {
     }
 }
 
+/// A worker's handle that `join` waits on, with when the worker retired
+/// if `maxtasksperchild` retired it.
+type Reaping = (JoinHandle<()>, Option<Instant>);
+
 #[derive(Debug)]
 struct State {
     workers: Vec<Worker>,
@@ -383,10 +392,12 @@ struct State {
     /// A caller is waiting on the result queue (without the lock).
     pumping: bool,
     /// A `join` or `terminate` is waiting for the workers to exit (their
-    /// handles are out of the state), and whether `terminate` asked such a
-    /// join to stop them.
+    /// handles are out of the state), and, for a join, those handles:
+    /// `terminate` stops the workers through them.
     joining: bool,
-    join_kill: bool,
+    reaping: Option<Arc<Vec<Reaping>>>,
+    /// Result messages taken from the result queue so far.
+    results_read: u64,
     /// The result queue failed (see `results_failed`).
     results_broken: bool,
     /// Workers retired by `maxtasksperchild`, not reaped yet, and when.
@@ -950,8 +961,14 @@ impl Inner {
         state.pending.push_back(Task { id, record });
         state.unfinished += 1;
         self.dispatch_held(&mut state);
-        if !self.results.empty() {
-            self.drain_results(&mut state, None);
+        // Results are read here too: a caller that only submits must not
+        // leave the workers waiting for room to put theirs. (A result
+        // larger than the ring is not counted in `qsize` until its last
+        // part is in: every 64th submission looks anyway.)
+        let look = id % 64 == 0 || !self.results.empty();
+        if look && self.drain_results(&mut state, None) && !state.pumping {
+            // A streamed one, read without the lock.
+            self.pump(&mut state, Duration::ZERO);
         }
         // A clock read costs more than the rest of a submission: look every
         // 64 tasks.
@@ -1071,10 +1088,18 @@ impl Inner {
     fn pump(&self, state: &mut MutexGuard<'_, State>, wait: Duration) -> Pumped {
         state.pumping = true;
         let mut message = state.buffer();
-        let got = MutexGuard::unlocked(state, || {
-            self.results.get_bytes_into_timeout(&mut message, wait)
-        });
+        let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            MutexGuard::unlocked(state, || {
+                self.results.get_bytes_into_timeout(&mut message, wait)
+            })
+        }));
+        // (Cleared on every way out: a flag left set would keep every other
+        // caller waiting for news from a reader that is gone.)
         state.pumping = false;
+        let got = got.unwrap_or_else(|panic| {
+            self.cond.notify_all();
+            std::panic::resume_unwind(panic)
+        });
         let pumped = match got {
             Ok(()) => {
                 // (Stopping at another streamed one: the next pump reads it.)
@@ -1157,6 +1182,7 @@ impl Inner {
     }
 
     fn handle_result(&self, state: &mut State, message: Vec<u8>) {
+        state.results_read += 1;
         let Some((worker, id, micros, output)) = wire::take_result(&message) else {
             // A message that does not even name its task: the queue's
             // bytes were changed under it (see `results_failed`).
@@ -1446,13 +1472,20 @@ impl Inner {
                 Some(Err(_)) => None,
             };
             // Everything it finished is in the result queue by now (nobody
-            // else reads it: see above); all of it, however much there is.
-            // A streamed result in front of them is for `pump` to read
-            // without the lock: the death is settled at a later check (the
-            // status stays with the handle).
-            if self.read_results(state, usize::MAX) {
-                return;
+            // else reads it: see above), and is read before its tasks are
+            // settled. Whole results are read here; one streamed in
+            // fragments is for `pump` to read without the lock, so the
+            // death is settled once as many results as the queue held when
+            // it was seen have been read (the status stays with the handle;
+            // results that arrive meanwhile do not move the mark).
+            self.read_results(state, usize::MAX);
+            let queued = self.results.qsize() as u64;
+            let read = state.results_read;
+            let at = *state.workers[i].settle_at.get_or_insert(read + queued);
+            if read < at {
+                continue;
             }
+            state.workers[i].settle_at = None;
             self.settle_dead(state, i, status);
         }
     }
@@ -1602,11 +1635,15 @@ impl Inner {
         let mut state = self.state.lock();
         if state.phase == Phase::Joined {
             // A join on another thread may still wait for a worker (one
-            // running an endless task): it holds the handles; it stops
-            // them, and this returns once they are gone.
+            // running an endless task, or one stopped while it streams a
+            // result that join is reading): they are stopped here, and this
+            // returns once the join has seen them go.
             if state.joining {
-                state.join_kill = true;
-                self.cond.notify_all();
+                if let Some(handles) = &state.reaping {
+                    for (handle, _) in handles.iter() {
+                        let _ = handle.kill();
+                    }
+                }
                 while state.joining {
                     self.cond.wait(&mut state);
                 }
@@ -1677,10 +1714,10 @@ impl Inner {
         }
         state.phase = Phase::Joined;
         state.joining = true;
-        let mut killed = state.results_broken;
+        let killed = state.results_broken;
         // Each handle with, for a worker retired by `maxtasksperchild`,
         // when it retired.
-        let mut handles: Vec<(JoinHandle<()>, Option<Instant>)> = Vec::new();
+        let mut handles: Vec<Reaping> = Vec::new();
         for w in &mut state.workers {
             // A closed queue tells an idle worker to exit.
             w.queue.close();
@@ -1693,10 +1730,13 @@ impl Inner {
                 .map(|(handle, since)| (handle, Some(since))),
         );
         let zygote = state.zygote.take();
+        // Shared with `terminate`, which may stop them meanwhile.
+        let handles = Arc::new(handles);
+        state.reaping = Some(Arc::clone(&handles));
         drop(state);
         // Whatever happens below, the wait is over for `terminate` and a
         // second `join` when this returns.
-        let _done = JoinDone(self);
+        let done = JoinDone(self);
         // Waiting for each to be gone (its pidfd) is enough: the zygote
         // reaps its children when it sees the end of its connection (one
         // hop shorter than waiting for the status it reports), this
@@ -1704,40 +1744,39 @@ impl Inner {
         // Meanwhile stray results (of tasks already settled: a broken
         // pool's) are read away, so that no worker waits for room to put
         // one, and retired workers past their grace are killed.
-        // A worker that never exits (an endless task of a broken pool's)
-        // keeps this waiting, as Python's join does, until `terminate` on
-        // another thread asks for the workers to be stopped. After the
-        // result queue failed, they are stopped at once: one may wait for
-        // room in that queue for ever.
-        let kill_all = || {
-            for (handle, _) in &handles {
+        // A worker that never exits (an endless task of a broken pool's,
+        // or one stopped while it streams a result read here) keeps this
+        // waiting, as Python's join does, until `terminate` on another
+        // thread stops the workers. After the result queue failed, they
+        // are stopped at once: one may wait for room in that queue for
+        // ever.
+        if killed {
+            for (handle, _) in handles.iter() {
                 let _ = handle.kill();
             }
-        };
-        if killed {
-            kill_all();
         }
-        for (handle, _) in &handles {
+        for (handle, _) in handles.iter() {
             while !matches!(
                 handle.wait_ended_timeout(Duration::from_millis(100)),
                 Ok(true) | Err(_)
             ) {
                 while self.results.try_get_bytes().is_ok() {}
-                for (retired, since) in &handles {
+                for (retired, since) in handles.iter() {
                     if let Some(since) = *since {
                         kill_if_overdue(retired, since);
                     }
                 }
-                if !killed && self.state.lock().join_kill {
-                    killed = true;
-                    kill_all();
-                }
             }
         }
         drop(zygote);
-        for (mut handle, _) in handles {
-            let _ = handle.try_wait();
+        // (`terminate` uses its share only under the lock.)
+        self.state.lock().reaping = None;
+        if let Ok(handles) = Arc::try_unwrap(handles) {
+            for (mut handle, _) in handles {
+                let _ = handle.try_wait();
+            }
         }
+        drop(done);
         Ok(())
     }
 }
@@ -1767,7 +1806,10 @@ struct JoinDone<'a>(&'a Inner);
 
 impl Drop for JoinDone<'_> {
     fn drop(&mut self) {
-        self.0.state.lock().joining = false;
+        let mut state = self.0.state.lock();
+        state.joining = false;
+        state.reaping = None;
+        drop(state);
         self.0.cond.notify_all();
     }
 }

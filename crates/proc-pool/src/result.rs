@@ -76,6 +76,11 @@ impl<R: DeserializeOwned> AsyncResult<R> {
     }
 
     /// Waits at most `timeout` for the result (Python's `get(timeout)`).
+    /// A result larger than 2 MiB (half the pool's result ring) streams in
+    /// fragments: once one has begun to arrive, the call that reads it
+    /// (this one, [`wait_timeout`](AsyncResult::wait_timeout) or
+    /// [`ready`](AsyncResult::ready), for any task of the pool) reads it
+    /// whole, for as long as its worker takes to write it.
     ///
     /// # Errors
     ///
