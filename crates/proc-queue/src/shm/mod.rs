@@ -255,6 +255,21 @@ impl Segment {
         };
     }
 
+    /// Writes `words`, little-endian, into the ring at `offset`: a record
+    /// assembled in registers goes out with word stores (no copy through
+    /// a stack buffer, whose byte stores a wide load would have to wait
+    /// for).
+    #[inline]
+    pub(crate) fn write_words<const N: usize>(&self, offset: usize, words: [u64; N]) {
+        self.check(offset, N * 8);
+        let dst = self.data();
+        for (i, w) in words.iter().enumerate() {
+            // SAFETY: in bounds (checked); as for `write`, the caller holds
+            // the producer lock and writes where no consumer reads.
+            unsafe { std::ptr::write_unaligned(dst.add(offset + i * 8).cast::<u64>(), w.to_le()) };
+        }
+    }
+
     /// Reads one little-endian `u64` from the ring at `offset`.
     #[inline]
     pub(crate) fn read_u64(&self, offset: usize) -> u64 {
