@@ -39,6 +39,14 @@ pub(crate) const RAW: u8 = 8;
 /// deadline passed): consumers drop the part they took.
 const ABORT: u8 = 16;
 const KNOWN_FLAGS: u8 = FIRST | LAST | PAD | RAW | ABORT;
+/// A whole message of at most [`COMPACT_MAX`] bytes in one 16-byte record:
+/// an 8-byte header word (length, check, flags, count) and the payload
+/// word. Half the size of a full record for the commonest messages (a
+/// number, a small tuple): a consumer reading records just written on
+/// another core moves half as many cache lines (W2 with 16-byte records
+/// measured 17-19 against 13-15 M msg/s for 32-byte ones).
+const COMPACT: u8 = 32;
+const COMPACT_MAX: usize = 8;
 
 /// The largest ring: message counts are kept modulo 2^24, and a ring must
 /// never hold that many records (the smallest record is 16 bytes).
@@ -117,6 +125,10 @@ struct Record {
     len: usize,
     flags: u8,
     seq: u32,
+    /// Where the payload starts, from the record's start.
+    at: usize,
+    /// The bytes the record takes.
+    rec: usize,
 }
 
 /// Why a push did not happen.
@@ -399,7 +411,8 @@ impl Ring {
     fn try_write_small(&self, payload: &[u8], flags: u8) -> bool {
         let prod = &self.seg.header().producer.0;
         let len = payload.len();
-        let rec = HDR + round16(len);
+        let compact = len <= COMPACT_MAX && flags == FIRST | LAST;
+        let rec = if compact { 16 } else { HDR + round16(len) };
         let tail_word = prod.tail.load(std::sync::atomic::Ordering::Relaxed);
         let tail = protocol::pos(tail_word);
         let off = (tail as usize) & (self.cap - 1);
@@ -409,7 +422,16 @@ impl Ring {
             return false;
         }
         let seq = protocol::count(tail_word);
-        if len <= 16 {
+        if compact {
+            let mut p = 0u64;
+            for (i, &b) in payload.iter().enumerate() {
+                p |= u64::from(b) << (8 * i);
+            }
+            let flags = flags | COMPACT;
+            let check = u64::from(check_word(len as u32, flags, seq) & 0x0FFF_FFFF);
+            let a = len as u64 | check << 4 | u64::from(flags) << 32 | u64::from(seq) << 40;
+            self.seg.write_words(off, [a, p]);
+        } else if len <= 16 {
             // Most small messages (a number, a short tuple): header and
             // payload assembled in registers, byte by byte from the
             // serializer's output (which it wrote byte by byte: a wide
@@ -600,12 +622,34 @@ impl Ring {
     #[inline]
     fn read_header(&self, off: usize, available: usize) -> Result<Record, QueueError> {
         let a = self.seg.read_u64(off);
-        let b = self.seg.read_u64(off + 8);
-        let len = a as u32;
         let flags = (a >> 32) as u8;
-        let seq = b as u32;
         let corrupt =
             |what: &str| QueueError::Corrupted(format!("record at ring offset {off}: {what}"));
+        if flags & COMPACT != 0 {
+            // [len: 4 bits, check: 28 bits, flags: 8 bits, seq: 24 bits],
+            // then the payload word.
+            let len = (a & 0xF) as u32;
+            let seq = (a >> 40) as u32;
+            if (a >> 4) as u32 & 0x0FFF_FFFF != check_word(len, flags, seq) & 0x0FFF_FFFF {
+                return Err(corrupt("header checksum mismatch"));
+            }
+            if flags != COMPACT | FIRST | LAST || len as usize > COMPACT_MAX {
+                return Err(corrupt("malformed compact record"));
+            }
+            if 16 > self.cap - off || 16 > available {
+                return Err(corrupt("length runs past the published data"));
+            }
+            return Ok(Record {
+                len: len as usize,
+                flags,
+                seq,
+                at: 8,
+                rec: 16,
+            });
+        }
+        let b = self.seg.read_u64(off + 8);
+        let len = a as u32;
+        let seq = b as u32;
         if (a >> 40) != 0 || (b >> 32) as u32 != check_word(len, flags, seq) {
             return Err(corrupt("header checksum mismatch"));
         }
@@ -617,7 +661,13 @@ impl Ring {
         if rec > self.cap - off || rec > available {
             return Err(corrupt("length runs past the published data"));
         }
-        Ok(Record { len, flags, seq })
+        Ok(Record {
+            len,
+            flags,
+            seq,
+            at: HDR,
+            rec,
+        })
     }
 
     /// Reads one message and hands its payload to `decode`; the message is
@@ -741,8 +791,7 @@ impl Ring {
             }
             let off = (head as usize) & (self.cap - 1);
             let r = self.read_header(off, available).map_err(PopError::Failed)?;
-            let rec = HDR + round16(r.len);
-            let next = head + rec as u64;
+            let next = head + r.rec as u64;
             let retire = |count: u32| {
                 protocol::commit(&cons.head, protocol::pack(next, count % COUNT_MOD));
                 wait::notify(&self.space_signal());
@@ -758,7 +807,7 @@ impl Ring {
                 retire(hcount);
                 continue;
             }
-            let payload = self.seg.bytes(off + HDR, r.len);
+            let payload = self.seg.bytes(off + r.at, r.len);
             match (r.flags & FIRST != 0, r.flags & LAST != 0) {
                 (true, true) => {
                     // The common case: decode straight from the ring.
@@ -1054,19 +1103,32 @@ mod tests {
     }
 
     #[test]
-    fn a_record_from_registers_matches_one_from_bytes() {
+    fn small_records_from_registers() {
         for len in 0..=16usize {
             let payload: Vec<u8> = (0..len as u8).map(|i| i.wrapping_mul(37) ^ 0xA5).collect();
             let fast = Ring::new(Segment::create(1 << 12, 0).expect("segment"));
             let bytes = Ring::new(Segment::create(1 << 12, 0).expect("segment"));
             assert!(fast.try_write_small(&payload, FIRST | LAST));
-            bytes.write_small(0, len, FIRST | LAST, 0, |dst| copy_small(dst, &payload));
-            let rec = HDR + round16(len);
-            assert_eq!(
-                fast.seg.bytes(0, rec),
-                bytes.seg.bytes(0, rec),
-                "length {len}"
+            let tail = protocol::pos(
+                fast.seg
+                    .header()
+                    .producer
+                    .0
+                    .tail
+                    .load(std::sync::atomic::Ordering::Relaxed),
             );
+            if len <= COMPACT_MAX {
+                assert_eq!(tail, 16, "length {len}: a compact record");
+            } else {
+                bytes.write_small(0, len, FIRST | LAST, 0, |dst| copy_small(dst, &payload));
+                let rec = HDR + round16(len);
+                assert_eq!(tail, rec as u64);
+                assert_eq!(
+                    fast.seg.bytes(0, rec),
+                    bytes.seg.bytes(0, rec),
+                    "length {len}"
+                );
+            }
             let got = fast.pop(None, |p| p.bytes.as_slice().to_vec());
             assert_eq!(got.ok().as_deref(), Some(&payload[..]), "length {len}");
         }

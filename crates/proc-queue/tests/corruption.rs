@@ -44,6 +44,8 @@ proptest! {
         for (i, &n) in sizes.iter().enumerate() {
             // Leave some messages half-streamed or unread.
             let _ = q.try_put_bytes(&vec![i as u8; n]);
+            // And short typed ones (compact 16-byte records).
+            let _ = q.try_put(vec![i as u8; n % 8]);
         }
         let file = OpenOptions::new()
             .read(true)
@@ -60,7 +62,7 @@ proptest! {
             map[i] ^= x;
         }
         let mut results = Vec::new();
-        for _ in 0..sizes.len() + 2 {
+        for _ in 0..2 * sizes.len() + 2 {
             results.push(q.try_get_bytes().map(|v| v.len()));
         }
         results.push(q.get_bytes_timeout(Duration::from_millis(2)).map(|v| v.len()));

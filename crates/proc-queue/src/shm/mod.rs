@@ -21,7 +21,7 @@ use crate::ring::{MAX_CAPACITY, MIN_CAPACITY};
 /// Identifies a `proc-queue` segment.
 const MAGIC: u64 = u64::from_le_bytes(*b"procQ\0\x01\0");
 /// The layout version.
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 /// Where the ring's bytes start: one page for the header.
 pub(crate) const DATA_OFFSET: usize = 4096;
 
