@@ -10,6 +10,14 @@
 //! len: u32 | flags: u8 | 0: u8 | 0: u16 | seq: u32 | check: u32 | payload…
 //! ```
 //!
+//! A whole message of at most 8 bytes (not a raw byte string) takes a
+//! compact record instead: one header word and the payload word, 8-byte
+//! aligned (a copy that small has no alignment cliff):
+//!
+//! ```text
+//! len: 4 bits | check: 28 bits | flags: u8 (COMPACT|FIRST|LAST) | seq: 24 bits | payload: u64
+//! ```
+//!
 //! `PAD` fills the end of the ring when a record does not fit there. A
 //! message up to half the ring is one record (`FIRST | LAST`); a larger one
 //! streams through as fragments (`FIRST`, …, `LAST`), the first starting
@@ -113,6 +121,13 @@ fn header_bytes(len: u32, flags: u8, seq: u32) -> [u8; HDR] {
     out[..8].copy_from_slice(&a.to_le_bytes());
     out[8..].copy_from_slice(&b.to_le_bytes());
     out
+}
+
+/// A compact header's 28-bit check: the top bits of the full check, which
+/// depend on every bit of its inputs (the low bits of a product do not
+/// depend on the high bits of its factor).
+fn compact_check(len: u32, flags: u8, seq: u32) -> u32 {
+    check_word(len, flags, seq) >> 4
 }
 
 fn check_word(len: u32, flags: u8, seq: u32) -> u32 {
@@ -428,7 +443,7 @@ impl Ring {
                 p |= u64::from(b) << (8 * i);
             }
             let flags = flags | COMPACT;
-            let check = u64::from(check_word(len as u32, flags, seq) & 0x0FFF_FFFF);
+            let check = u64::from(compact_check(len as u32, flags, seq));
             let a = len as u64 | check << 4 | u64::from(flags) << 32 | u64::from(seq) << 40;
             self.seg.write_words(off, [a, p]);
         } else if len <= 16 {
@@ -441,13 +456,10 @@ impl Ring {
                 p[i / 8] |= u64::from(b) << (8 * (i % 8));
             }
             let (a, b) = header_words(len as u32, flags, seq);
-            // (An empty payload's record is the header alone: the 16 bytes
-            // after it may be the ring's end, or unread data.)
-            if len == 0 {
-                self.seg.write_words(off, [a, b]);
-            } else {
-                self.seg.write_words(off, [a, b, p[0], p[1]]);
-            }
+            // (Never empty here: an empty payload takes a compact record,
+            // and a raw one carries its 16-byte prefix block.)
+            debug_assert!(len > 0);
+            self.seg.write_words(off, [a, b, p[0], p[1]]);
         } else {
             self.write_small(off, len, flags, seq, |dst| copy_small(dst, payload));
         }
@@ -630,7 +642,7 @@ impl Ring {
             // then the payload word.
             let len = (a & 0xF) as u32;
             let seq = (a >> 40) as u32;
-            if (a >> 4) as u32 & 0x0FFF_FFFF != check_word(len, flags, seq) & 0x0FFF_FFFF {
+            if (a >> 4) as u32 & 0x0FFF_FFFF != compact_check(len, flags, seq) {
                 return Err(corrupt("header checksum mismatch"));
             }
             if flags != COMPACT | FIRST | LAST || len as usize > COMPACT_MAX {
@@ -1140,6 +1152,37 @@ mod tests {
             assert!(ring.push(&[&payload], false, None).is_ok());
             let got = ring.pop(None, |p| p.bytes.as_slice().to_vec());
             assert_eq!(got.ok().as_deref(), Some(&payload[..]), "message {i}");
+        }
+    }
+
+    #[test]
+    fn every_flipped_bit_of_a_compact_record() {
+        let payload = [0x5Au8, 1, 2, 3, 4, 0xFF];
+        for bit in 0..128usize {
+            let ring = Ring::new(Segment::create(1 << 12, 0).expect("segment"));
+            // A record with a message count other than 0, at offset 80.
+            for _ in 0..5 {
+                assert!(ring.push(&[&payload], false, None).is_ok());
+                assert!(ring.pop(None, |_| ()).is_ok());
+            }
+            assert!(ring.push(&[&payload], false, None).is_ok());
+            let at = 80 + bit / 8;
+            let byte = ring.seg.bytes(at, 1)[0] ^ (1 << (bit % 8));
+            ring.seg.write(at, &[byte]);
+            let got = ring.pop(None, |p| p.bytes.as_slice().to_vec());
+            if bit < 64 {
+                assert!(
+                    matches!(got, Err(PopError::Failed(QueueError::Corrupted(_)))),
+                    "header bit {bit} went unnoticed"
+                );
+            } else if bit < 64 + 8 * payload.len() {
+                let mut changed = payload.to_vec();
+                changed[(bit - 64) / 8] ^= 1 << (bit % 8);
+                assert_eq!(got.ok(), Some(changed), "payload bit {bit}");
+            } else {
+                // Padding after the payload: not read.
+                assert_eq!(got.ok().as_deref(), Some(&payload[..]), "padding bit {bit}");
+            }
         }
     }
 

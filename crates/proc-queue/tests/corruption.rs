@@ -90,7 +90,7 @@ fn a_garbled_record_header_is_reported() {
         .expect("open segment");
     // SAFETY: as above.
     let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }.expect("map");
-    map[DATA] ^= 0x40; // the first record's length
+    map[DATA] ^= 0x04; // the first record's length (a compact record: its low 4 bits)
     match q.try_get() {
         Err(GetError::Failed(proc_queue::QueueError::Corrupted(msg))) => {
             assert!(msg.contains("checksum"), "{msg}")
