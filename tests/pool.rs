@@ -86,6 +86,11 @@ fn main() {
         ),
         ("maxtasksperchild_recycles", 60, maxtasksperchild_recycles),
         (
+            "maxtasksperchild_with_results_waiting_in_the_ring",
+            60,
+            maxtasksperchild_with_results_waiting_in_the_ring,
+        ),
+        (
             "initializer_runs_once_per_worker",
             30,
             initializer_runs_once_per_worker,
@@ -1050,6 +1055,40 @@ fn init_fails_third_time(path: String) {
 fn counted_64_kib((x, path): (u64, String)) -> Vec<u8> {
     common::count_call(&path);
     vec![x as u8; 64 << 10]
+}
+
+/// Counts its run of item `x` in the file `path`; returns 3 MiB (more
+/// than half the result ring: streamed, yet it fits in the ring whole).
+fn counted_3_mib((x, path): (u64, String)) -> Vec<u8> {
+    common::count_call(&format!("{path}.{x}"));
+    vec![x as u8; 3 << 20]
+}
+
+/// Workers retired after each task while their large results wait in
+/// the result ring (the caller pauses between items): a retired worker's
+/// death seen while its result waits must not leave a mark on its slot
+/// that settles the next process's death before its results are read.
+/// Every item arrives, each task ran once.
+fn maxtasksperchild_with_results_waiting_in_the_ring() {
+    let dir = common::temp_dir("pool-retire-large");
+    let path = dir.join("runs").to_string_lossy().into_owned();
+    let pool = Pool::builder()
+        .processes(2)
+        .maxtasksperchild(1)
+        .build()
+        .expect("pool");
+    let items: Vec<(u64, String)> = (0..40).map(|x| (x, path.clone())).collect();
+    for (x, r) in pool.imap_chunked(counted_3_mib, items, 1).enumerate() {
+        let v = r.unwrap_or_else(|e| panic!("item {x}: {e:?}"));
+        assert!(v.len() == 3 << 20 && v[0] == x as u8, "item {x}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    for x in 0..40 {
+        let runs = std::fs::read_to_string(format!("{path}.{x}")).unwrap_or_default();
+        assert_eq!(runs.len(), 1, "item {x} ran {} times", runs.len());
+    }
+    pool.close();
+    pool.join().expect("join");
 }
 
 fn a_broken_pool_runs_nothing_more_and_joins() {

@@ -1084,7 +1084,10 @@ impl Inner {
     /// it starts), with the pool's lock let go meanwhile: a result
     /// streamed by a worker that stopped (SIGSTOP) must not keep other
     /// threads — `terminate()` among them — out of the pool. The caller
-    /// is the pumping thread (none other is).
+    /// is the pumping thread (none other is). While it reads, no death is
+    /// settled (see `check_workers`): a worker stopped midway through a
+    /// streamed result holds up the settling of other workers' deaths
+    /// until it goes on or is killed (timed waits still return).
     fn pump(&self, state: &mut MutexGuard<'_, State>, wait: Duration) -> Pumped {
         state.pumping = true;
         let mut message = state.buffer();
@@ -1566,6 +1569,9 @@ impl Inner {
     /// Starts a new process on worker `i`'s queue, if there is work for it.
     fn restart(&self, state: &mut State, i: usize) {
         state.workers[i].ready = false;
+        // A mark set for the process before (a retired one replaced
+        // without being settled) is not this one's.
+        state.workers[i].settle_at = None;
         let wanted = matches!(state.phase, Phase::Running)
             || (state.phase == Phase::Closed && state.unfinished > 0);
         if !wanted || state.broken.is_some() {
