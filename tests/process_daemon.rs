@@ -9,6 +9,7 @@ use std::time::Duration;
 use proc::{Builder, JoinError};
 
 fn main() {
+    proc::init();
     if let Ok(mode) = std::env::var("PROC_TEST_MODE") {
         helper_mode(&mode);
         return;
@@ -29,6 +30,11 @@ fn main() {
             "child_exit_terminates_daemons_joins_others",
             30,
             child_exit_handles_children,
+        ),
+        (
+            "helpers_end_at_exit_with_sigterm_ignored",
+            30,
+            helpers_end_at_exit_with_sigterm_ignored,
         ),
     ]);
 }
@@ -156,8 +162,64 @@ fn start_daemon_and_worker(dir: &Path) {
     .expect("pids");
 }
 
+fn double(x: u32) -> u32 {
+    2 * x
+}
+
+/// A program that ignores SIGTERM (inherited by a zygote it forks, and
+/// across the fork server's exec) and leaves a fork server and a zygote
+/// alive at its exit: the exit handlers must still end them, not wait
+/// for them for ever.
+fn helpers_end_at_exit_with_sigterm_ignored() {
+    let dir = common::temp_dir("helpers-exit");
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut child = std::process::Command::new(exe)
+        .env("PROC_TEST_MODE", "helpers-sigterm-ignored")
+        .env("PROC_TEST_DIR", &dir)
+        .spawn()
+        .expect("run helper");
+    let exited = common::eventually(Duration::from_secs(10), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(exited, "the program did not exit: it waits for its helpers");
+    assert!(child.wait().expect("status").success());
+    let (server, zygote) = read_pids(&dir.join("pids"));
+    for helper in [server, zygote] {
+        assert!(
+            common::eventually(Duration::from_secs(5), || {
+                common::proc_state(helper).is_none() || common::reap_adopted(helper).is_some()
+            }),
+            "helper {helper} still there"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 fn helper_mode(mode: &str) {
     match mode {
+        "helpers-sigterm-ignored" => {
+            let dir = std::env::var_os("PROC_TEST_DIR").expect("PROC_TEST_DIR");
+            // SAFETY: SIG_IGN is a valid disposition; no handler runs.
+            unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+            let child = Builder::new()
+                .start_method(proc::StartMethod::ForkServer)
+                .spawn_entry(double, 21)
+                .expect("forkserver start");
+            let server = common::ppid_of(child.pid().as_u32()).expect("the server");
+            assert_eq!(child.join().expect("join"), 42);
+            let zygote = proc::Zygote::new().expect("zygote");
+            std::fs::write(
+                Path::new(&dir).join("pids"),
+                format!("{server} {}\n", zygote.pid()),
+            )
+            .expect("pids");
+            // Alive at exit, as one kept in a static would be.
+            std::mem::forget(zygote);
+        }
         "exit-handlers" => {
             let dir = std::env::var_os("PROC_TEST_DIR").expect("PROC_TEST_DIR");
             start_daemon_and_worker(Path::new(&dir));

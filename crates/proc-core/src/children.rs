@@ -303,7 +303,16 @@ pub(crate) fn finish_children() {
     for s in &TABLE[..high] {
         let st = s.state.load(Ordering::Acquire);
         if matches!(st, OWNED | DETACHED) && s.daemon.load(Ordering::Relaxed) {
-            let _ = sys::kill(s.pid.load(Ordering::Relaxed), libc::SIGTERM);
+            // A helper of this process (the fork server, a zygote: hidden)
+            // is killed outright: it may have inherited an ignored SIGTERM
+            // or the program's handler for it, and the wait below would
+            // then last for ever; nothing of the program's runs in it.
+            let signal = if s.hidden.load(Ordering::Relaxed) {
+                libc::SIGKILL
+            } else {
+                libc::SIGTERM
+            };
+            let _ = sys::kill(s.pid.load(Ordering::Relaxed), signal);
         }
     }
     for s in &TABLE[..high] {

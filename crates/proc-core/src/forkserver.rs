@@ -637,7 +637,7 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
         let children = 1 + usize::from(requester_fd.is_some());
         if children == 2 && ready[1] {
             // The requester is gone: as when it closes its end (below).
-            end_serving(&sock, spare.take(), &live);
+            end_serving(&sock, spare.take(), &mut live);
         }
         // Children that ended: report their status, forget them.
         let mut ended = ready[children..].iter();
@@ -684,12 +684,12 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
             // The requester closed its end (it is gone, or dropped its
             // zygote): reap the children that have ended, so that none is
             // left a zombie for whoever adopts it, and go.
-            Ok(None) => end_serving(&sock, spare.take(), &live),
+            Ok(None) => end_serving(&sock, spare.take(), &mut live),
             // (A signal does not end the receive: it is retried there.)
             // A message taken but unreadable (its descriptors cut short):
             // not knowing what it asked, the server cannot answer in step.
             // Its end tells the requester, whose next start makes another.
-            Err(_) => end_serving(&sock, spare.take(), &live),
+            Err(_) => end_serving(&sock, spare.take(), &mut live),
         };
         served = served.saturating_add(1);
         match message {
@@ -722,7 +722,7 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
                 live.extend(child);
                 if !replied {
                     // The requester would wait for the reply for ever.
-                    end_serving(&sock, spare.take(), &live);
+                    end_serving(&sock, spare.take(), &mut live);
                 }
             }
         }
@@ -758,7 +758,7 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
             None => sys::offer(&sock, None).is_ok(),
         };
         if !said {
-            end_serving(&sock, spare.take(), &live);
+            end_serving(&sock, spare.take(), &mut live);
         }
     }
 }
@@ -868,15 +868,17 @@ impl ProgramSignals {
 /// on, as a child started a moment earlier would), reaps the children that
 /// have ended, so that none is left a zombie for whoever adopts it, and
 /// exits (daemon children die with the server: their death signal).
-fn end_serving(sock: &OwnedFd, mut spare: Option<Spare>, live: &[Live]) -> ! {
+fn end_serving(sock: &OwnedFd, mut spare: Option<Spare>, live: &mut [Live]) -> ! {
     while spare.is_some() && sys::readable_now(sock.as_fd()) {
         match sys::receive_request(sock) {
-            Ok(Some(sys::ToServer::Took(pid, _)))
+            Ok(Some(sys::ToServer::Took(pid, status)))
                 if spare.as_ref().is_some_and(|s| s.pid == pid) =>
             {
-                // A child now; reaped here if it is done already.
+                // A child now; reaped (and its status reported) here if it
+                // is done already.
                 spare = None;
-                let _ = sys::waitpid_nohang(pid);
+                let mut status = status.map(File::from);
+                report_if_ended(pid, &mut status);
             }
             Ok(Some(_)) => {}
             _ => break,
@@ -885,10 +887,21 @@ fn end_serving(sock: &OwnedFd, mut spare: Option<Spare>, live: &[Live]) -> ! {
     if let Some(spare) = spare {
         kill_and_reap(spare.pid);
     }
-    for (pid, _, _) in live {
-        let _ = sys::waitpid_nohang(*pid);
+    for (pid, _, status) in live.iter_mut() {
+        report_if_ended(*pid, status);
     }
     sys::exit_now(0)
+}
+
+/// Reaps `pid` if it has ended and writes its raw wait status to `status`
+/// (its requester's pipe), as the serving loop does.
+fn report_if_ended(pid: libc::pid_t, status: &mut Option<File>) {
+    use std::os::unix::process::ExitStatusExt;
+    if let Ok(sys::Reap::Exited(exit)) = sys::waitpid_nohang(pid) {
+        if let Some(status) = status {
+            let _ = status.write_all(&exit.into_raw().to_le_bytes());
+        }
+    }
 }
 
 /// Ends the server's child `pid` and reaps it.
