@@ -111,6 +111,7 @@ fn main() {
             20,
             a_forked_copy_of_a_handle_takes_no_status as fn(),
         ),
+        ("emfile_keeps_the_server", 30, emfile_keeps_the_server),
         (
             "failed_starts_leak_no_slot",
             60,
@@ -939,6 +940,71 @@ fn fail_then_start(_: ()) -> String {
         Ok(child) => format!("{:?}", child.join()),
         Err(e) => format!("{e:?}"),
     }
+}
+
+/// In a fresh process: a ForkServer start while this process has only
+/// two descriptor numbers to spare. The word about the server's next
+/// spare (a pidfd and a channel) cannot be received whole then: that is
+/// this side's trouble, not the server's end — the server (and the
+/// daemon child it runs) must stay, and the next start use it.
+fn emfile_while_receiving_keeps_the_server(_: ()) -> String {
+    let start = |ms: u64, daemon: bool| {
+        Builder::new()
+            .daemon(daemon)
+            .start_method(StartMethod::ForkServer)
+            .spawn_entry(nap_then, ms)
+    };
+    for _ in 0..2 {
+        start(0, false).expect("start").join().expect("join");
+    }
+    let daemon = start(30_000, true).expect("daemon");
+    let server = common::ppid_of(daemon.pid().as_u32());
+    let open: std::collections::HashSet<i32> = std::fs::read_dir("/proc/self/fd")
+        .expect("fds")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut free = 0;
+    let limit = (0..)
+        .find(|n| {
+            free += usize::from(!open.contains(n));
+            free == 2
+        })
+        .expect("a limit")
+        + 1;
+    let mut saved = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid rlimit pointers; the limit is put back below.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut saved) };
+    let tight = libc::rlimit {
+        rlim_cur: limit as libc::rlim_t,
+        rlim_max: saved.rlim_max,
+    };
+    // SAFETY: as above.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &tight) };
+    let tried = start(0, false).map(|child| child.join());
+    // SAFETY: as above.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &saved) };
+    let again = start(0, false).expect("a start after");
+    let same_server = common::ppid_of(again.pid().as_u32()) == server;
+    again.join().expect("join");
+    let daemon_alive = common::proc_state(daemon.pid().as_u32()).is_some_and(|s| s != 'Z');
+    daemon.kill().expect("kill");
+    let _ = daemon.join();
+    format!(
+        "same server {same_server}, daemon alive {daemon_alive}, tried {}",
+        tried.is_err()
+    )
+}
+
+fn emfile_keeps_the_server() {
+    let out = in_fresh_process(emfile_while_receiving_keeps_the_server);
+    assert!(
+        out.starts_with("same server true, daemon alive true"),
+        "{out}"
+    );
 }
 
 fn failed_starts_leak_no_slot() {

@@ -229,7 +229,7 @@ impl Link {
         let Some((pid, pidfd)) = reply else {
             // The server is fine; this one child could not be started.
             return Err(Asked::Local(SpawnError::Fork(std::io::Error::other(
-                "the fork server could not start the child (fork or pidfd_open failed there)",
+                "the fork server could not start the child (fork or pidfd_open failed there), or this process had no descriptor to spare for its pidfd",
             ))));
         };
         crate::remote::register(pid, &pidfd, sent.daemon, &sent.name);
@@ -685,10 +685,11 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
             // zygote): reap the children that have ended, so that none is
             // left a zombie for whoever adopts it, and go.
             Ok(None) => end_serving(&sock, spare.take(), &mut live),
-            // (A signal does not end the receive: it is retried there.)
-            // A message taken but unreadable (its descriptors cut short):
-            // not knowing what it asked, the server cannot answer in step.
-            // Its end tells the requester, whose next start makes another.
+            // (A signal does not end the receive: it is retried there; a
+            // request whose descriptors were cut short is read, and
+            // refused.) A socket that fails: the server cannot answer in
+            // step. Its end tells the requester, whose next start makes
+            // another.
             Err(_) => end_serving(&sock, spare.take(), &mut live),
         };
         served = served.saturating_add(1);
@@ -711,6 +712,13 @@ fn serve_on(sock: OwnedFd, requester: libc::pid_t) -> ! {
             }
             sys::ToServer::Fork(fds) => {
                 ended_spare = None;
+                // A request to fork while a spare is offered: the requester
+                // could not use it (sending to it failed, and it ended it;
+                // or it never got it, having no descriptor to spare). It is
+                // ended here, so that another is offered after this one.
+                if let Some(stale) = spare.take() {
+                    kill_and_reap(stale.pid);
+                }
                 let own = Own {
                     sock: &sock,
                     requester: requester_fd.as_ref(),

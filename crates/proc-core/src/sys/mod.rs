@@ -712,35 +712,64 @@ fn send_with_fds(sock: &OwnedFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> 
 pub(crate) const MAX_FDS_PER_MESSAGE: usize = 253;
 
 /// Receives one message into `buf` with its attached descriptors (up to
-/// [`MAX_FDS_PER_MESSAGE`], close-on-exec); returns its length and the
-/// descriptors. A signal does not cut it short.
-fn receive_with_fds(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    let mut iov = [std::io::IoSliceMut::new(buf)];
-    let mut space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
-    let msg = loop {
-        match recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(msg) => break msg,
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(io::Error::from(e)),
+/// [`MAX_FDS_PER_MESSAGE`], close-on-exec); returns its length, the
+/// descriptors, and whether some of them could not be received (this
+/// process had no descriptor numbers to spare: the kernel installs what it
+/// can and drops the rest; the message itself is taken whole). A signal
+/// does not cut it short.
+fn receive_with_fds(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>, bool)> {
+    const FD: usize = std::mem::size_of::<RawFd>();
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE((MAX_FDS_PER_MESSAGE * FD) as u32) } as usize;
+    // u64s: the control buffer must be aligned for cmsghdr.
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid (no name, no buffers); the
+    // buffers are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    let n = loop {
+        // SAFETY: `msg` points at `iov` (over `buf`) and `control`, both
+        // alive and as long as the lengths say.
+        let r = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if r >= 0 {
+            break r as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     };
     let mut fds = Vec::new();
-    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(received) = cmsg {
-            for fd in received {
+    // SAFETY: `msg` was filled by recvmsg: CMSG_FIRSTHDR and CMSG_NXTHDR
+    // walk the headers it wrote, within msg_controllen.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !cmsg.is_null() {
+        // SAFETY: a header inside the control buffer (see above).
+        let header = unsafe { &*cmsg };
+        if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: as above; CMSG_DATA points past this header.
+            let data = unsafe { libc::CMSG_DATA(cmsg) };
+            let bytes = (header.cmsg_len as usize).saturating_sub(data as usize - cmsg as usize);
+            for i in 0..bytes / FD {
+                // SAFETY: the kernel wrote `bytes` bytes of descriptor
+                // numbers there (unaligned reads: the data need not be).
+                let fd = unsafe { std::ptr::read_unaligned(data.cast::<RawFd>().add(i)) };
                 // SAFETY: the kernel just installed this descriptor in this
                 // process for us; nothing else owns it.
                 fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
             }
         }
+        // SAFETY: as for CMSG_FIRSTHDR.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
     }
-    Ok((msg.bytes, fds))
+    Ok((n, fds, msg.msg_flags & libc::MSG_CTRUNC != 0))
 }
 
 /// Sends one request carrying `fds` to the fork server (its reply comes
@@ -787,11 +816,16 @@ pub(crate) enum FromServer {
 /// gone or out of step.
 pub(crate) fn receive_from_server(sock: &OwnedFd) -> io::Result<FromServer> {
     let mut buf = [0u8; 8];
-    let (n, received) = receive_with_fds(sock, &mut buf)?;
+    let (n, received, cut) = receive_with_fds(sock, &mut buf)?;
     let mut received = received.into_iter();
     if let Some(pid) = pid_tagged(b'o', &buf, n) {
         return match (received.next(), received.next()) {
             (Some(pidfd), Some(chan)) if pid > 0 => Ok(FromServer::Offer(pid, pidfd, chan)),
+            // This process had no descriptor to spare for the spare's: as
+            // no offer (the server ends that spare at the next request,
+            // which it gets without it). A reply cut so lacks its pidfd:
+            // a child that cannot be waited for, as one not started.
+            _ if cut => Ok(FromServer::NoOffer),
             _ => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "fork server: malformed offer",
@@ -830,25 +864,28 @@ pub(crate) enum ToServer {
 /// closed its end.
 pub(crate) fn receive_request(sock: &OwnedFd) -> io::Result<Option<ToServer>> {
     let mut buf = [0u8; 8];
-    let (n, fds) = receive_with_fds(sock, &mut buf)?;
-    if n == 0 && fds.is_empty() {
+    let (n, fds, cut) = receive_with_fds(sock, &mut buf)?;
+    if n == 0 && fds.is_empty() && !cut {
         return Ok(None);
     }
     if let Some(pid) = pid_tagged(b't', &buf, n) {
         return Ok(Some(ToServer::Took(pid, fds.into_iter().next())));
     }
-    Ok(Some(ToServer::Fork(fds)))
+    // A request whose descriptors did not all arrive (the server had no
+    // numbers to spare) cannot run: with none, it is refused.
+    Ok(Some(ToServer::Fork(if cut { Vec::new() } else { fds })))
 }
 
 /// In a spare child: the request's descriptors, or `None` when the other
 /// end closed.
 pub(crate) fn receive(sock: &OwnedFd) -> io::Result<Option<Vec<OwnedFd>>> {
     let mut buf = [0u8; 1];
-    let (n, fds) = receive_with_fds(sock, &mut buf)?;
-    if n == 0 && fds.is_empty() {
+    let (n, fds, cut) = receive_with_fds(sock, &mut buf)?;
+    if n == 0 && fds.is_empty() && !cut {
         return Ok(None);
     }
-    Ok(Some(fds))
+    // (Cut short: none, so that the child does not run without them.)
+    Ok(Some(if cut { Vec::new() } else { fds }))
 }
 
 /// In the fork server: answers a request with `pid` (or -1) and its pidfd.
