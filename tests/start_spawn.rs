@@ -113,6 +113,11 @@ fn main() {
         ),
         ("emfile_keeps_the_server", 30, emfile_keeps_the_server),
         (
+            "a_zygotes_children_read_dev_null",
+            30,
+            a_zygotes_children_read_dev_null,
+        ),
+        (
             "failed_starts_leak_no_slot",
             60,
             failed_starts_leak_no_slot as fn(),
@@ -1005,6 +1010,38 @@ fn emfile_keeps_the_server() {
         out.starts_with("same server true, daemon alive true"),
         "{out}"
     );
+}
+
+fn stdin_target(_: ()) -> String {
+    std::fs::read_link("/proc/self/fd/0")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+/// A zygote made while the program's stdin is a pipe (a terminal, say):
+/// its children read `/dev/null`, as other children do.
+fn a_zygotes_children_read_dev_null() {
+    let mut ends = [0; 2];
+    // SAFETY: valid out-array; the descriptors are closed below. This
+    // runner is single-threaded, so fd 0 changes under nobody.
+    let zygote = unsafe {
+        assert_eq!(libc::pipe(ends.as_mut_ptr()), 0);
+        let saved = libc::dup(0);
+        libc::dup2(ends[0], 0);
+        let zygote = proc::Zygote::new();
+        libc::dup2(saved, 0);
+        libc::close(saved);
+        libc::close(ends[0]);
+        libc::close(ends[1]);
+        zygote
+    };
+    let zygote = zygote.expect("zygote");
+    let got = zygote
+        .spawn_entry(Builder::new(), stdin_target, ())
+        .expect("spawn")
+        .join()
+        .expect("join");
+    assert_eq!(got, "/dev/null");
 }
 
 fn failed_starts_leak_no_slot() {

@@ -356,7 +356,7 @@ struct ChildSetup {
 }
 
 /// `/dev/null`, opened once (close-on-exec) so that a child only `dup2`s it.
-fn dev_null() -> std::io::Result<&'static File> {
+pub(crate) fn dev_null() -> std::io::Result<&'static File> {
     static NULL: OnceLock<File> = OnceLock::new();
     if let Some(null) = NULL.get() {
         return Ok(null);

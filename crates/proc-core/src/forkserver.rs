@@ -336,6 +336,9 @@ impl Zygote {
             Err(sys::ThreadCheck::Unknown(e)) => return Err(SpawnError::ThreadCheck(e)),
         };
         let (ours, theirs) = sys::seqpacket_pair().map_err(SpawnError::Exec)?;
+        // Its children's stdin, as the fork server's is (opened here: the
+        // child below only redirects).
+        let null = crate::builder::dev_null().map_err(SpawnError::Stdin)?;
         children::init();
         crate::builder::install_panic_hook();
         let slot = children::reserve().ok_or(SpawnError::TooManyChildren)?;
@@ -355,6 +358,9 @@ impl Zygote {
             }
             Ok(Fork::Child) => {
                 drop(ours);
+                if sys::stdin_from_dev_null(null).is_err() {
+                    sys::exit_now(1);
+                }
                 for &(fd, identity) in &siblings.1 {
                     if sys::fd_identity(fd) == Some(identity) {
                         sys::close_inherited(fd);
