@@ -947,6 +947,11 @@ fn fail_then_start(_: ()) -> String {
     }
 }
 
+/// Its OS parent (for a fork-server child, the server).
+fn parent_of_mine(_: ()) -> u32 {
+    proc::getppid().as_u32()
+}
+
 /// In a fresh process: a ForkServer start while this process has only
 /// two descriptor numbers to spare. The word about the server's next
 /// spare (a pidfd and a channel) cannot be received whole then: that is
@@ -992,9 +997,13 @@ fn emfile_while_receiving_keeps_the_server(_: ()) -> String {
     let tried = start(0, false).map(|child| child.join());
     // SAFETY: as above.
     unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &saved) };
-    let again = start(0, false).expect("a start after");
-    let same_server = common::ppid_of(again.pid().as_u32()) == server;
-    again.join().expect("join");
+    let again = Builder::new()
+        .start_method(StartMethod::ForkServer)
+        .spawn_entry(parent_of_mine, ())
+        .expect("a start after")
+        .join()
+        .expect("join");
+    let same_server = Some(again) == server;
     let daemon_alive = common::proc_state(daemon.pid().as_u32()).is_some_and(|s| s != 'Z');
     daemon.kill().expect("kill");
     let _ = daemon.join();
