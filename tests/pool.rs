@@ -210,6 +210,11 @@ fn main() {
             a_zygotes_spare_goes_with_it,
         ),
         (
+            "a_joined_pools_rings_serve_the_next_pool",
+            30,
+            a_joined_pools_rings_serve_the_next_pool,
+        ),
+        (
             "zygote_ends_with_its_pool_not_with_other_children",
             30,
             zygote_ends_with_its_pool_not_with_other_children,
@@ -1713,6 +1718,48 @@ fn submitting_alone_reads_streamed_results() {
     for r in pending {
         assert_eq!(r.get(), Ok(()));
     }
+}
+
+/// The shared-memory rings this process has open.
+fn rings_open() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("fds")
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path())
+                .is_ok_and(|t| t.to_string_lossy().starts_with("/memfd:proc-queue"))
+        })
+        .count()
+}
+
+/// A pool joined and dropped leaves its rings to the next pool of the
+/// process, emptied: results nobody took do not reach the next pool.
+/// (In a child, whose pool cache starts empty: its parent's is not its.)
+fn a_joined_pools_rings_serve_the_next_pool() {
+    let (before, during, answers) = proc::spawn(|| {
+        let first = make_pool(2);
+        // Results nobody takes, some still in the ring at the join.
+        for i in 0..200u64 {
+            drop(first.apply_async(square, i).expect("submit"));
+        }
+        assert_eq!(first.apply(square, 3), Ok(9));
+        first.close();
+        first.join().expect("join");
+        drop(first);
+        let before = rings_open();
+        let next = make_pool(2);
+        let during = rings_open();
+        let answers = next.map(square, 0..1000u64).expect("map");
+        let single = next.apply(square, 12).expect("apply");
+        next.close();
+        next.join().expect("join");
+        (before, during, answers.iter().sum::<u64>() + single)
+    })
+    .expect("spawn")
+    .join()
+    .expect("join");
+    assert_eq!(during, before, "the next pool made new rings");
+    assert_eq!(answers, (0..1000u64).map(|x| x * x).sum::<u64>() + 144);
 }
 
 fn endless(_: ()) {

@@ -57,6 +57,7 @@ fn main() {
             20,
             a_whole_get_leaves_a_stream,
         ),
+        ("into_fresh_empties_a_queue", 20, into_fresh_empties_a_queue),
         ("joinable_queue", 20, joinable_queue),
         ("simple_queue", 10, simple_queue),
         (
@@ -498,6 +499,39 @@ fn a_whole_get_leaves_a_stream() {
         Err(GetError::Empty)
     ));
     child.join().expect("join");
+}
+
+fn into_fresh_empties_a_queue() {
+    let q: Queue<u64> = Queue::builder()
+        .capacity(4096)
+        .maxsize(5)
+        .build()
+        .expect("queue");
+    q.put(1).expect("put");
+    q.put(2).expect("put");
+    q.close();
+    let other = q.clone();
+    let q = q.into_fresh().expect_err("a clone of it exists");
+    assert_eq!(q.qsize(), 2, "given back unchanged");
+    drop(other);
+    let q = q.into_fresh().expect("the only handle");
+    assert_eq!(q.qsize(), 0);
+    assert!(!q.is_closed());
+    assert_eq!(q.maxsize(), Some(5));
+    assert_eq!(q.capacity(), 4096);
+    assert!(matches!(q.try_get(), Err(GetError::Empty)));
+    for i in 0..5 {
+        q.put(i).expect("put");
+    }
+    assert!(q.full(), "the bound holds again");
+    for i in 0..5 {
+        assert_eq!(q.get().expect("get"), i);
+    }
+    // Shared with a child as a new queue would be.
+    let theirs = q.clone();
+    let child = proc::spawn(move || theirs.get().expect("get")).expect("spawn");
+    q.put(7).expect("put");
+    assert_eq!(child.join().expect("join"), 7);
 }
 
 fn withdrawn_stream_at_the_wrap() {

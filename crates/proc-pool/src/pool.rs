@@ -72,6 +72,12 @@ const RETIRE_GRACE: Duration = Duration::from_secs(5);
 /// [`close`](Pool::close) then [`join`](Pool::join). No worker outlives the
 /// pool's process, even when it is SIGKILLed.
 ///
+/// Once a joined or terminated pool is dropped (its last result handle
+/// too), its shared-memory rings — no process uses them any more — are
+/// kept, emptied, for the next pools this process makes: up to eight
+/// (2 MiB for each worker's tasks, 4 MiB for the results, of which what
+/// was used stays resident) until the process ends.
+///
 /// # Examples
 ///
 /// ```
@@ -188,7 +194,7 @@ impl PoolBuilder {
             return Err(PoolError::NoProcesses);
         }
         let method = self.method.unwrap_or_else(proc_core::get_start_method);
-        let results = Queue::builder().capacity(RESULT_RING).build()?;
+        let results = ring(RESULT_RING)?;
         let config = Config {
             maxtasks: self.maxtasks,
             initializer: self.initializer,
@@ -219,7 +225,7 @@ impl PoolBuilder {
             method,
         };
         for _ in 0..processes {
-            let queue = Queue::builder().capacity(TASK_RING).build()?;
+            let queue = ring(TASK_RING)?;
             state.workers.push(Worker {
                 queue,
                 handle: None,
@@ -248,6 +254,7 @@ impl PoolBuilder {
                 cond: Condvar::new(),
                 results,
                 config,
+                owner: std::process::id(),
             }),
         })
     }
@@ -460,6 +467,8 @@ pub(crate) struct Inner {
     cond: Condvar,
     results: Queue<()>,
     config: Config,
+    /// The process that made the pool (a forked copy of a handle is not).
+    owner: u32,
 }
 
 /// Starts a process for every worker of a new pool.
@@ -931,6 +940,74 @@ impl Pool {
     /// [`PoolError::StillRunning`] if neither was called.
     pub fn join(&self) -> Result<(), PoolError> {
         self.inner.join()
+    }
+}
+
+/// The rings of pools that ended, for the next pools of this process
+/// (owned by the process of that pid: a forked child does not take its
+/// parent's, which the parent may hand to its own next pool).
+static RING_CACHE: parking_lot::Mutex<(u32, Vec<Queue<()>>)> =
+    parking_lot::const_mutex((0, Vec::new()));
+
+/// At most this many rings are kept.
+const RING_CACHE_MAX: usize = 8;
+
+/// A ring of `capacity` bytes for a new pool: one a pool of this process
+/// left, emptied, or a new one. Making a ring (a memfd, its size, a
+/// mapping, the faults of its first use) and dropping it again were a
+/// sixth of a short-lived pool's cost in the parent (W8).
+fn ring(capacity: usize) -> Result<Queue<()>, proc_queue::QueueError> {
+    let cached = {
+        let mut cache = RING_CACHE.lock();
+        let me = std::process::id();
+        if cache.0 != me {
+            // Inherited across a fork: the parent's, not ours to use.
+            cache.1.clear();
+            cache.0 = me;
+        }
+        let at = cache.1.iter().position(|q| q.capacity() == capacity);
+        at.map(|i| cache.1.swap_remove(i))
+    };
+    match cached.map(Queue::into_fresh) {
+        Some(Ok(queue)) => Ok(queue),
+        _ => Queue::builder().capacity(capacity).build(),
+    }
+}
+
+/// Keeps the rings of a pool whose processes are all gone for the next
+/// pools of this process (see [`ring`]).
+fn keep_rings(rings: impl IntoIterator<Item = Queue<()>>) {
+    let mut cache = RING_CACHE.lock();
+    let me = std::process::id();
+    if cache.0 != me {
+        cache.1.clear();
+        cache.0 = me;
+    }
+    for ring in rings {
+        if cache.1.len() < RING_CACHE_MAX {
+            cache.1.push(ring);
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Joined or terminated, and the wait for the workers over: every
+        // worker process of the pool (retired ones too) is gone, and the
+        // zygote, which only forks, takes no more requests. No process
+        // uses the rings any more; results and tasks left in them are
+        // dropped when the next pool empties them.
+        let state = self.state.get_mut();
+        let ended = self.owner == std::process::id()
+            && matches!(state.phase, Phase::Joined | Phase::Terminated)
+            && !state.joining
+            && !state.results_broken
+            && state.retiring.is_empty()
+            && state.workers.iter().all(|w| w.handle.is_none());
+        if ended {
+            let tasks = state.workers.drain(..).map(|w| w.queue);
+            keep_rings(tasks.chain(std::iter::once(self.results.clone())));
+        }
     }
 }
 

@@ -373,6 +373,29 @@ impl<T> Queue<T> {
         self.ring.len()
     }
 
+    /// This queue emptied for use as a new one: no message, not closed,
+    /// the same capacity and bound. It saves making a new shared segment
+    /// (a memfd, a mapping, the faults of its first use): for a program
+    /// that makes and drops queues of one size again and again, such as
+    /// the pool's, whose workers are all gone once it is joined.
+    ///
+    /// Only for a queue that no other process uses any more: one that
+    /// still did would find a fresh queue under its feet (its puts and
+    /// gets would fail with typed errors or meet the new queue's
+    /// messages). Every other handle in this process must be dropped.
+    ///
+    /// # Errors
+    ///
+    /// Gives the queue back, unchanged, when another handle of it exists in
+    /// this process (a clone); or, should its locks not be made anew (an
+    /// OS refusal), broken.
+    pub fn into_fresh(mut self) -> Result<Queue<T>, Queue<T>> {
+        match Arc::get_mut(&mut self.ring).map(Ring::reset) {
+            Some(Ok(())) => Ok(self),
+            _ => Err(self),
+        }
+    }
+
     /// Whether the queue holds no message now (Python's `empty()`).
     pub fn empty(&self) -> bool {
         self.qsize() == 0

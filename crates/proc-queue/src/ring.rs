@@ -222,6 +222,12 @@ impl Ring {
         }
     }
 
+    /// Empties the ring for use as a new one (see [`Segment::reset`]).
+    pub(crate) fn reset(&mut self) -> std::io::Result<()> {
+        *self.immediate.get_mut() = 0;
+        self.seg.reset()
+    }
+
     pub(crate) fn segment(&self) -> &Segment {
         &self.seg
     }

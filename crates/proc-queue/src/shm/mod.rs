@@ -159,6 +159,30 @@ impl Segment {
         Ok(segment)
     }
 
+    /// Puts the header back as [`create`](Segment::create) made it (no
+    /// message, not closed, nobody registered, fresh locks); the ring's
+    /// bytes stay (positions at 0 make them unread). For a segment that
+    /// no other process uses any more: the caller's contract (`&mut`
+    /// rules out other handles in this process).
+    pub(crate) fn reset(&mut self) -> io::Result<()> {
+        let header = self.map.as_mut_ptr().cast::<Header>();
+        // SAFETY: the mapping holds a Header (checked at create/open) and
+        // `&mut self` means no other handle of this process touches it; no
+        // other process does (this function's contract). All-zero is the
+        // state `create` starts from (the memfd starts zeroed), and the
+        // fields written after are those `create` writes.
+        unsafe {
+            std::ptr::write_bytes(header.cast::<u8>(), 0, std::mem::size_of::<Header>());
+            std::ptr::addr_of_mut!((*header).magic).write(MAGIC);
+            std::ptr::addr_of_mut!((*header).version).write(VERSION);
+            std::ptr::addr_of_mut!((*header).capacity).write(self.capacity as u64);
+            std::ptr::addr_of_mut!((*header).maxsize).write(self.maxsize);
+            init_robust_mutex(std::ptr::addr_of_mut!((*header).producer_lock))?;
+            init_robust_mutex(std::ptr::addr_of_mut!((*header).consumer_lock))?;
+        }
+        Ok(())
+    }
+
     /// Maps an existing segment from its file (a descriptor received from
     /// another process), validating its header.
     pub(crate) fn open(file: File) -> io::Result<Segment> {
