@@ -210,9 +210,9 @@ fn main() {
             a_zygotes_spare_goes_with_it,
         ),
         (
-            "a_joined_pools_rings_serve_the_next_pool",
+            "an_ended_pools_rings_serve_the_next_pool",
             30,
-            a_joined_pools_rings_serve_the_next_pool,
+            an_ended_pools_rings_serve_the_next_pool,
         ),
         (
             "zygote_ends_with_its_pool_not_with_other_children",
@@ -1732,19 +1732,23 @@ fn rings_open() -> usize {
         .count()
 }
 
-/// A pool joined and dropped leaves its rings to the next pool of the
-/// process, emptied: results nobody took do not reach the next pool.
+/// A pool that ended leaves its rings to the next pool of the process,
+/// emptied: the tasks a terminated pool left queued in them never run in
+/// the next pool (whose task ids start again at 0), nor reach it.
 /// (In a child, whose pool cache starts empty: its parent's is not its.)
-fn a_joined_pools_rings_serve_the_next_pool() {
+fn an_ended_pools_rings_serve_the_next_pool() {
     let (before, during, answers) = proc::spawn(|| {
         let first = make_pool(2);
-        // Results nobody takes, some still in the ring at the join.
-        for i in 0..200u64 {
-            drop(first.apply_async(square, i).expect("submit"));
+        // Both workers busy, tasks queued in their rings behind them.
+        let busy: Vec<_> = (0..2)
+            .map(|_| first.apply_async(sleep_ms, 10_000).expect("submit"))
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        for i in 0..50u64 {
+            drop(first.apply_async(square, 1000 + i).expect("submit"));
         }
-        assert_eq!(first.apply(square, 3), Ok(9));
-        first.close();
-        first.join().expect("join");
+        first.terminate();
+        drop(busy);
         drop(first);
         let before = rings_open();
         let next = make_pool(2);
@@ -1753,13 +1757,39 @@ fn a_joined_pools_rings_serve_the_next_pool() {
         let single = next.apply(square, 12).expect("apply");
         next.close();
         next.join().expect("join");
-        (before, during, answers.iter().sum::<u64>() + single)
+        drop(next);
+        // And a pool after a joined one.
+        let third = make_pool(2);
+        let last = third.apply(square, 5).expect("apply");
+        drop(third);
+        // A pool whose replacement failed to start from its zygote (no
+        // descriptor to spare): such a worker could exist without the
+        // pool holding it, so its rings go to no other pool.
+        let unsure = Pool::builder()
+            .processes(1)
+            .start_method(StartMethod::Fork)
+            .build()
+            .expect("pool");
+        assert_eq!(unsure.apply(square, 2), Ok(4));
+        let died = common::without_spare_descriptors(|| unsure.apply(die, Death::Kill));
+        assert!(matches!(died, Err(TaskError::WorkerDied { .. })));
+        assert_eq!(unsure.apply(square, 3), Ok(9));
+        unsure.close();
+        unsure.join().expect("join");
+        let with_unsure = rings_open();
+        drop(unsure);
+        let kept = rings_open() == with_unsure;
+        (
+            before,
+            during,
+            answers.iter().sum::<u64>() + single + last + u64::from(kept),
+        )
     })
     .expect("spawn")
     .join()
     .expect("join");
     assert_eq!(during, before, "the next pool made new rings");
-    assert_eq!(answers, (0..1000u64).map(|x| x * x).sum::<u64>() + 144);
+    assert_eq!(answers, (0..1000u64).map(|x| x * x).sum::<u64>() + 144 + 25);
 }
 
 fn endless(_: ()) {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use proc_core::task::TaskFn;
-use proc_core::{Builder, JoinHandle, Pid, SpawnError, StartMethod, Zygote};
+use proc_core::{Builder, JoinError, JoinHandle, Pid, SpawnError, StartMethod, Zygote};
 use proc_queue::{GetError, Queue};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -211,6 +211,7 @@ impl PoolBuilder {
             joining: false,
             reaping: None,
             results_read: 0,
+            untracked: false,
             results_broken: false,
             retiring: Vec::new(),
             broken: None,
@@ -405,6 +406,10 @@ struct State {
     reaping: Option<Arc<Vec<Reaping>>>,
     /// Result messages taken from the result queue so far.
     results_read: u64,
+    /// A worker process may exist that the pool holds no handle of (a
+    /// remote start that failed once its request had left, a wait that
+    /// failed): the pool's rings go to no other pool.
+    untracked: bool,
     /// The result queue failed (see `results_failed`).
     results_broken: bool,
     /// Workers retired by `maxtasksperchild`, not reaped yet, and when.
@@ -957,8 +962,7 @@ const RING_CACHE_MAX: usize = 8;
 /// mapping, the faults of its first use) and dropping it again were a
 /// sixth of a short-lived pool's cost in the parent (W8).
 fn ring(capacity: usize) -> Result<Queue<()>, proc_queue::QueueError> {
-    let cached = {
-        let mut cache = RING_CACHE.lock();
+    let cached = RING_CACHE.try_lock().and_then(|mut cache| {
         let me = std::process::id();
         if cache.0 != me {
             // Inherited across a fork: the parent's, not ours to use.
@@ -967,7 +971,7 @@ fn ring(capacity: usize) -> Result<Queue<()>, proc_queue::QueueError> {
         }
         let at = cache.1.iter().position(|q| q.capacity() == capacity);
         at.map(|i| cache.1.swap_remove(i))
-    };
+    });
     match cached.map(Queue::into_fresh) {
         Some(Ok(queue)) => Ok(queue),
         _ => Queue::builder().capacity(capacity).build(),
@@ -977,7 +981,11 @@ fn ring(capacity: usize) -> Result<Queue<()>, proc_queue::QueueError> {
 /// Keeps the rings of a pool whose processes are all gone for the next
 /// pools of this process (see [`ring`]).
 fn keep_rings(rings: impl IntoIterator<Item = Queue<()>>) {
-    let mut cache = RING_CACHE.lock();
+    // (Held by another thread: these are dropped. A try, because a child
+    // forked while a thread of its parent held it would wait for ever.)
+    let Some(mut cache) = RING_CACHE.try_lock() else {
+        return;
+    };
     let me = std::process::id();
     if cache.0 != me {
         cache.1.clear();
@@ -1000,6 +1008,7 @@ impl Drop for Inner {
         let state = self.state.get_mut();
         let ended = self.owner == std::process::id()
             && matches!(state.phase, Phase::Joined | Phase::Terminated)
+            && !state.untracked
             && !state.joining
             && !state.results_broken
             && state.retiring.is_empty()
@@ -1513,10 +1522,16 @@ impl Inner {
     /// Reaps the retired workers that have exited; one still there after
     /// [`RETIRE_GRACE`] is killed.
     fn reap_retiring(&self, state: &mut State) {
+        let untracked = &mut state.untracked;
         state
             .retiring
             .retain_mut(|(handle, since)| match handle.try_wait() {
-                Ok(Some(_)) | Err(_) => false,
+                Ok(Some(_)) | Err(JoinError::StatusLost) => false,
+                Err(_) => {
+                    // Gone from the pool's view, not known to be gone.
+                    *untracked = true;
+                    false
+                }
                 Ok(None) => {
                     kill_if_overdue(handle, *since);
                     true
@@ -1549,7 +1564,11 @@ impl Inner {
                 }
                 None | Some(Ok(None)) => continue,
                 Some(Ok(Some(status))) => Some(status),
-                Some(Err(_)) => None,
+                Some(Err(JoinError::StatusLost)) => None,
+                Some(Err(_)) => {
+                    state.untracked = true;
+                    None
+                }
             };
             // Everything it finished is in the result queue by now (nobody
             // else reads it: see above), and is read before its tasks are
@@ -1675,6 +1694,11 @@ impl Inner {
                 state.no_workers_since = None;
             }
             Err(e) => {
+                if state.workers[i].remote {
+                    // Its request may have reached the server, which may
+                    // have started a worker this pool cannot wait for.
+                    state.untracked = true;
+                }
                 if state.workers.iter().all(|w| w.handle.is_none()) {
                     // No worker left. A failure that may pass (descriptors,
                     // memory, a fork) is retried by the worker check for a
@@ -1768,7 +1792,10 @@ impl Inner {
             let left = deadline.saturating_duration_since(Instant::now());
             if !matches!(handle.wait_timeout(left), Ok(Some(_))) {
                 let _ = handle.kill();
-                let _ = handle.wait();
+                if let Err(JoinError::Io(_)) = handle.wait() {
+                    // Not known to be gone.
+                    self.state.lock().untracked = true;
+                }
             }
         }
         drop(zygote);
@@ -1839,10 +1866,16 @@ impl Inner {
             }
         }
         for (handle, _) in handles.iter() {
-            while !matches!(
-                handle.wait_ended_timeout(Duration::from_millis(100)),
-                Ok(true) | Err(_)
-            ) {
+            loop {
+                match handle.wait_ended_timeout(Duration::from_millis(100)) {
+                    Ok(true) => break,
+                    Err(_) => {
+                        // Not known to be gone.
+                        self.state.lock().untracked = true;
+                        break;
+                    }
+                    Ok(false) => {}
+                }
                 while self.results.try_get_bytes().is_ok() {}
                 for (retired, since) in handles.iter() {
                     if let Some(since) = *since {

@@ -388,12 +388,17 @@ impl<T> Queue<T> {
     ///
     /// Gives the queue back, unchanged, when another handle of it exists in
     /// this process (a clone); or, should its locks not be made anew (an
-    /// OS refusal), broken.
+    /// OS refusal), closed.
     pub fn into_fresh(mut self) -> Result<Queue<T>, Queue<T>> {
-        match Arc::get_mut(&mut self.ring).map(Ring::reset) {
-            Some(Ok(())) => Ok(self),
-            _ => Err(self),
+        let Some(ring) = Arc::get_mut(&mut self.ring) else {
+            return Err(self);
+        };
+        if ring.reset().is_err() {
+            // Not a queue any process could use: closed.
+            ring.close();
+            return Err(self);
         }
+        Ok(self)
     }
 
     /// Whether the queue holds no message now (Python's `empty()`).

@@ -162,8 +162,9 @@ impl Segment {
     /// Puts the header back as [`create`](Segment::create) made it (no
     /// message, not closed, nobody registered, fresh locks); the ring's
     /// bytes stay (positions at 0 make them unread). For a segment that
-    /// no other process uses any more: the caller's contract (`&mut`
-    /// rules out other handles in this process).
+    /// no other process uses any more, nor another mapping of it in this
+    /// one: the caller's contract (`&mut` rules out other handles of this
+    /// `Segment`).
     pub(crate) fn reset(&mut self) -> io::Result<()> {
         let header = self.map.as_mut_ptr().cast::<Header>();
         // SAFETY: the mapping holds a Header (checked at create/open) and
