@@ -1759,7 +1759,9 @@ fn an_ended_pools_rings_serve_the_next_pool() {
         next.join().expect("join");
         drop(next);
         // And a pool after a joined one.
+        let after_next = rings_open();
         let third = make_pool(2);
+        assert_eq!(rings_open(), after_next, "a joined pool's rings serve too");
         let last = third.apply(square, 5).expect("apply");
         drop(third);
         // A pool whose replacement failed to start from its zygote (no

@@ -148,7 +148,7 @@ impl Link {
     fn settle(&mut self) -> std::io::Result<()> {
         while self.owed > 0 {
             match sys::receive_from_server(&self.sock)? {
-                sys::FromServer::Reply(_) => {
+                sys::FromServer::Reply(_) | sys::FromServer::ReplyWithoutPidfd(_) => {
                     return Err(std::io::Error::other("fork server out of step"))
                 }
                 word => self.keep(word),
@@ -223,13 +223,23 @@ impl Link {
         let reply = loop {
             match sys::receive_from_server(&self.sock).map_err(Asked::ServerGone)? {
                 sys::FromServer::Reply(reply) => break reply,
+                sys::FromServer::ReplyWithoutPidfd(pid) => {
+                    // A child this process could never wait for, nor stop
+                    // safely later: it is ended now. (Its pid is still its
+                    // own: the server reaps it only once it has ended, and
+                    // a pid comes back only after the pid space wraps.)
+                    let _ = sys::kill(pid, libc::SIGKILL);
+                    return Err(Asked::Local(SpawnError::Fork(std::io::Error::other(
+                        "the fork server started the child, but this process had no descriptor to spare for its pidfd: it was ended",
+                    ))));
+                }
                 word => self.keep(word),
             }
         };
         let Some((pid, pidfd)) = reply else {
             // The server is fine; this one child could not be started.
             return Err(Asked::Local(SpawnError::Fork(std::io::Error::other(
-                "the fork server could not start the child (fork or pidfd_open failed there), or this process had no descriptor to spare for its pidfd",
+                "the fork server could not start the child (fork or pidfd_open failed there)",
             ))));
         };
         crate::remote::register(pid, &pidfd, sent.daemon, &sent.name);

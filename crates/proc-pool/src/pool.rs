@@ -1675,6 +1675,10 @@ impl Inner {
         }
         state.workers[i].budget = self.config.maxtasks;
         let mut started = start_worker(&self.config, state, i, &self.results);
+        if started.is_err() && state.workers[i].remote {
+            // Its request may have reached the server (see below).
+            state.untracked = true;
+        }
         if started.is_err() && state.zygote.as_ref().is_some_and(|z| !z.is_serving()) {
             // The zygote is gone (killed: its workers died with it). A new
             // one if this process is still single-threaded; else the fork
@@ -1696,7 +1700,10 @@ impl Inner {
             Err(e) => {
                 if state.workers[i].remote {
                     // Its request may have reached the server, which may
-                    // have started a worker this pool cannot wait for.
+                    // have started a worker this pool cannot wait for (one
+                    // whose pidfd this process could not receive is ended
+                    // at once; one whose zygote died before its reply dies
+                    // with it, a moment later).
                     state.untracked = true;
                 }
                 if state.workers.iter().all(|w| w.handle.is_none()) {

@@ -806,6 +806,9 @@ pub(crate) enum FromServer {
     /// `None` when the server could not start the child (it goes on
     /// serving).
     Reply(Option<(libc::pid_t, OwnedFd)>),
+    /// The server started the child `pid`, but its pidfd could not be
+    /// received (this process had no descriptor to spare).
+    ReplyWithoutPidfd(libc::pid_t),
     /// A spare child for the next request: its pid, pidfd and channel.
     Offer(libc::pid_t, OwnedFd, OwnedFd),
     /// No new spare (after each request the server says one or the other).
@@ -823,8 +826,7 @@ pub(crate) fn receive_from_server(sock: &OwnedFd) -> io::Result<FromServer> {
             (Some(pidfd), Some(chan)) if pid > 0 => Ok(FromServer::Offer(pid, pidfd, chan)),
             // This process had no descriptor to spare for the spare's: as
             // no offer (the server ends that spare at the next request,
-            // which it gets without it). A reply cut so lacks its pidfd:
-            // a child that cannot be waited for, as one not started.
+            // which it gets without it).
             _ if cut => Ok(FromServer::NoOffer),
             _ => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -835,10 +837,11 @@ pub(crate) fn receive_from_server(sock: &OwnedFd) -> io::Result<FromServer> {
     match n {
         4 => {
             let pid = i32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
-            Ok(FromServer::Reply(match received.next() {
-                Some(pidfd) if pid > 0 => Some((pid, pidfd)),
-                _ => None,
-            }))
+            Ok(match received.next() {
+                Some(pidfd) if pid > 0 => FromServer::Reply(Some((pid, pidfd))),
+                None if pid > 0 && cut => FromServer::ReplyWithoutPidfd(pid),
+                _ => FromServer::Reply(None),
+            })
         }
         1 if buf[0] == b'n' => Ok(FromServer::NoOffer),
         0 => Err(io::Error::new(
