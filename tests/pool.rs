@@ -1050,6 +1050,19 @@ fn spawn_workers_started_on_a_thread_die_with_a_killed_parent() {
 
 /// Counts its calls in the file `path` (across processes); the third
 /// panics.
+/// A Fork pool of 2 whose third initializer (the first replacement's)
+/// fails, breaking the pool; calls are counted in `dir`.
+fn pool_failing_third_initializer(dir: &std::path::Path) -> Pool {
+    let counter = dir.join("calls").to_string_lossy().into_owned();
+    Pool::builder()
+        .processes(2)
+        .initializer(init_fails_third_time, counter)
+        .expect("initializer")
+        .start_method(StartMethod::Fork)
+        .build()
+        .expect("pool")
+}
+
 fn init_fails_third_time(path: String) {
     if common::count_call(&path) == 3 {
         panic!("third initializer");
@@ -1649,14 +1662,7 @@ fn bytes_after((ms, len): (u64, usize)) -> Vec<u8> {
 /// still stop it and end the join.
 fn terminate_ends_a_join_reading_a_stopped_workers_stream() {
     let dir = common::temp_dir("pool-stopped-stream-join");
-    let counter = dir.join("calls").to_string_lossy().into_owned();
-    let pool = Pool::builder()
-        .processes(2)
-        .initializer(init_fails_third_time, counter)
-        .expect("initializer")
-        .start_method(StartMethod::Fork)
-        .build()
-        .expect("pool");
+    let pool = pool_failing_third_initializer(&dir);
     // 32 MiB after 400 ms: eight times the result ring.
     let big = pool
         .apply_async(bytes_after, (400, 32 << 20))
@@ -1806,14 +1812,7 @@ fn endless(_: ()) {
 /// all return.
 fn terminate_ends_a_join_waiting_on_an_endless_task() {
     let dir = common::temp_dir("pool-endless-join");
-    let counter = dir.join("calls").to_string_lossy().into_owned();
-    let pool = Pool::builder()
-        .processes(2)
-        .initializer(init_fails_third_time, counter)
-        .expect("initializer")
-        .start_method(StartMethod::Fork)
-        .build()
-        .expect("pool");
+    let pool = pool_failing_third_initializer(&dir);
     let stuck = pool.apply_async(endless, ()).expect("submit");
     std::thread::sleep(Duration::from_millis(200));
     // The other worker (the one free to answer) is killed; its

@@ -982,21 +982,8 @@ fn emfile_while_receiving_keeps_the_server(_: ()) -> String {
         })
         .expect("a limit")
         + 1;
-    let mut saved = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid rlimit pointers; the limit is put back below.
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut saved) };
-    let tight = libc::rlimit {
-        rlim_cur: limit as libc::rlim_t,
-        rlim_max: saved.rlim_max,
-    };
-    // SAFETY: as above.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &tight) };
-    let tried = start(0, false).map(|child| child.join());
-    // SAFETY: as above.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &saved) };
+    let tried =
+        common::with_descriptor_limit(limit as u64, || start(0, false).map(|child| child.join()));
     let again = Builder::new()
         .start_method(StartMethod::ForkServer)
         .spawn_entry(parent_of_mine, ())

@@ -261,21 +261,27 @@ pub fn reap_adopted(pid: u32) -> Option<i32> {
 /// lowered to 3, every number above 2 already taken or refused); the
 /// limit is back when it returns.
 pub fn without_spare_descriptors<R>(f: impl FnOnce() -> R) -> R {
-    let mut limit = libc::rlimit {
+    with_descriptor_limit(3, f)
+}
+
+/// Runs `f` with this process's soft descriptor limit at `limit` (so only
+/// descriptor numbers below it can be opened), then puts it back.
+pub fn with_descriptor_limit<R>(limit: u64, f: impl FnOnce() -> R) -> R {
+    let mut saved = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: a valid out-pointer.
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut saved) };
     let tight = libc::rlimit {
-        rlim_cur: 3,
-        rlim_max: limit.rlim_max,
+        rlim_cur: limit as libc::rlim_t,
+        rlim_max: saved.rlim_max,
     };
     // SAFETY: a valid rlimit; put back below.
     unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &tight) };
     let out = f();
     // SAFETY: as above.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &saved) };
     out
 }
 

@@ -962,15 +962,9 @@ const RING_CACHE_MAX: usize = 8;
 /// mapping, the faults of its first use) and dropping it again were a
 /// sixth of a short-lived pool's cost in the parent (W8).
 fn ring(capacity: usize) -> Result<Queue<()>, proc_queue::QueueError> {
-    let cached = RING_CACHE.try_lock().and_then(|mut cache| {
-        let me = std::process::id();
-        if cache.0 != me {
-            // Inherited across a fork: the parent's, not ours to use.
-            cache.1.clear();
-            cache.0 = me;
-        }
-        let at = cache.1.iter().position(|q| q.capacity() == capacity);
-        at.map(|i| cache.1.swap_remove(i))
+    let cached = ring_cache().and_then(|mut cache| {
+        let at = cache.iter().position(|q| q.capacity() == capacity);
+        at.map(|i| cache.swap_remove(i))
     });
     match cached.map(Queue::into_fresh) {
         Some(Ok(queue)) => Ok(queue),
@@ -981,21 +975,28 @@ fn ring(capacity: usize) -> Result<Queue<()>, proc_queue::QueueError> {
 /// Keeps the rings of a pool whose processes are all gone for the next
 /// pools of this process (see [`ring`]).
 fn keep_rings(rings: impl IntoIterator<Item = Queue<()>>) {
-    // (Held by another thread: these are dropped. A try, because a child
-    // forked while a thread of its parent held it would wait for ever.)
-    let Some(mut cache) = RING_CACHE.try_lock() else {
+    // (Held by another thread: these are dropped.)
+    let Some(mut cache) = ring_cache() else {
         return;
     };
+    for ring in rings {
+        if cache.len() < RING_CACHE_MAX {
+            cache.push(ring);
+        }
+    }
+}
+
+/// This process's ring cache, if its lock is free: tried, because a child
+/// forked while a thread of its parent held it would wait for ever. One
+/// inherited across a fork is the parent's, not ours to use: emptied.
+fn ring_cache() -> Option<parking_lot::MappedMutexGuard<'static, Vec<Queue<()>>>> {
+    let mut cache = RING_CACHE.try_lock()?;
     let me = std::process::id();
     if cache.0 != me {
         cache.1.clear();
         cache.0 = me;
     }
-    for ring in rings {
-        if cache.1.len() < RING_CACHE_MAX {
-            cache.1.push(ring);
-        }
-    }
+    Some(parking_lot::MutexGuard::map(cache, |c| &mut c.1))
 }
 
 impl Drop for Inner {

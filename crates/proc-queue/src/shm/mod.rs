@@ -143,19 +143,11 @@ impl Segment {
             capacity,
             maxsize,
         };
-        let header = segment.map.as_mut_ptr().cast::<Header>();
         // SAFETY: the mapping is fresh, private to this process until the
         // segment is shared, page-aligned and at least a page long, so it
         // holds a Header; the memfd starts zeroed, which is a valid state for
         // every atomic in it.
-        unsafe {
-            std::ptr::addr_of_mut!((*header).magic).write(MAGIC);
-            std::ptr::addr_of_mut!((*header).version).write(VERSION);
-            std::ptr::addr_of_mut!((*header).capacity).write(capacity as u64);
-            std::ptr::addr_of_mut!((*header).maxsize).write(maxsize);
-            init_robust_mutex(std::ptr::addr_of_mut!((*header).producer_lock))?;
-            init_robust_mutex(std::ptr::addr_of_mut!((*header).consumer_lock))?;
-        }
+        unsafe { segment.write_header()? };
         Ok(segment)
     }
 
@@ -166,14 +158,26 @@ impl Segment {
     /// one: the caller's contract (`&mut` rules out other handles of this
     /// `Segment`).
     pub(crate) fn reset(&mut self) -> io::Result<()> {
-        let header = self.map.as_mut_ptr().cast::<Header>();
         // SAFETY: the mapping holds a Header (checked at create/open) and
         // `&mut self` means no other handle of this process touches it; no
         // other process does (this function's contract). All-zero is the
-        // state `create` starts from (the memfd starts zeroed), and the
-        // fields written after are those `create` writes.
+        // state `create` starts from (the memfd starts zeroed).
         unsafe {
-            std::ptr::write_bytes(header.cast::<u8>(), 0, std::mem::size_of::<Header>());
+            std::ptr::write_bytes(self.map.as_mut_ptr(), 0, std::mem::size_of::<Header>());
+            self.write_header()
+        }
+    }
+
+    /// Writes what a new header holds over an all-zero one: identity,
+    /// sizes, the two robust locks.
+    ///
+    /// # Safety
+    ///
+    /// The header is all zeroes and nothing else uses it meanwhile.
+    unsafe fn write_header(&self) -> io::Result<()> {
+        let header = self.map.as_mut_ptr().cast::<Header>();
+        // SAFETY: the mapping holds a Header; exclusive per the contract.
+        unsafe {
             std::ptr::addr_of_mut!((*header).magic).write(MAGIC);
             std::ptr::addr_of_mut!((*header).version).write(VERSION);
             std::ptr::addr_of_mut!((*header).capacity).write(self.capacity as u64);
