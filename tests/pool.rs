@@ -521,9 +521,12 @@ fn worker_death_is_a_result() {
 
 fn worker_sigkilled_during_map() {
     let pool = make_pool(2);
-    // 40 tasks of 20 ms, one per chunk: a worker is busy when it is killed.
+    // 6 tasks of 200 ms, one per chunk: 100 ms in, both workers are in the
+    // middle of their first task when one is killed (with short tasks, a
+    // kill could fall between two of them: an idle worker's death fails
+    // nothing).
     let pending = pool
-        .map_async_chunked(sleep_ms, vec![20u64; 40], 1)
+        .map_async_chunked(sleep_ms, vec![200u64; 6], 1)
         .expect("map");
     std::thread::sleep(Duration::from_millis(100));
     let victim = pool.worker_pids()[0];
@@ -543,10 +546,17 @@ fn worker_sigkilled_during_imap() {
     let mut died = 0;
     let mut seen = 0;
     let mut victim = None;
-    for (i, r) in pool.imap(sleep_then_pid, vec![15u64; 60]).enumerate() {
+    // Items 11 to 14 take long: the kill after item 10's result, 50 ms
+    // later, finds both workers inside one of them. (With every item
+    // alike, the worker that had just reported item 10 could be killed
+    // before taking its next task: an idle worker's death fails nothing.)
+    let sleeps: Vec<u64> = (0..60)
+        .map(|i| if (11..15).contains(&i) { 300 } else { 15 })
+        .collect();
+    for (i, r) in pool.imap(sleep_then_pid, sleeps.clone()).enumerate() {
         seen += 1;
         match r {
-            Ok((ms, _)) => assert_eq!(ms, 15),
+            Ok((ms, _)) => assert_eq!(ms, sleeps[i]),
             Err(TaskError::WorkerDied { signal, .. }) => {
                 assert_eq!(signal, Some(libc::SIGKILL));
                 died += 1;
@@ -554,6 +564,7 @@ fn worker_sigkilled_during_imap() {
             Err(e) => panic!("{e}"),
         }
         if i == 10 {
+            std::thread::sleep(Duration::from_millis(50));
             let pid = pool.worker_pids()[1];
             // SAFETY: a plain kill of a worker process.
             unsafe { libc::kill(pid.as_u32() as i32, libc::SIGKILL) };
