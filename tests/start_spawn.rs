@@ -72,6 +72,11 @@ fn main() {
             20,
             an_active_child_while_it_runs
         ),
+        both!(
+            "a_child_starts_unblocked_with_the_programs_arguments",
+            20,
+            a_child_starts_unblocked_with_the_programs_arguments
+        ),
     ]
     .into_iter()
     .flatten()
@@ -368,6 +373,39 @@ fn child_is_a_fresh_process() {
         ("fresh", true, std::process::id(), pid)
     );
     assert_eq!(stdin.as_deref(), Some("/dev/null"));
+}
+
+/// The child's blocked signals (`SigBlk` of /proc/self/status) and its
+/// arguments.
+fn mask_and_args(_: ()) -> (u64, Vec<String>) {
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    let blocked = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .map(|hex| u64::from_str_radix(hex.trim(), 16).expect("hex"))
+        .expect("SigBlk");
+    (blocked, std::env::args().collect())
+}
+
+/// A child starts with no signal blocked even if the thread that started
+/// it blocks some (as std's `Command` does for its children), and gets
+/// this program's arguments.
+fn a_child_starts_unblocked_with_the_programs_arguments() {
+    // SAFETY: sigset_t is plain data (all zeroes is a valid value).
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the mask change is this thread's
+    // and undone below.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    let child = spawn().spawn_entry(mask_and_args, ());
+    // SAFETY: as above.
+    unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+    let (blocked, args) = child.expect("spawn").join().expect("join");
+    assert_eq!(blocked, 0, "blocked signals {blocked:#x}");
+    assert_eq!(args, std::env::args().collect::<Vec<_>>());
 }
 
 fn fork_method_runs_entries_too() {

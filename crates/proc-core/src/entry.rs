@@ -13,9 +13,8 @@
 //! the same by pickling the function's qualified name.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::de::DeserializeOwned;
@@ -421,32 +420,33 @@ where
     children::init();
     let slot = children::reserve().ok_or(SpawnError::TooManyChildren)?;
     children::name(slot, &name);
-    let mut cmd = Command::new("/proc/self/exe");
-    if let Some(arg0) = std::env::args_os().next() {
-        cmd.arg0(arg0);
-    }
-    cmd.args(std::env::args_os().skip(1));
-    cmd.env(
-        ENV,
-        format!("{},{}", sys::raw_fd(&request_file), sys::raw_fd(&result)),
-    );
-    cmd.stdin(match stdin {
-        Stdin::Null => Stdio::null(),
-        _ => Stdio::inherit(),
-    });
+    let null = match stdin {
+        Stdin::Null => match crate::builder::dev_null() {
+            Ok(null) => Some(null.as_raw_fd()),
+            Err(e) => {
+                children::unreserve(slot);
+                return Err(SpawnError::Exec(e));
+            }
+        },
+        _ => None,
+    };
     let mut keep = vec![sys::raw_fd(&request_file), sys::raw_fd(&result)];
-    keep.extend(fds.iter().map(std::os::fd::AsRawFd::as_raw_fd));
-    sys::keep_across_exec(&mut cmd, &keep);
-    let child = match cmd.spawn() {
-        Ok(child) => child,
+    keep.extend(fds.iter().map(AsRawFd::as_raw_fd));
+    let spec = sys::ExecSpec {
+        var: (
+            ENV,
+            format!("{},{}", sys::raw_fd(&request_file), sys::raw_fd(&result)),
+        ),
+        keep: &keep,
+        stdin: null,
+    };
+    let pid = match sys::spawn_exe(&spec) {
+        Ok(pid) => pid,
         Err(e) => {
             children::unreserve(slot);
             return Err(SpawnError::Exec(e));
         }
     };
-    let pid = child.id() as libc::pid_t;
-    // std's Child does not wait on drop: the table and the handle reap it.
-    drop(child);
     children::register(slot, pid, daemon);
     Ok(JoinHandle::new(Pid::from_raw(pid), name, result, slot))
 }

@@ -23,7 +23,6 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::process::{Command, Stdio};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -531,24 +530,25 @@ impl Drop for Zygote {
 /// Execs the server and returns this side of its socket.
 fn start_server() -> std::io::Result<OwnedFd> {
     let (ours, theirs) = sys::seqpacket_pair()?;
-    let mut cmd = Command::new("/proc/self/exe");
-    cmd.env(ENV, theirs.as_raw_fd().to_string());
-    cmd.stdin(Stdio::null());
-    sys::keep_across_exec(&mut cmd, &[theirs.as_raw_fd()]);
+    let null = crate::builder::dev_null()?.as_raw_fd();
     children::init();
     let slot =
         children::reserve().ok_or_else(|| std::io::Error::other("too many live children"))?;
     children::name(slot, "ForkServer");
-    let child = match cmd.spawn() {
-        Ok(child) => child,
+    let spec = sys::ExecSpec {
+        var: (ENV, theirs.as_raw_fd().to_string()),
+        keep: &[theirs.as_raw_fd()],
+        stdin: Some(null),
+    };
+    let pid = match sys::spawn_exe(&spec) {
+        Ok(pid) => pid,
         Err(e) => {
             children::unreserve(slot);
             return Err(e);
         }
     };
     // A daemon of this process: terminated at exit, reaped when it ends.
-    children::register_hidden(slot, child.id() as libc::pid_t);
-    drop(child);
+    children::register_hidden(slot, pid);
     drop(theirs);
     Ok(ours)
 }
