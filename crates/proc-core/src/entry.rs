@@ -246,6 +246,14 @@ fn run_spawned(fds: &str) {
             .is_ok_and(|p| p.to_string_lossy().starts_with(&format!("/memfd:{name}")))
     };
     if !ours(req_fd, "proc-request") || !ours(res_fd, "proc-result") {
+        // Started by a proc parent (the variable's third field is its pid)
+        // whose descriptors did not arrive: this child must not go on
+        // through the program's `main` (it could start children that fail
+        // the same way).
+        if it.next().and_then(Result::ok) == Some(sys::getppid()) {
+            eprintln!("proc: the descriptors named by {ENV} did not arrive; exiting");
+            sys::exit_now(1)
+        }
         eprintln!("proc: {ENV} does not name a spawn request; ignoring it");
         return;
     }
@@ -435,7 +443,12 @@ where
     let spec = sys::ExecSpec {
         var: (
             ENV,
-            format!("{},{}", sys::raw_fd(&request_file), sys::raw_fd(&result)),
+            format!(
+                "{},{},{}",
+                sys::raw_fd(&request_file),
+                sys::raw_fd(&result),
+                sys::getpid()
+            ),
         ),
         keep: &keep,
         stdin: null,

@@ -530,6 +530,7 @@ impl Drop for Zygote {
 /// Execs the server and returns this side of its socket.
 fn start_server() -> std::io::Result<OwnedFd> {
     let (ours, theirs) = sys::seqpacket_pair()?;
+    let theirs = sys::above_stdio(theirs)?;
     let null = crate::builder::dev_null()?.as_raw_fd();
     children::init();
     let slot =

@@ -180,7 +180,9 @@ pub(crate) fn memfd(name: &CStr) -> io::Result<std::fs::File> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: memfd_create returned a fresh descriptor that nothing else owns.
-    Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // (A start may keep it open across an exec under its own number.)
+    Ok(std::fs::File::from(above_stdio(fd)?))
 }
 
 fn status_from_raw(raw: libc::c_int) -> ExitStatus {
@@ -671,7 +673,26 @@ pub(crate) struct ExecSpec<'a> {
 /// close-on-exec in the child alone (POSIX, glibc 2.29+), so no other
 /// thread's exec in this process inherits them. As std does for its
 /// children: an empty signal mask and `SIGPIPE` at its default.
+///
+/// Where `dup2(fd, fd)` may not clear close-on-exec (glibc before 2.29, or
+/// another C library), or where the variable `PROC_SPAWN_VIA_FORK` is set
+/// (a way out, and how the tests reach that path), the start goes through
+/// std's `Command` with a `pre_exec` hook that clears it (a fork).
+///
+/// A kept descriptor numbered 0 to 2 (this process had closed a standard
+/// stream when it was made) would be the child's stdin, stdout or stderr:
+/// refused with `InvalidInput` (the callers make theirs above 2, see
+/// [`above_stdio`]).
 pub(crate) fn spawn_exe(spec: &ExecSpec<'_>) -> io::Result<libc::pid_t> {
+    if spec.keep.iter().any(|&fd| fd <= 2) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a descriptor to keep across the exec is numbered 0, 1 or 2",
+        ));
+    }
+    if !dup2_clears_cloexec() || std::env::var_os("PROC_SPAWN_VIA_FORK").is_some() {
+        return spawn_with_command(spec);
+    }
     use std::ffi::CString;
     use std::os::unix::ffi::{OsStrExt, OsStringExt};
     let nul = |bytes: Vec<u8>| {
@@ -721,7 +742,8 @@ pub(crate) fn spawn_exe(spec: &ExecSpec<'_>) -> io::Result<libc::pid_t> {
     // every path after a successful init; every pointer handed to
     // posix_spawn (path, argv, envp and their strings) outlives the call,
     // and argv/envp end with a null pointer. The descriptors named in file
-    // actions are only read by the child.
+    // actions are the caller's and open for the whole call (the child
+    // dup2s its copies of them).
     unsafe {
         let mut actions: libc::posix_spawn_file_actions_t = std::mem::zeroed();
         check(libc::posix_spawn_file_actions_init(&mut actions))?;
@@ -763,6 +785,77 @@ pub(crate) fn spawn_exe(spec: &ExecSpec<'_>) -> io::Result<libc::pid_t> {
         libc::posix_spawn_file_actions_destroy(&mut actions);
         result
     }
+}
+
+/// Whether a `posix_spawn` file action `dup2(fd, fd)` clears close-on-exec
+/// in the child (POSIX 2024; glibc since 2.29).
+fn dup2_clears_cloexec() -> bool {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: gnu_get_libc_version takes nothing and returns a pointer
+        // to a static NUL-terminated string.
+        let version = unsafe { CStr::from_ptr(libc::gnu_get_libc_version()) };
+        let mut parts = version
+            .to_str()
+            .unwrap_or("")
+            .split('.')
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let major = parts.next().unwrap_or(0);
+        let minor = parts.next().unwrap_or(0);
+        (major, minor) >= (2, 29)
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        false
+    }
+}
+
+/// [`spawn_exe`] through std's `Command`, with a `pre_exec` hook that
+/// clears close-on-exec on the kept descriptors.
+fn spawn_with_command(spec: &ExecSpec<'_>) -> io::Result<libc::pid_t> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    if let Some(arg0) = std::env::args_os().next() {
+        cmd.arg0(arg0);
+    }
+    cmd.args(std::env::args_os().skip(1));
+    cmd.env(spec.var.0, &spec.var.1);
+    if spec.stdin.is_some() {
+        cmd.stdin(std::process::Stdio::null());
+    }
+    let fds = spec.keep.to_vec();
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls fcntl, which is async-signal-safe, on descriptors it owns
+    // copies of; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    // std's Child does not wait on drop: the caller's table reaps it.
+    Ok(cmd.spawn()?.id() as libc::pid_t)
+}
+
+/// `fd` if it is above 2, else a close-on-exec duplicate numbered 3 or
+/// more (and `fd` closed): a descriptor meant to cross an exec under its
+/// own number must not take the place of a standard stream there.
+pub(crate) fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC duplicates an open descriptor (owned by
+    // `fd`) to the lowest free number >= 3.
+    let dup = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if dup < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fcntl returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(dup) })
 }
 
 /// A close-on-exec pipe: (read end, write end).
