@@ -78,6 +78,7 @@ fn main() {
             a_child_starts_unblocked_with_the_programs_arguments
         ),
         both!("a_start_with_stdin_closed", 20, a_start_with_stdin_closed),
+        both!("requests_small_and_large", 30, requests_small_and_large),
     ]
     .into_iter()
     .flatten()
@@ -421,6 +422,21 @@ fn a_child_starts_unblocked_with_the_programs_arguments() {
         assert_eq!(blocked, 0, "blocked signals {blocked:#x}");
     }
     assert_eq!(args, std::env::args().collect::<Vec<_>>());
+}
+
+fn byte_sum(bytes: Vec<u8>) -> (usize, u64) {
+    (bytes.len(), bytes.iter().map(|&b| u64::from(b)).sum())
+}
+
+/// Requests on each side of the size that a fork server's spare takes
+/// inline (16 KiB), one after another so that spares take most of them.
+fn requests_small_and_large() {
+    for len in [0, 10, 16_000, 16 << 10, (16 << 10) + 1, 100_000, 3 << 20, 5] {
+        let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let want = byte_sum(bytes.clone());
+        let child = spawn().spawn_entry(byte_sum, bytes).expect("spawn");
+        assert_eq!(child.join().expect("join"), want, "{len} bytes");
+    }
 }
 
 /// A start from a process whose stdin is closed: descriptor 0 is free, and

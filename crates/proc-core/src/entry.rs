@@ -264,7 +264,7 @@ fn run_spawned(fds: &str) {
         sys::exit_now(1)
     };
     // Inherited under the numbers the request lists.
-    run_request(request_file, result, None, None)
+    run_request(RequestSource::File(request_file), result, None, None)
 }
 
 /// In a child (exec'd, or forked by the fork server): reads the request,
@@ -273,21 +273,24 @@ fn run_spawned(fds: &str) {
 /// is the process the daemon check expects as parent (the fork server), or
 /// `None` for the requester itself.
 pub(crate) fn run_request(
-    request_file: File,
+    source: RequestSource,
     result: File,
     shared: Option<Vec<std::os::fd::OwnedFd>>,
     parent: Option<i32>,
 ) -> ! {
-    let request = request_file
-        .metadata()
-        .ok()
-        .and_then(|m| usize::try_from(m.len()).ok())
-        .and_then(|len| {
-            let mut buf = vec![0u8; len];
-            request_file.read_exact_at(&mut buf, 0).ok()?;
-            postcard::from_bytes::<Request>(&buf).ok()
-        });
-    drop(request_file);
+    let bytes = match source {
+        RequestSource::File(file) => file
+            .metadata()
+            .ok()
+            .and_then(|m| usize::try_from(m.len()).ok())
+            .and_then(|len| {
+                let mut buf = vec![0u8; len];
+                file.read_exact_at(&mut buf, 0).ok()?;
+                Some(buf)
+            }),
+        RequestSource::Inline(bytes) => Some(bytes),
+    };
+    let request = bytes.and_then(|b| postcard::from_bytes::<Request>(&b).ok());
     let Some(request) = request else {
         finish_with(&result, &Outcome::Refused("malformed request".into()))
     };
@@ -346,9 +349,28 @@ pub(crate) fn run_request(
     run(&proof, entry_addr, &request.args, &result)
 }
 
+/// Where a child finds its request.
+pub(crate) enum RequestSource {
+    /// A memfd holding it (an exec start, a fork-server `Fork` request, a
+    /// request too large to travel inline).
+    File(File),
+    /// The bytes themselves, which came in the message that handed the
+    /// request to a spare.
+    Inline(Vec<u8>),
+}
+
+/// A request's bytes in a memfd of their own.
+pub(crate) fn request_memfd(bytes: &[u8]) -> Result<File, SpawnError> {
+    let file = sys::memfd(c"proc-request").map_err(SpawnError::ResultChannel)?;
+    file.write_all_at(bytes, 0)
+        .map_err(SpawnError::ResultChannel)?;
+    Ok(file)
+}
+
 /// What an exec or fork-server start sends to its child.
 pub(crate) struct Prepared {
-    pub(crate) request_file: File,
+    /// The encoded [`Request`].
+    pub(crate) request: Vec<u8>,
     pub(crate) result: File,
     /// Descriptors shared by the arguments (this process's duplicates).
     pub(crate) fds: Vec<std::os::fd::OwnedFd>,
@@ -392,13 +414,9 @@ where
         parent_daemon: me.daemon(),
     };
     let bytes = postcard::to_stdvec(&request).map_err(|e| SpawnError::Encode(e.to_string()))?;
-    let request_file = sys::memfd(c"proc-request").map_err(SpawnError::ResultChannel)?;
-    request_file
-        .write_all_at(&bytes, 0)
-        .map_err(SpawnError::ResultChannel)?;
     let result = sys::memfd(c"proc-result").map_err(SpawnError::ResultChannel)?;
     Ok(Prepared {
-        request_file,
+        request: bytes,
         result,
         fds,
         name,
@@ -418,13 +436,14 @@ where
     R: Serialize + DeserializeOwned,
 {
     let Prepared {
-        request_file,
+        request,
         result,
         fds,
         name,
         daemon,
         stdin,
     } = prepare(&builder, f, args, true)?;
+    let request_file = request_memfd(&request)?;
     children::init();
     let slot = children::reserve().ok_or(SpawnError::TooManyChildren)?;
     children::name(slot, &name);

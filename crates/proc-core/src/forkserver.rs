@@ -29,7 +29,7 @@ use serde::Serialize;
 
 use crate::builder::Builder;
 use crate::children;
-use crate::entry::{self, Prepared};
+use crate::entry::{self, Prepared, RequestSource};
 use crate::error::SpawnError;
 use crate::handle::JoinHandle;
 use crate::pid::Pid;
@@ -160,7 +160,7 @@ impl Link {
     /// server (whose reply [`receive`](Link::receive) reads).
     fn send<R>(&mut self, prepared: Prepared) -> Result<Started<R>, Asked> {
         let Prepared {
-            request_file,
+            request,
             result,
             fds,
             name,
@@ -178,15 +178,34 @@ impl Link {
         let (status_read, status_write) = sys::pipe()
             .map_err(SpawnError::ResultChannel)
             .map_err(Asked::Local)?;
-        let mut send = vec![request_file.as_raw_fd(), result.as_raw_fd()];
-        send.extend(fds.iter().map(|fd| fd.as_raw_fd()));
+        // A request handed to a spare travels inline when it is small (no
+        // memfd to make, fill, and for the child to read and free: ~18% of
+        // a spare child's CPU was the last close of the request's memfd);
+        // otherwise, and for the server, in a memfd.
+        let mut request_file = None;
+        if self.offer.is_none() || request.len() > sys::INLINE_REQUEST_MAX {
+            request_file = Some(entry::request_memfd(&request).map_err(Asked::Local)?);
+        }
+        let shared: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
         if let Some(Offer { pid, pidfd, chan }) = self.offer.take() {
+            let sent = match &request_file {
+                Some(file) => {
+                    let mut send = vec![file.as_raw_fd(), result.as_raw_fd()];
+                    send.extend(&shared);
+                    sys::send_request(&chan, &send)
+                }
+                None => {
+                    let mut send = vec![result.as_raw_fd()];
+                    send.extend(&shared);
+                    sys::send_inline_request(&chan, &request, &send)
+                }
+            };
             // An error means the spare is gone (killed from outside, or it
             // saw the server end) or the message could not be sent: the
             // server forks a child instead. A spare still alive is ended
             // (through its pidfd: no pid reuse), so that the server, seeing
             // it go, makes and offers another.
-            if sys::send_request(&chan, &send).is_err() {
+            if sent.is_err() {
                 let _ = sys::pidfd_signal(pidfd.as_fd(), libc::SIGKILL);
             } else {
                 drop(chan);
@@ -206,7 +225,16 @@ impl Link {
                 )));
             }
         }
-        send.insert(2, status_write.as_raw_fd());
+        let request_file = match request_file {
+            Some(file) => file,
+            None => entry::request_memfd(&request).map_err(Asked::Local)?,
+        };
+        let mut send = vec![
+            request_file.as_raw_fd(),
+            result.as_raw_fd(),
+            status_write.as_raw_fd(),
+        ];
+        send.extend(&shared);
         sys::send_request(&self.sock, &send).map_err(Asked::ServerGone)?;
         self.owed += 1;
         Ok(Started::Sent(Sent {
@@ -852,7 +880,12 @@ fn fork_for(
             sys::close_inherited(own.alive.0.as_raw_fd());
             drop(status);
             program.restore();
-            run_child(request, result, shared, server)
+            run_child(
+                RequestSource::File(File::from(request)),
+                result,
+                shared,
+                server,
+            )
         }
         Ok(Fork::Parent(pid)) => match sys::pidfd_open(pid).ok().flatten() {
             Some(pidfd) => {
@@ -938,14 +971,14 @@ fn kill_and_reap(pid: libc::pid_t) {
 /// In a child of the server: runs the request's entry; never returns into
 /// the server's (or, in a zygote, its requester's) frames, not even by a
 /// panic before the entry's own catch.
-fn run_child(request: OwnedFd, result: OwnedFd, shared: Vec<OwnedFd>, server: libc::pid_t) -> ! {
+fn run_child(
+    request: RequestSource,
+    result: OwnedFd,
+    shared: Vec<OwnedFd>,
+    server: libc::pid_t,
+) -> ! {
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        entry::run_request(
-            File::from(request),
-            File::from(result),
-            Some(shared),
-            Some(server),
-        )
+        entry::run_request(request, File::from(result), Some(shared), Some(server))
     }));
     sys::exit_now(1)
 }
@@ -974,6 +1007,7 @@ fn make_spare(
             drop(ours);
             own.close_in_child();
             program.restore();
+            let mut buf = Some(sys::request_buffer());
             let fds = loop {
                 let ready = match sys::poll_many(&[theirs.as_fd(), own.alive.0.as_fd()]) {
                     Ok(ready) => ready,
@@ -987,16 +1021,24 @@ fn make_spare(
                     }
                     sys::exit_now(0)
                 }
-                match sys::receive(&theirs) {
-                    Ok(Some(fds)) if fds.len() >= 2 => break fds,
+                match sys::receive(&theirs, buf.take().unwrap_or_else(sys::request_buffer)) {
+                    Ok(Some(request)) => break request,
                     // The requester is gone, or dropped it.
                     _ => sys::exit_now(0),
                 }
             };
             drop(theirs);
             sys::close_inherited(own.alive.0.as_raw_fd());
+            let (inline, fds) = fds;
             let mut fds = fds.into_iter();
-            let (Some(request), Some(result)) = (fds.next(), fds.next()) else {
+            let request = match inline {
+                Some(bytes) => RequestSource::Inline(bytes),
+                None => match fds.next() {
+                    Some(file) => RequestSource::File(File::from(file)),
+                    None => sys::exit_now(0),
+                },
+            };
+            let Some(result) = fds.next() else {
                 sys::exit_now(0)
             };
             run_child(request, result, fds.collect(), server)

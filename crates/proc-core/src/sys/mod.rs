@@ -968,6 +968,25 @@ pub(crate) fn send_request(sock: &OwnedFd, fds: &[RawFd]) -> io::Result<()> {
     send_with_fds(sock, b"r", fds)
 }
 
+/// The largest request handed to a spare inside its message (larger ones
+/// travel in a memfd).
+pub(crate) const INLINE_REQUEST_MAX: usize = 16 << 10;
+
+/// Sends a request to a spare child with its bytes in the message (at most
+/// [`INLINE_REQUEST_MAX`]) and `fds` (the result's, then the shared ones).
+pub(crate) fn send_inline_request(sock: &OwnedFd, request: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    if request.len() > INLINE_REQUEST_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "request too large to send inline",
+        ));
+    }
+    let mut message = Vec::with_capacity(1 + request.len());
+    message.push(b'i');
+    message.extend_from_slice(request);
+    send_with_fds(sock, &message, fds)
+}
+
 /// A message naming a process: a tag byte, then the pid.
 fn tagged_pid(tag: u8, pid: libc::pid_t) -> [u8; 5] {
     let mut msg = [tag; 5];
@@ -1069,16 +1088,38 @@ pub(crate) fn receive_request(sock: &OwnedFd) -> io::Result<Option<ToServer>> {
     Ok(Some(ToServer::Fork(if cut { Vec::new() } else { fds })))
 }
 
-/// In a spare child: the request's descriptors, or `None` when the other
-/// end closed.
-pub(crate) fn receive(sock: &OwnedFd) -> io::Result<Option<Vec<OwnedFd>>> {
-    let mut buf = [0u8; 1];
+/// A buffer for [`receive`]: one byte more than the largest message (a
+/// longer one shows as filling it), its pages touched now (a spare makes
+/// it before it waits, so that the request's arrival does not fault them
+/// in).
+pub(crate) fn request_buffer() -> Vec<u8> {
+    vec![0xff; INLINE_REQUEST_MAX + 2]
+}
+
+/// In a spare child: a request — its bytes if they came inline (then the
+/// descriptors are the result's and the shared ones; otherwise the
+/// request's memfd comes first) — or `None` when the other end closed, or
+/// when the message was malformed or its descriptors cut short (the child
+/// must not run without them).
+/// `buf` is [`request_buffer`]'s (made before the wait).
+#[allow(clippy::type_complexity)]
+pub(crate) fn receive(
+    sock: &OwnedFd,
+    mut buf: Vec<u8>,
+) -> io::Result<Option<(Option<Vec<u8>>, Vec<OwnedFd>)>> {
     let (n, fds, cut) = receive_with_fds(sock, &mut buf)?;
-    if n == 0 && fds.is_empty() && !cut {
+    if n == 0 || cut || n == buf.len() {
         return Ok(None);
     }
-    // (Cut short: none, so that the child does not run without them.)
-    Ok(Some(if cut { Vec::new() } else { fds }))
+    match buf[0] {
+        b'r' if n == 1 && fds.len() >= 2 => Ok(Some((None, fds))),
+        b'i' if !fds.is_empty() => {
+            buf.truncate(n);
+            buf.remove(0);
+            Ok(Some((Some(buf), fds)))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// In the fork server: answers a request with `pid` (or -1) and its pidfd.
