@@ -11,7 +11,8 @@
 //! only this process can talk to its server and nothing is left behind),
 //! each carrying descriptors: the request and result memfds and any
 //! descriptor the arguments share (to the spare, or to the server with a
-//! `Fork` request), and the write end of a pipe for the child's exit status
+//! `Fork` request; a request of at most 16 KiB for a spare travels inside
+//! the message instead of in a memfd), and the write end of a pipe for the child's exit status
 //! (to the server, with the `Fork` request or the `Took` that follows a
 //! direct start). The server answers a `Fork` with the child's pid and a
 //! pidfd for it (a spare's come with its offer). The child is the server's:
@@ -197,7 +198,17 @@ impl Link {
                 None => {
                     let mut send = vec![result.as_raw_fd()];
                     send.extend(&shared);
-                    sys::send_inline_request(&chan, &request, &send)
+                    match sys::send_inline_request(&chan, &request, &send) {
+                        // Not sent, the spare still there (a socket buffer
+                        // smaller than the message, say): in a memfd then.
+                        Err(e) if !sys::peer_gone(&e) => {
+                            let file = entry::request_memfd(&request).map_err(Asked::Local)?;
+                            let mut send = vec![file.as_raw_fd(), result.as_raw_fd()];
+                            send.extend(&shared);
+                            sys::send_request(&chan, &send)
+                        }
+                        sent => sent,
+                    }
                 }
             };
             // An error means the spare is gone (killed from outside, or it
@@ -1007,7 +1018,7 @@ fn make_spare(
             drop(ours);
             own.close_in_child();
             program.restore();
-            let mut buf = Some(sys::request_buffer());
+            let buf = sys::request_buffer();
             let fds = loop {
                 let ready = match sys::poll_many(&[theirs.as_fd(), own.alive.0.as_fd()]) {
                     Ok(ready) => ready,
@@ -1021,7 +1032,7 @@ fn make_spare(
                     }
                     sys::exit_now(0)
                 }
-                match sys::receive(&theirs, buf.take().unwrap_or_else(sys::request_buffer)) {
+                match sys::receive(&theirs, buf) {
                     Ok(Some(request)) => break request,
                     // The requester is gone, or dropped it.
                     _ => sys::exit_now(0),

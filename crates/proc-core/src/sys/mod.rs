@@ -1088,6 +1088,15 @@ pub(crate) fn receive_request(sock: &OwnedFd) -> io::Result<Option<ToServer>> {
     Ok(Some(ToServer::Fork(if cut { Vec::new() } else { fds })))
 }
 
+/// Whether a send's error says the peer is gone (its end closed), rather
+/// than that this message could not be sent.
+pub(crate) fn peer_gone(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN)
+    )
+}
+
 /// A buffer for [`receive`]: one byte more than the largest message (a
 /// longer one shows as filling it), its pages touched now (a spare makes
 /// it before it waits, so that the request's arrival does not fault them
@@ -1322,6 +1331,54 @@ mod tests {
         let mine = exe_identity().expect("identity");
         assert!(same_exe(mine).is_some());
         assert!(same_exe((mine.0, mine.1.wrapping_add(1))).is_none());
+    }
+
+    #[test]
+    fn inline_requests_are_framed_exactly() {
+        let (a, b) = seqpacket_pair().expect("pair");
+        let (r, w) = pipe().expect("pipe");
+        // Empty and largest requests come back whole, with the descriptor.
+        for len in [0, 1, INLINE_REQUEST_MAX - 1, INLINE_REQUEST_MAX] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+            send_inline_request(&a, &bytes, &[w.as_raw_fd()]).expect("send");
+            let (got, fds) = receive(&b, request_buffer())
+                .expect("receive")
+                .expect("a request");
+            assert_eq!(got.as_deref(), Some(&bytes[..]), "{len} bytes");
+            assert_eq!(fds.len(), 1);
+        }
+        // One byte more is refused at the sender.
+        let big = vec![0u8; INLINE_REQUEST_MAX + 1];
+        assert!(send_inline_request(&a, &big, &[w.as_raw_fd()]).is_err());
+        // A longer message than the buffer holds (as a peer could send),
+        // an unknown tag, an inline request without its result's
+        // descriptor, a memfd request with too few: none is a request.
+        let mut long = vec![b'i'];
+        long.extend(vec![0u8; INLINE_REQUEST_MAX + 1]);
+        send_with_fds(&a, &long, &[w.as_raw_fd()]).expect("send");
+        send_with_fds(&a, b"x", &[w.as_raw_fd()]).expect("send");
+        send_with_fds(&a, b"i123", &[]).expect("send");
+        send_with_fds(&a, b"r", &[w.as_raw_fd()]).expect("send");
+        for what in ["too long", "unknown tag", "no result", "memfd short"] {
+            assert!(
+                receive(&b, request_buffer()).expect("receive").is_none(),
+                "{what}"
+            );
+        }
+        // The descriptors of those messages were closed: the pipe's write
+        // end is ours alone again, so dropping it gives end of file.
+        drop(w);
+        let mut rest = Vec::new();
+        std::io::Read::read_to_end(&mut &r, &mut rest).expect("read");
+        assert!(rest.is_empty());
+        // A memfd request: no bytes, the descriptors as they came.
+        let (_r2, w2) = pipe().expect("pipe");
+        send_request(&a, &[w2.as_raw_fd(), w2.as_raw_fd()]).expect("send");
+        let (got, fds) = receive(&b, request_buffer())
+            .expect("receive")
+            .expect("a request");
+        assert!(got.is_none());
+        assert_eq!(fds.len(), 2);
     }
 
     #[test]
