@@ -58,6 +58,11 @@ fn main() {
             a_whole_get_leaves_a_stream,
         ),
         ("into_fresh_empties_a_queue", 20, into_fresh_empties_a_queue),
+        (
+            "close_ends_a_stream_that_nobody_drains",
+            20,
+            close_ends_a_stream_that_nobody_drains,
+        ),
         ("joinable_queue", 20, joinable_queue),
         ("simple_queue", 10, simple_queue),
         (
@@ -424,6 +429,31 @@ fn decode_error_keeps_queue_working() {
         Err(GetError::Failed(QueueError::Decode(_)))
     ));
     assert!(nums.empty());
+}
+
+fn close_ends_a_stream_that_nobody_drains() {
+    // A message four times the ring, no consumer: the put fills the ring
+    // with its first fragments and waits for room. close() (here from the
+    // parent) ends it with Closed — before, a put past its first fragment
+    // finished "regardless" and waited for ever, holding the producer
+    // lock — and nobody ever sees a piece of the message.
+    let q: Queue<Vec<u8>> = Queue::builder().capacity(16 * 1024).build().expect("queue");
+    let producer = q.clone();
+    let child = proc::spawn(move || {
+        let big = pattern(64 * 1024, 5);
+        let t = Instant::now();
+        let closed = matches!(producer.put_bytes(&big), Err(PutError::Closed(())));
+        (closed, t.elapsed())
+    })
+    .expect("spawn");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(q.qsize() == 0, "a part of the message counted as a message");
+    q.close();
+    let (closed, took) = child.join().expect("join");
+    assert!(closed, "the put did not end with Closed");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(matches!(q.get_bytes(), Err(GetError::Closed)));
+    assert!(matches!(q.put(vec![1]), Err(PutError::Closed(_))));
 }
 
 fn timed_out_stream_is_withdrawn() {

@@ -716,6 +716,11 @@ impl<T: Serialize + DeserializeOwned> JoinableQueue<T> {
 
 impl<T> JoinableQueue<T> {
     /// Items put and not yet marked done.
+    ///
+    /// Counted modulo 2^24, as the ring counts its messages: at most
+    /// 16,777,215 items may be taken and not yet marked done at once (the
+    /// ring itself never holds that many); past it the count wraps, `join`
+    /// may return early and `task_done` report too many calls.
     pub fn unfinished_tasks(&self) -> usize {
         let done = &self.queue.ring.segment().header().misc.0.done;
         let done = done.load(Ordering::Acquire);

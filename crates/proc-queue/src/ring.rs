@@ -400,6 +400,11 @@ impl Ring {
                         self.write_abort();
                         return Err(PushError::Full);
                     }
+                    Err(PushError::Closed) if !first => {
+                        // Closed midway with no room left: the same.
+                        self.write_abort();
+                        return Err(PushError::Closed);
+                    }
                     Err(e) => return Err(e),
                 }
                 first = false;
@@ -569,7 +574,10 @@ impl Ring {
 
     /// Waits until `need` bytes after `tail` are free; false on timeout.
     /// Before a message's first record is out (`first`), a close ends the
-    /// wait with `Closed`; afterwards the message is finished regardless.
+    /// wait with `Closed`; afterwards a close ends it only while there is
+    /// no room (the consumers stopped taking: the caller withdraws the
+    /// message), so that a put streaming a message into a closed queue
+    /// that nobody drains returns instead of waiting for ever.
     fn wait_room(
         &self,
         tail: u64,
@@ -603,6 +611,10 @@ impl Ring {
                 Ok(f) if f >= need => {
                     prod.cached_head
                         .store(head, std::sync::atomic::Ordering::Relaxed);
+                    true
+                }
+                Ok(_) if self.is_closed() => {
+                    error = Some(PushError::Closed);
                     true
                 }
                 Ok(_) => false,
@@ -862,14 +874,23 @@ impl Ring {
                     let mut total_bytes = [0u8; 8];
                     total_bytes.copy_from_slice(&payload[..8]);
                     let total = u64::from_le_bytes(total_bytes);
-                    // `total` counts what follows the length block.
+                    // `total` counts what follows the length block. A
+                    // message this process cannot hold is taken out of the
+                    // way (its first fragment retired; the rest are skipped
+                    // as a message whose start is gone, its last counting
+                    // it as taken), so that the queue goes on.
+                    let too_large = || {
+                        retire(hcount);
+                        PopError::Failed(QueueError::TooLarge(total))
+                    };
                     let body = usize::try_from(total)
                         .ok()
                         .and_then(|t| t.checked_sub(skip - 16))
-                        .ok_or(PopError::Failed(QueueError::TooLarge(total)))?;
+                        .ok_or_else(too_large)?;
                     let mut buf = Vec::new();
-                    buf.try_reserve_exact(body)
-                        .map_err(|_| PopError::Failed(QueueError::TooLarge(total)))?;
+                    if buf.try_reserve_exact(body).is_err() {
+                        return Err(too_large());
+                    }
                     if r.len - skip > body {
                         return Err(corrupt("fragment longer than its message"));
                     }
@@ -1159,6 +1180,28 @@ mod tests {
             let got = ring.pop(None, |p| p.bytes.as_slice().to_vec());
             assert_eq!(got.ok().as_deref(), Some(&payload[..]), "message {i}");
         }
+    }
+
+    #[test]
+    fn a_message_too_large_to_hold_is_taken_out_of_the_way() {
+        // A streamed message (larger than half the ring) whose length block
+        // announces more than this process can allocate, then a small one:
+        // the first get says TooLarge, the next one gets the small message
+        // (before, every get said TooLarge again and the queue was stuck).
+        let ring = Ring::new(Segment::create(1 << 12, 0).expect("segment"));
+        let big = vec![7u8; 3000];
+        assert!(ring.push(&[&big], false, None).is_ok());
+        assert!(ring.push(&[b"next"], false, None).is_ok());
+        // The first fragment's payload starts with the total length.
+        ring.seg.write(HDR, &(1u64 << 62).to_le_bytes());
+        let first = ring.pop(None, |p| p.bytes.as_slice().to_vec());
+        assert!(matches!(
+            first,
+            Err(PopError::Failed(QueueError::TooLarge(_)))
+        ));
+        let next = ring.pop(None, |p| p.bytes.as_slice().to_vec());
+        assert_eq!(next.ok().as_deref(), Some(&b"next"[..]));
+        assert_eq!(ring.len(), 0);
     }
 
     #[test]

@@ -445,9 +445,12 @@ impl RobustMutex {
                         // SAFETY: as above.
                         unsafe { libc::pthread_mutex_trylock(self.raw()) }
                     } else {
-                        // pthread's deadline is on CLOCK_REALTIME; a clock
-                        // jump only shortens one slice: the loop re-checks
-                        // the monotonic deadline.
+                        // pthread's deadline is on CLOCK_REALTIME: a step
+                        // of the clock forward ends the wait early (the loop
+                        // re-checks the monotonic deadline); a step back
+                        // while it waits lengthens it by the step (a known
+                        // limit: pthread_mutex_clocklock, glibc 2.30, would
+                        // avoid it).
                         let abs = realtime_after(d - now);
                         // SAFETY: as above; `abs` is a valid timespec.
                         unsafe { libc::pthread_mutex_timedlock(self.raw(), &abs) }
