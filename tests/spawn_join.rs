@@ -39,6 +39,11 @@ fn main() {
         ),
         ("identity_and_names", 10, identity_and_names),
         (
+            "a_timed_wait_without_a_descriptor_to_spare",
+            10,
+            a_timed_wait_without_a_descriptor_to_spare,
+        ),
+        (
             "active_children_and_cpu_count",
             10,
             active_children_and_cpu_count,
@@ -450,4 +455,25 @@ fn wait_ended_timeout_outlasts_signals() {
         t.elapsed()
     );
     child.join().expect("join");
+}
+
+/// A timed wait needs a pidfd to sleep on; without a descriptor to spare
+/// it polls instead (before: `Err(Io(EMFILE))` for a child still running,
+/// which breaks a `while wait_timeout(..)?.is_none()` loop).
+fn a_timed_wait_without_a_descriptor_to_spare() {
+    let mut child = proc::spawn(|| {
+        std::thread::sleep(Duration::from_millis(300));
+        4u8
+    })
+    .expect("spawn");
+    let waited = common::without_spare_descriptors(|| {
+        let t = Instant::now();
+        let first = child.wait_timeout(Duration::from_millis(50));
+        (first, t.elapsed())
+    });
+    assert!(matches!(waited.0, Ok(None)), "{:?}", waited.0);
+    assert!(waited.1 >= Duration::from_millis(50), "{:?}", waited.1);
+    let ended = common::without_spare_descriptors(|| child.wait_timeout(Duration::from_secs(5)));
+    assert!(matches!(ended, Ok(Some(s)) if s.success()), "{ended:?}");
+    assert_eq!(child.join().expect("join"), 4);
 }

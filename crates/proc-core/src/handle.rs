@@ -378,7 +378,10 @@ impl<T> JoinHandle<T> {
     /// Sleeps until the child exits or `timeout` passes.
     fn sleep_until_exit(&mut self, timeout: Duration) -> Result<(), JoinError> {
         if self.pidfd.is_none() {
-            self.pidfd = sys::pidfd_open(self.pid.raw()).map_err(JoinError::Io)?;
+            // No pidfd (no descriptor to spare, a sandbox that refuses the
+            // call, the child reaped elsewhere meanwhile): the status is
+            // polled instead; the caller's next look settles the rest.
+            self.pidfd = sys::pidfd_open(self.pid.raw()).ok().flatten();
         }
         match &self.pidfd {
             Some(fd) => {
