@@ -17,9 +17,11 @@ struct Downloader {
 
 impl Downloader {
     fn new(urls: &[&str], delay: Duration) -> Self {
-        // `Process::default()` is `super().__init__()`.
+        // `Process::for_class::<Self>()` is `super().__init__()` (the name
+        // is `Downloader-N`, as Python's; `Process::default()` would give
+        // `Process-N`).
         Downloader {
-            base: Process::default(),
+            base: Process::for_class::<Self>(),
             urls: urls.iter().map(|u| u.to_string()).collect(),
             delay,
         }

@@ -12,7 +12,44 @@ fn main() {
         ("seed_steps", 10, seed_steps),
         ("run_sees_its_own_process", 10, run_sees_its_own_process),
         ("errors_and_signals", 10, errors_and_signals),
+        (
+            "a_class_names_its_processes",
+            10,
+            a_class_names_its_processes,
+        ),
     ]);
+}
+
+/// Python names an instance of `class Summer(Process)` `Summer-N`, numbered
+/// with the other processes this one made; a child's are `…-N:M`.
+fn a_class_names_its_processes() {
+    struct Generic<T>(#[allow(dead_code)] T);
+    let plain = Process::default();
+    let n: u32 = plain
+        .name()
+        .strip_prefix("Process-")
+        .and_then(|n| n.parse().ok())
+        .expect("Process-N");
+    let mut summer = Summer {
+        base: Process::for_class::<Summer>(),
+        numbers: vec![1, 2],
+        expected: 3,
+    };
+    assert_eq!(summer.name(), format!("Summer-{}", n + 1));
+    assert_eq!(
+        Process::for_class::<Generic<u8>>().name(),
+        format!("Generic-{}", n + 2)
+    );
+    summer.start().expect("start");
+    summer.join().expect("join");
+    assert_eq!(summer.exitcode(), Some(3));
+    // In a child, its first class instance is numbered under the child.
+    let child = proc::spawn(|| Process::for_class::<Summer>().name().to_owned()).expect("spawn");
+    let inner = child.join().expect("join");
+    assert!(
+        inner.starts_with("Summer-") && inner.ends_with(":1"),
+        "{inner}"
+    );
 }
 
 /// Step 1: "inherit Process" (carry the base part). Step 2: extend

@@ -35,7 +35,9 @@
 //!     }
 //! }
 //!
-//! let mut c = Counter { base: Process::default(), upto: 10 };
+//! // `super().__init__()`: the base part, named `Counter-N` as in Python
+//! let mut c = Counter { base: Process::for_class::<Counter>(), upto: 10 };
+//! assert!(c.name().starts_with("Counter-"));
 //! c.set_name("counter")?;
 //! c.start()?; // runs `run` in a new process
 //! c.join()?;

@@ -64,8 +64,14 @@ pub(crate) fn child_identity(name: Option<String>, path: Option<Vec<u32>>) -> (S
 }
 
 fn default_name(path: &[u32]) -> String {
+    class_name("Process", path)
+}
+
+/// Python's default name of an instance of `class`: the class name, then
+/// the position (`Process-2:1`).
+pub(crate) fn class_name(class: &str, path: &[u32]) -> String {
     let parts: Vec<String> = path.iter().map(u32::to_string).collect();
-    format!("Process-{}", parts.join(":"))
+    format!("{class}-{}", parts.join(":"))
 }
 
 /// Becomes the child described by `name`/`path`, in a freshly forked child

@@ -99,6 +99,25 @@ impl Default for Process {
 }
 
 impl Process {
+    /// The base part of a process class `C` (Python's `super().__init__()`
+    /// in `class C(Process)`): [`Process::default()`] named after the class,
+    /// `C-N`, as Python names an instance of `class Counter(Process)`
+    /// `Counter-1` (numbered as `Process-N` is: by position among this
+    /// process's children, `Counter-2:1` in a child). The class name is
+    /// the type's own, without its module path or generic arguments.
+    ///
+    /// ```
+    /// use proc_core::Process;
+    /// struct Counter;
+    /// let base = Process::for_class::<Counter>();
+    /// assert!(base.name().starts_with("Counter-"));
+    /// ```
+    pub fn for_class<C: ?Sized>() -> Self {
+        let mut process = Process::default();
+        process.name = current::class_name(class_name::<C>(), &process.path);
+        process
+    }
+
     /// A process that will run `target` (Python's `Process(target=...)`; the
     /// closure captures what Python passes as `args` and `kwargs`). Its name
     /// is `Process-N`, numbered as Python numbers them.
@@ -365,4 +384,12 @@ impl Process {
             _ => Err(ProcessError::NotStarted),
         }
     }
+}
+
+/// The last segment of `C`'s type name, without generic arguments
+/// (`my_crate::jobs::Counter<u8>` → `Counter`).
+fn class_name<C: ?Sized>() -> &'static str {
+    let full = std::any::type_name::<C>();
+    let plain = full.split('<').next().unwrap_or(full);
+    plain.rsplit("::").next().unwrap_or(plain)
 }
