@@ -387,6 +387,11 @@ impl Zygote {
         // Its children's stdin, as the fork server's is (opened here: the
         // child below only redirects).
         let null = crate::builder::dev_null().map_err(SpawnError::Stdin)?;
+        // Known here once per process, the zygote inherits it: looked up
+        // in a fresh process, /proc/self/exe took ~a quarter of a zygote's
+        // start-up (procfs makes that process's entries on first use; W8
+        // profile), on the CPU its pool's first workers were waiting for.
+        let _ = sys::exe_identity();
         children::init();
         crate::builder::install_panic_hook();
         let slot = children::reserve().ok_or(SpawnError::TooManyChildren)?;
