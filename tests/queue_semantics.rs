@@ -209,9 +209,12 @@ fn close_during_a_put_loses_nothing() {
     // close() comes either fails with Closed or is delivered: consumers
     // get Closed only once no put is left in flight. Large messages make
     // the window wide; many rounds make hitting it likely.
+    // Odd rounds: a 128 KiB ring, so every message streams through in
+    // fragments (a close may then withdraw one midway: that put fails).
     let m = pattern(256 * 1024, 11);
     for round in 0..60 {
-        let q: Queue<Vec<u8>> = Queue::builder().capacity(4 << 20).build().expect("queue");
+        let cap = if round % 2 == 0 { 4 << 20 } else { 128 << 10 };
+        let q: Queue<Vec<u8>> = Queue::builder().capacity(cap).build().expect("queue");
         let producer = q.clone();
         let msg = m.clone();
         let child = proc::spawn(move || {
@@ -438,14 +441,18 @@ fn close_ends_a_stream_that_nobody_drains() {
     // finished "regardless" and waited for ever, holding the producer
     // lock — and nobody ever sees a piece of the message.
     let q: Queue<Vec<u8>> = Queue::builder().capacity(16 * 1024).build().expect("queue");
-    let producer = q.clone();
+    let started: Queue<u8> = Queue::new().expect("queue");
+    let (producer, tell) = (q.clone(), started.clone());
     let child = proc::spawn(move || {
         let big = pattern(64 * 1024, 5);
+        tell.put(1).expect("put");
         let t = Instant::now();
         let closed = matches!(producer.put_bytes(&big), Err(PutError::Closed(())));
         (closed, t.elapsed())
     })
     .expect("spawn");
+    // The put began; 100 ms later its first fragments fill the ring.
+    started.get().expect("started");
     std::thread::sleep(Duration::from_millis(100));
     assert!(q.qsize() == 0, "a part of the message counted as a message");
     q.close();

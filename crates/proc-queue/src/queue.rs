@@ -296,8 +296,9 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     ///
     /// [`GetError::Closed`] once the queue is closed and drained (instead
     /// of waiting forever); [`GetError::Failed`] if the message does not
-    /// decode as `T` (it is consumed; the queue keeps working) or the
-    /// segment is broken.
+    /// decode as `T` (it is consumed; the queue keeps working), announces
+    /// more bytes than this process can allocate (`TooLarge`: it is taken
+    /// out of the queue, for every consumer), or the segment is broken.
     pub fn get(&self) -> Result<T, GetError> {
         self.get_deadline(None, false)
     }
@@ -728,7 +729,8 @@ impl<T> JoinableQueue<T> {
     }
 
     /// Marks one item taken with `get` as processed (Python's
-    /// `task_done()`).
+    /// `task_done()`). A get that failed on its message (`Decode`,
+    /// `TooLarge`) took that message too: it needs its `task_done` as well.
     ///
     /// # Errors
     ///

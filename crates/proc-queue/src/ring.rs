@@ -22,8 +22,9 @@
 //! message up to half the ring is one record (`FIRST | LAST`); a larger one
 //! streams through as fragments (`FIRST`, …, `LAST`), the first starting
 //! with a 16-byte block holding the total length; a producer whose deadline
-//! passes mid-stream withdraws the message with an `ABORT` record (it always
-//! keeps 16 bytes free for one). Positions and message
+//! passes mid-stream, or whose queue was closed while nobody takes from the
+//! ring, withdraws the message with an `ABORT` record (it always keeps 16
+//! bytes free for one). Positions and message
 //! counts only move at commits, so a process killed anywhere leaves nothing
 //! half-visible: an uncommitted record is overwritten later, a record a
 //! consumer was reading stays for the next consumer.
@@ -44,7 +45,8 @@ const PAD: u8 = 4;
 /// length prefix: the bytes after it are a raw byte string, 16-aligned.
 pub(crate) const RAW: u8 = 8;
 /// Withdraws the streamed message `seq` whose producer gave up (its
-/// deadline passed): consumers drop the part they took.
+/// deadline passed, or the queue was closed and nobody took from the
+/// ring): consumers drop the part they took.
 const ABORT: u8 = 16;
 const KNOWN_FLAGS: u8 = FIRST | LAST | PAD | RAW | ABORT;
 /// A whole message of at most [`COMPACT_MAX`] bytes in one 16-byte record:
@@ -65,6 +67,12 @@ pub(crate) const MIN_CAPACITY: usize = 4096;
 /// How often a consumer waiting for the rest of a streamed message checks
 /// that its producer is still alive.
 const LIVENESS_SLICE: Duration = Duration::from_millis(20);
+
+/// How long a producer streaming a message into a closed queue waits for
+/// room while the consumers take nothing, before it withdraws the message
+/// (`Closed`), and how often it looks meanwhile.
+const CLOSE_GRACE: Duration = Duration::from_millis(200);
+const CLOSE_SLICE: Duration = Duration::from_millis(20);
 
 fn round16(n: usize) -> usize {
     (n + 15) & !15
@@ -574,9 +582,10 @@ impl Ring {
 
     /// Waits until `need` bytes after `tail` are free; false on timeout.
     /// Before a message's first record is out (`first`), a close ends the
-    /// wait with `Closed`; afterwards a close ends it only while there is
-    /// no room (the consumers stopped taking: the caller withdraws the
-    /// message), so that a put streaming a message into a closed queue
+    /// wait with `Closed`. Afterwards the message goes on while consumers
+    /// take from the ring; once the queue is closed and they have taken
+    /// nothing for [`CLOSE_GRACE`], the wait ends with `Closed` (the caller
+    /// withdraws the message), so that a put streaming into a closed queue
     /// that nobody drains returns instead of waiting for ever.
     fn wait_room(
         &self,
@@ -601,33 +610,68 @@ impl Ring {
             return Ok(true);
         }
         let mut error = None;
-        let waited = wait::wait_for(&self.space_signal(), deadline, None, || {
-            if first && self.is_closed() {
-                error = Some(PushError::Closed);
-                return true;
-            }
-            let head = protocol::pos(protocol::observe(&h.consumer.0.head));
-            match free(head) {
-                Ok(f) if f >= need => {
-                    prod.cached_head
-                        .store(head, std::sync::atomic::Ordering::Relaxed);
-                    true
-                }
-                Ok(_) if self.is_closed() => {
+        // Where the consumers' position last stood, and since when (once
+        // the queue is closed).
+        let mut stall: Option<(u64, Instant)> = None;
+        loop {
+            // Closed: look every slice whether the consumers still take.
+            let closed_before = self.is_closed();
+            let slice = closed_before.then_some(CLOSE_SLICE);
+            let mut look_again = false;
+            let waited = wait::wait_for(&self.space_signal(), deadline, slice, || {
+                if first && self.is_closed() {
                     error = Some(PushError::Closed);
-                    true
+                    return true;
                 }
-                Ok(_) => false,
-                Err(e) => {
-                    error = Some(e);
-                    true
+                let head = protocol::pos(protocol::observe(&h.consumer.0.head));
+                match free(head) {
+                    Ok(f) if f >= need => {
+                        prod.cached_head
+                            .store(head, std::sync::atomic::Ordering::Relaxed);
+                        true
+                    }
+                    Ok(_) if self.is_closed() => {
+                        if !closed_before {
+                            // Closed since this wait began: wait again,
+                            // in slices.
+                            look_again = true;
+                            return true;
+                        }
+                        let now = Instant::now();
+                        match stall {
+                            Some((at, since)) if at == head => {
+                                if now.duration_since(since) >= CLOSE_GRACE {
+                                    error = Some(PushError::Closed);
+                                    return true;
+                                }
+                            }
+                            _ => stall = Some((head, now)),
+                        }
+                        false
+                    }
+                    Ok(_) => false,
+                    Err(e) => {
+                        error = Some(e);
+                        true
+                    }
+                }
+            });
+            if let Some(e) = error {
+                return Err(e);
+            }
+            if look_again {
+                continue;
+            }
+            match waited {
+                Waited::Ready => return Ok(true),
+                // The deadline, or a slice (then look again).
+                Waited::TimedOut => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Ok(false);
+                    }
                 }
             }
-        });
-        if let Some(e) = error {
-            return Err(e);
         }
-        Ok(waited == Waited::Ready)
     }
 
     /// Writes an `ABORT` record for the message being streamed (room for it
@@ -883,10 +927,16 @@ impl Ring {
                         retire(hcount);
                         PopError::Failed(QueueError::TooLarge(total))
                     };
-                    let body = usize::try_from(total)
+                    let Some(body) = usize::try_from(total)
                         .ok()
-                        .and_then(|t| t.checked_sub(skip - 16))
-                        .ok_or_else(too_large)?;
+                        .map(|t| t.checked_sub(skip - 16))
+                    else {
+                        return Err(too_large());
+                    };
+                    // (A raw message shorter than its own prefix block.)
+                    let Some(body) = body else {
+                        return Err(corrupt("streamed message shorter than its prefix block"));
+                    };
                     let mut buf = Vec::new();
                     if buf.try_reserve_exact(body).is_err() {
                         return Err(too_large());
