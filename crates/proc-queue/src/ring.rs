@@ -74,6 +74,19 @@ const LIVENESS_SLICE: Duration = Duration::from_millis(20);
 const CLOSE_GRACE: Duration = Duration::from_millis(200);
 const CLOSE_SLICE: Duration = Duration::from_millis(20);
 
+/// Retires a message whose decoding panicked: the panic goes on to the
+/// caller of `get` (it is the caller's `Deserialize` that panicked), and
+/// the message is taken, as one that fails to decode is, instead of
+/// staying at the head for every later get to meet again. Forgotten on
+/// the normal path (no cost there).
+struct RetireOnUnwind<F: Fn()>(F);
+
+impl<F: Fn()> Drop for RetireOnUnwind<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+
 fn round16(n: usize) -> usize {
     (n + 15) & !15
 }
@@ -895,10 +908,14 @@ impl Ring {
                     } else {
                         payload
                     };
+                    // A decode that panics takes the message with it (see
+                    // `RetireOnUnwind`).
+                    let unwinding = RetireOnUnwind(|| retire(hcount + 1));
                     let out = decode(Payload {
                         bytes: Bytes::Ring(bytes),
                         raw,
                     });
+                    std::mem::forget(unwinding);
                     retire(hcount + 1);
                     return Ok(out);
                 }
@@ -963,10 +980,12 @@ impl Ring {
                                         "streamed message shorter than announced".into(),
                                     )));
                                 }
+                                let unwinding = RetireOnUnwind(|| retire(hcount + 1));
                                 let out = decode(Payload {
                                     bytes: Bytes::Assembled(std::mem::take(buf)),
                                     raw: *raw,
                                 });
+                                std::mem::forget(unwinding);
                                 retire(hcount + 1);
                                 return Ok(out);
                             }
