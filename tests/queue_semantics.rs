@@ -490,6 +490,9 @@ fn close_ends_a_stream_that_nobody_drains() {
     std::thread::sleep(Duration::from_millis(100));
     assert!(q.qsize() == 0, "a part of the message counted as a message");
     q.close();
+    // The stuck put still holds the producer lock (it withdraws its
+    // message only after the close grace): a try says Closed, not Full.
+    assert!(matches!(q.try_put(vec![1]), Err(PutError::Closed(_))));
     let (closed, took) = child.join().expect("join");
     assert!(closed, "the put did not end with Closed");
     assert!(took < Duration::from_secs(5), "{took:?}");

@@ -343,6 +343,9 @@ impl Ring {
         let total: usize = parts.iter().map(|p| p.len()).sum();
         let _guard: Guard<'_> = match h.producer_lock.lock(deadline) {
             Ok(g) => g,
+            // A try (or a timeout) that found the lock held on a closed
+            // queue: closed is the answer, not full.
+            Err(LockError::Busy) if self.is_closed() => return Err(PushError::Closed),
             // A try (`try_put`) that found the lock held while the queue
             // has room: the holder is writing a record, not waiting for
             // room; wait for it a little rather than call the queue full
@@ -350,6 +353,7 @@ impl Ring {
             Err(LockError::Busy) if self.looks_roomy(total) => {
                 match h.producer_lock.lock(Some(Instant::now() + TRY_GRACE)) {
                     Ok(g) => g,
+                    Err(LockError::Busy) if self.is_closed() => return Err(PushError::Closed),
                     Err(LockError::Busy) => return Err(PushError::Full),
                     Err(e) => return Err(PushError::Failed(Self::lock_err(e))),
                 }
