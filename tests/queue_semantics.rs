@@ -493,6 +493,25 @@ fn close_ends_a_stream_that_nobody_drains() {
     // The stuck put still holds the producer lock (it withdraws its
     // message only after the close grace): a try says Closed, not Full.
     assert!(matches!(q.try_put(vec![1]), Err(PutError::Closed(_))));
+    // A timed put past its first fragment whose deadline passes on a
+    // closed queue says Closed, not Timeout (its own message withdrawn).
+    let timed = {
+        let q2: Queue<Vec<u8>> = Queue::builder().capacity(16 * 1024).build().expect("queue");
+        let producer = q2.clone();
+        let child = proc::spawn(move || {
+            let big = pattern(64 * 1024, 6);
+            match producer.put_timeout(big, Duration::from_millis(300)) {
+                Err(PutError::Closed(_)) => "closed".to_owned(),
+                Err(e) => format!("{e:?}"),
+                Ok(()) => "ok".to_owned(),
+            }
+        })
+        .expect("spawn");
+        std::thread::sleep(Duration::from_millis(150));
+        q2.close();
+        child.join().expect("join")
+    };
+    assert_eq!(timed, "closed");
     let (closed, took) = child.join().expect("join");
     assert!(closed, "the put did not end with Closed");
     assert!(took < Duration::from_secs(5), "{took:?}");

@@ -435,7 +435,11 @@ impl<T> Queue<T> {
     /// take what is left, then get `Closed` instead of waiting forever. A
     /// put already past its check when `close` comes either completes,
     /// and its message is delivered before any consumer sees `Closed`, or
-    /// fails with `Closed`.
+    /// fails with `Closed`. A put midway through a message larger than
+    /// half the ring goes on while consumers take from the ring, and fails
+    /// with `Closed` (its message withdrawn) once they have taken nothing
+    /// for 200 ms: a consumer that spends longer than that between gets can
+    /// see such a message withdrawn after a close.
     pub fn close(&self) {
         self.ring.close();
     }
@@ -730,7 +734,8 @@ impl<T> JoinableQueue<T> {
 
     /// Marks one item taken with `get` as processed (Python's
     /// `task_done()`). A get that failed on its message (`Decode`,
-    /// `TooLarge`) took that message too: it needs its `task_done` as well.
+    /// `TooLarge`, or a `Deserialize` that panicked) took that message
+    /// too: it needs its `task_done` as well.
     ///
     /// # Errors
     ///

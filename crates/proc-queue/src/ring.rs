@@ -681,9 +681,14 @@ impl Ring {
             }
             match waited {
                 Waited::Ready => return Ok(true),
-                // The deadline, or a slice (then look again).
+                // The deadline, or a slice (then look again). A deadline
+                // that passes on a closed queue is answered Closed (the
+                // caller withdraws a message begun), as a try is.
                 Waited::TimedOut => {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
+                        if self.is_closed() {
+                            return Err(PushError::Closed);
+                        }
                         return Ok(false);
                     }
                 }
