@@ -244,6 +244,11 @@ fn threaded_parent_is_refused() {
     }
     let msg = proc::spawn(|| 1u8).unwrap_err().to_string();
     assert!(msg.contains("spawn_unchecked"), "{msg}");
+    // The way out: the exec start methods, named.
+    assert!(
+        msg.contains("StartMethod::Spawn") && msg.contains("StartMethod::ForkServer"),
+        "{msg}"
+    );
     // The other thread holds no lock the child needs: the unchecked spawn is
     // sound here.
     // SAFETY: the only other thread is blocked in `recv` on a channel the
