@@ -467,7 +467,7 @@ fn wait_ended_timeout_outlasts_signals() {
 /// which breaks a `while wait_timeout(..)?.is_none()` loop).
 fn a_timed_wait_without_a_descriptor_to_spare() {
     let mut child = proc::spawn(|| {
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(1000));
         4u8
     })
     .expect("spawn");
