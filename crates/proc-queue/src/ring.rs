@@ -74,17 +74,28 @@ const LIVENESS_SLICE: Duration = Duration::from_millis(20);
 const CLOSE_GRACE: Duration = Duration::from_millis(200);
 const CLOSE_SLICE: Duration = Duration::from_millis(20);
 
-/// Retires a message whose decoding panicked: the panic goes on to the
-/// caller of `get` (it is the caller's `Deserialize` that panicked), and
-/// the message is taken, as one that fails to decode is, instead of
-/// staying at the head for every later get to meet again. Forgotten on
-/// the normal path (no cost there).
-struct RetireOnUnwind<F: Fn()>(F);
-
-impl<F: Fn()> Drop for RetireOnUnwind<F> {
-    fn drop(&mut self) {
-        (self.0)();
+/// Decodes a whole message and then `retire`s it, also when `decode`
+/// panics: the panic goes on to the caller of `get` (it is the caller's
+/// `Deserialize` that panicked), and the message is taken, as one that
+/// fails to decode is, instead of staying at the head for every later get
+/// to meet again. The guard is forgotten on the normal path (no cost
+/// there).
+fn decode_then_retire<R>(
+    decode: &mut impl FnMut(Payload<'_>) -> R,
+    payload: Payload<'_>,
+    retire: impl Fn(),
+) -> R {
+    struct RetireOnUnwind<F: Fn()>(F);
+    impl<F: Fn()> Drop for RetireOnUnwind<F> {
+        fn drop(&mut self) {
+            (self.0)();
+        }
     }
+    let unwinding = RetireOnUnwind(&retire);
+    let out = decode(payload);
+    std::mem::forget(unwinding);
+    retire();
+    out
 }
 
 fn round16(n: usize) -> usize {
@@ -420,15 +431,11 @@ impl Ring {
                 let spare = if last { 0 } else { HDR };
                 match self.write_record(first, flags, n, &mut w, last, deadline, spare) {
                     Ok(()) => {}
-                    Err(PushError::Full) if !first => {
-                        // The deadline passed midway: withdraw what was sent.
+                    Err(e @ (PushError::Full | PushError::Closed)) if !first => {
+                        // The deadline passed midway, or the queue was
+                        // closed and nobody takes: withdraw what was sent.
                         self.write_abort();
-                        return Err(PushError::Full);
-                    }
-                    Err(PushError::Closed) if !first => {
-                        // Closed midway with no room left: the same.
-                        self.write_abort();
-                        return Err(PushError::Closed);
+                        return Err(e);
                     }
                     Err(e) => return Err(e),
                 }
@@ -917,16 +924,13 @@ impl Ring {
                     } else {
                         payload
                     };
-                    // A decode that panics takes the message with it (see
-                    // `RetireOnUnwind`).
-                    let unwinding = RetireOnUnwind(|| retire(hcount + 1));
-                    let out = decode(Payload {
+                    let payload = Payload {
                         bytes: Bytes::Ring(bytes),
                         raw,
-                    });
-                    std::mem::forget(unwinding);
-                    retire(hcount + 1);
-                    return Ok(out);
+                    };
+                    return Ok(decode_then_retire(&mut decode, payload, || {
+                        retire(hcount + 1)
+                    }));
                 }
                 (true, false) if whole_only => return Err(PopError::Streamed),
                 (true, false) => {
@@ -989,14 +993,13 @@ impl Ring {
                                         "streamed message shorter than announced".into(),
                                     )));
                                 }
-                                let unwinding = RetireOnUnwind(|| retire(hcount + 1));
-                                let out = decode(Payload {
+                                let payload = Payload {
                                     bytes: Bytes::Assembled(std::mem::take(buf)),
                                     raw: *raw,
-                                });
-                                std::mem::forget(unwinding);
-                                retire(hcount + 1);
-                                return Ok(out);
+                                };
+                                return Ok(decode_then_retire(&mut decode, payload, || {
+                                    retire(hcount + 1)
+                                }));
                             }
                             retire(hcount);
                         }
