@@ -183,29 +183,31 @@ impl Link {
         // memfd to make, fill, and for the child to read and free: ~18% of
         // a spare child's CPU was the last close of the request's memfd);
         // otherwise, and for the server, in a memfd.
-        let mut request_file = None;
-        if self.offer.is_none() || request.len() > sys::INLINE_REQUEST_MAX {
-            request_file = Some(entry::request_memfd(&request).map_err(Asked::Local)?);
-        }
-        let shared: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+        let request_file = if self.offer.is_none() || request.len() > sys::INLINE_REQUEST_MAX {
+            Some(entry::request_memfd(&request).map_err(Asked::Local)?)
+        } else {
+            None
+        };
+        // The descriptors of a request in a memfd: the memfd, the result's,
+        // `status` (for the server), then the shared ones.
+        let with_memfd = |file: &File, status: Option<RawFd>| {
+            let mut send = vec![file.as_raw_fd(), result.as_raw_fd()];
+            send.extend(status);
+            send.extend(fds.iter().map(|fd| fd.as_raw_fd()));
+            send
+        };
         if let Some(Offer { pid, pidfd, chan }) = self.offer.take() {
             let sent = match &request_file {
-                Some(file) => {
-                    let mut send = vec![file.as_raw_fd(), result.as_raw_fd()];
-                    send.extend(&shared);
-                    sys::send_request(&chan, &send)
-                }
+                Some(file) => sys::send_request(&chan, &with_memfd(file, None)),
                 None => {
                     let mut send = vec![result.as_raw_fd()];
-                    send.extend(&shared);
+                    send.extend(fds.iter().map(|fd| fd.as_raw_fd()));
                     match sys::send_inline_request(&chan, &request, &send) {
                         // Not sent, the spare still there (a socket buffer
                         // smaller than the message, say): in a memfd then.
                         Err(e) if !sys::peer_gone(&e) => {
                             let file = entry::request_memfd(&request).map_err(Asked::Local)?;
-                            let mut send = vec![file.as_raw_fd(), result.as_raw_fd()];
-                            send.extend(&shared);
-                            sys::send_request(&chan, &send)
+                            sys::send_request(&chan, &with_memfd(&file, None))
                         }
                         sent => sent,
                     }
@@ -240,12 +242,7 @@ impl Link {
             Some(file) => file,
             None => entry::request_memfd(&request).map_err(Asked::Local)?,
         };
-        let mut send = vec![
-            request_file.as_raw_fd(),
-            result.as_raw_fd(),
-            status_write.as_raw_fd(),
-        ];
-        send.extend(&shared);
+        let send = with_memfd(&request_file, Some(status_write.as_raw_fd()));
         sys::send_request(&self.sock, &send).map_err(Asked::ServerGone)?;
         self.owed += 1;
         Ok(Started::Sent(Sent {
@@ -1024,7 +1021,7 @@ fn make_spare(
             own.close_in_child();
             program.restore();
             let buf = sys::request_buffer();
-            let fds = loop {
+            let (inline, fds) = loop {
                 let ready = match sys::poll_many(&[theirs.as_fd(), own.alive.0.as_fd()]) {
                     Ok(ready) => ready,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -1038,14 +1035,13 @@ fn make_spare(
                     sys::exit_now(0)
                 }
                 match sys::receive(&theirs, buf) {
-                    Ok(Some(request)) => break request,
+                    Ok(Some(received)) => break received,
                     // The requester is gone, or dropped it.
                     _ => sys::exit_now(0),
                 }
             };
             drop(theirs);
             sys::close_inherited(own.alive.0.as_raw_fd());
-            let (inline, fds) = fds;
             let mut fds = fds.into_iter();
             let request = match inline {
                 Some(bytes) => RequestSource::Inline(bytes),

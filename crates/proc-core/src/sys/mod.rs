@@ -788,8 +788,13 @@ pub(crate) fn spawn_exe(spec: &ExecSpec<'_>) -> io::Result<libc::pid_t> {
 }
 
 /// Whether a `posix_spawn` file action `dup2(fd, fd)` clears close-on-exec
-/// in the child (POSIX 2024; glibc since 2.29).
+/// in the child (POSIX 2024; glibc since 2.29). Looked up once.
 fn dup2_clears_cloexec() -> bool {
+    static KNOWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *KNOWN.get_or_init(c_library_clears_cloexec)
+}
+
+fn c_library_clears_cloexec() -> bool {
     #[cfg(target_env = "gnu")]
     {
         // SAFETY: gnu_get_libc_version takes nothing and returns a pointer
