@@ -1059,8 +1059,24 @@ fn spawn_workers_started_on_a_thread_die_with_a_killed_parent() {
     workers_die_with_killed_helper("spawn-from-thread", "pool-thread-kill");
 }
 
-/// Counts its calls in the file `path` (across processes); the third
-/// panics.
+/// A Fork pool of one whose worker died (a task killed it) while no
+/// descriptor could be opened, so that its replacement failed to start
+/// from the zygote (the next call starts one).
+fn pool_of_one_whose_replacement_failed() -> Pool {
+    let pool = Pool::builder()
+        .processes(1)
+        .start_method(StartMethod::Fork)
+        .build()
+        .expect("pool");
+    assert_eq!(pool.apply(square, 2), Ok(4));
+    let died = common::without_spare_descriptors(|| pool.apply(die, Death::Kill));
+    assert!(
+        matches!(died, Err(TaskError::WorkerDied { .. })),
+        "{died:?}"
+    );
+    pool
+}
+
 /// A Fork pool of 2 whose third initializer (the first replacement's)
 /// fails, breaking the pool; calls are counted in `dir`.
 fn pool_failing_third_initializer(dir: &std::path::Path) -> Pool {
@@ -1074,6 +1090,8 @@ fn pool_failing_third_initializer(dir: &std::path::Path) -> Pool {
         .expect("pool")
 }
 
+/// Counts its calls in the file `path` (across processes); the third
+/// panics.
 fn init_fails_third_time(path: String) {
     if common::count_call(&path) == 3 {
         panic!("third initializer");
@@ -1200,17 +1218,7 @@ fn a_failed_replacement_keeps_the_zygote() {
     );
     // A pool of one whose only replacement fails for a moment: it must
     // not give up for good (NoWorkers) but start a worker once it can.
-    let single = Pool::builder()
-        .processes(1)
-        .start_method(StartMethod::Fork)
-        .build()
-        .expect("pool");
-    assert_eq!(single.apply(square, 2), Ok(4));
-    let died = common::without_spare_descriptors(|| single.apply(die, Death::Kill));
-    assert!(
-        matches!(died, Err(TaskError::WorkerDied { .. })),
-        "{died:?}"
-    );
+    let single = pool_of_one_whose_replacement_failed();
     assert_eq!(single.apply(square, 3), Ok(9));
 }
 
@@ -1784,14 +1792,7 @@ fn an_ended_pools_rings_serve_the_next_pool() {
         // A pool whose replacement failed to start from its zygote (no
         // descriptor to spare): such a worker could exist without the
         // pool holding it, so its rings go to no other pool.
-        let unsure = Pool::builder()
-            .processes(1)
-            .start_method(StartMethod::Fork)
-            .build()
-            .expect("pool");
-        assert_eq!(unsure.apply(square, 2), Ok(4));
-        let died = common::without_spare_descriptors(|| unsure.apply(die, Death::Kill));
-        assert!(matches!(died, Err(TaskError::WorkerDied { .. })));
+        let unsure = pool_of_one_whose_replacement_failed();
         assert_eq!(unsure.apply(square, 3), Ok(9));
         unsure.close();
         unsure.join().expect("join");
