@@ -1505,9 +1505,9 @@ fn a_killed_zygote_is_no_initializer_failure() {
 }
 
 /// In a worker: overwrites the head position of the pool's result queue
-/// (the 4 MiB ring among this process's queue segments; the consumers'
-/// position word at byte 512, as in proc-queue's corruption test) with a
-/// position out of range.
+/// (the 4 MiB ring among this process's queue segments: a page of header,
+/// the ring, 32 KiB of life slots; the consumers' position word at byte
+/// 512, as in proc-queue's corruption test) with a position out of range.
 fn corrupt_result_queue(_: ()) -> u32 {
     let mut hit = 0;
     for entry in std::fs::read_dir("/proc/self/fd").expect("fds").flatten() {
@@ -1525,7 +1525,7 @@ fn corrupt_result_queue(_: ()) -> u32 {
             continue;
         };
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        if len != (4 << 20) + 4096 {
+        if len != (4 << 20) + 4096 + 32 * 1024 {
             continue;
         }
         use std::os::fd::AsRawFd;

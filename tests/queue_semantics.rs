@@ -63,6 +63,11 @@ fn main() {
             20,
             close_ends_a_stream_that_nobody_drains,
         ),
+        (
+            "a_killed_lock_holder_is_taken_over",
+            30,
+            a_killed_lock_holder_is_taken_over,
+        ),
         ("joinable_queue", 20, joinable_queue),
         ("simple_queue", 10, simple_queue),
         (
@@ -663,6 +668,77 @@ fn withdrawn_stream_at_the_wrap() {
             assert!(child.join().expect("join") == m, "{n} bytes");
         }
     }
+}
+
+/// A child that streams a message four times `q`'s ring into it and is
+/// SIGKILLed midway, holding the producer lock; returns once it is gone.
+fn kill_a_producer_holding_the_lock(q: &Queue<Vec<u8>>) {
+    let producer = q.clone();
+    let child = proc::spawn(move || {
+        let _ = producer.put_bytes(&pattern(64 * 1024, 11));
+    })
+    .expect("spawn");
+    let pid = child.pid().as_u32();
+    // Blocked on the full ring (holding the lock) once its state is 'S'.
+    assert!(common::eventually(Duration::from_secs(5), || {
+        common::proc_state(pid) == Some('S')
+    }));
+    // SAFETY: a signal to our own child, which `child` still holds.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    assert!(child.join().is_err(), "the producer was not killed");
+}
+
+fn a_killed_lock_holder_is_taken_over() {
+    // A process killed holding a queue's lock: the others take the lock
+    // over (its holder's life slot shows the death) and nobody sees a
+    // piece of its message.
+    //
+    // 1. A holder forked after its parent had locked in the segment: the
+    //    fork's copy of the parent's slot is not the child's; it takes its
+    //    own, whose death a process without that copy sees.
+    let q: Queue<Vec<u8>> = Queue::builder().capacity(16 * 1024).build().expect("queue");
+    let go: Queue<u8> = Queue::new().expect("queue");
+    let (late, go_rx) = (q.clone(), go.clone());
+    let other = proc::spawn(move || {
+        go_rx.get().expect("go");
+        let t = Instant::now();
+        let put = late.put_timeout(b"after".to_vec(), Duration::from_secs(10));
+        (put.is_ok(), t.elapsed())
+    })
+    .expect("spawn");
+    q.put(vec![0]).expect("put");
+    assert_eq!(q.get().expect("get"), vec![0]);
+    kill_a_producer_holding_the_lock(&q);
+    go.put(1).expect("put");
+    let (put, took) = other.join().expect("join");
+    assert!(put, "the other process's put failed");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    // (The dead producer's fragments fill the ring until a get discards
+    // them.)
+    assert_eq!(
+        q.get_timeout(Duration::from_secs(5)).expect("get"),
+        b"after"
+    );
+    q.put(b"parent".to_vec()).expect("put");
+    assert_eq!(
+        q.get_timeout(Duration::from_secs(5)).expect("get"),
+        b"parent"
+    );
+    assert!(matches!(q.try_get(), Err(GetError::Empty)));
+    // 2. The dead holder's slot taken again (by the next process to lock,
+    //    which here is the one that wants the lock): a new generation, so
+    //    the word's holder is gone although its slot is held.
+    let q: Queue<Vec<u8>> = Queue::builder().capacity(16 * 1024).build().expect("queue");
+    kill_a_producer_holding_the_lock(&q);
+    let next = q.clone();
+    let put = proc::spawn(move || {
+        next.put_timeout(b"next".to_vec(), Duration::from_secs(10))
+            .is_ok()
+    })
+    .expect("spawn");
+    assert!(put.join().expect("join"), "the next process's put failed");
+    assert_eq!(q.get_timeout(Duration::from_secs(5)).expect("get"), b"next");
+    assert!(matches!(q.try_get(), Err(GetError::Empty)));
 }
 
 fn joinable_queue() {

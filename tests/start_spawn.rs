@@ -910,11 +910,13 @@ fn a_queue_of_a_hostile_size_is_refused() {
     // above the largest ring. The receiving side refuses the queue with a
     // typed error instead of panicking on it (or trusting it). The first
     // round, unchanged, is the control: the queue passed by value (its
-    // last handle here) arrives.
+    // last handle here) arrives. (A segment: a page of header, the ring,
+    // 32 KiB of life slots.)
+    let around = 4096 + 32 * 1024;
     for (capacity, len) in [
-        (2u64 << 20, 4096 + (2 << 20)),
-        (16, 4096 + 16),
-        (256 << 20, 4096 + (256 << 20)),
+        (2u64 << 20, around + (2 << 20)),
+        (16, around + 16),
+        (256 << 20, around + (256 << 20)),
     ] {
         let q: Queue<u64> = Queue::new().expect("queue");
         let file = std::fs::OpenOptions::new()

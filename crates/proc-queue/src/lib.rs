@@ -10,9 +10,10 @@
 //!
 //! The ring lives in a `memfd` mapped `MAP_SHARED`: a queue created before a
 //! fork is shared by parent and child. Producers take turns under one
-//! robust process-shared mutex, consumers under another, so a process killed
-//! inside `put` or `get` is detected by the kernel (`EOWNERDEAD`) and the
-//! next one carries on; nothing is ever published half-written (see
+//! lock, consumers under another; a lock's holder is known by a robust
+//! process-shared mutex it holds for its life, so a process killed inside
+//! `put` or `get` is detected (the kernel marks that mutex `EOWNERDEAD`)
+//! and the next one carries on; nothing is ever published half-written (see
 //! [`Queue`] for the exact guarantees). There is no feeder thread: a `put`
 //! has written the message into shared memory when it returns.
 //!

@@ -1,6 +1,6 @@
 //! The ring: variable-size records in the shared segment, written by one
 //! producer at a time and read by one consumer at a time (each side holds
-//! its robust mutex), committed with the position words of `protocol`.
+//! its lock, see `shm`), committed with the position words of `protocol`.
 //!
 //! A record is a 16-byte header and its payload, padded to 16 bytes, so
 //! every payload starts 16-byte aligned (glibc's memcpy is ~15x slower when
@@ -352,7 +352,7 @@ impl Ring {
     ) -> Result<(), PushError> {
         let h = self.seg.header();
         let total: usize = parts.iter().map(|p| p.len()).sum();
-        let _guard: Guard<'_> = match h.producer_lock.lock(deadline) {
+        let _guard: Guard<'_> = match self.seg.lock(&h.producer_lock, deadline) {
             Ok(g) => g,
             // A try (or a timeout) that found the lock held on a closed
             // queue: closed is the answer, not full.
@@ -362,7 +362,10 @@ impl Ring {
             // room; wait for it a little rather than call the queue full
             // (Python's `put_nowait` waits for its lock too).
             Err(LockError::Busy) if self.looks_roomy(total) => {
-                match h.producer_lock.lock(Some(Instant::now() + TRY_GRACE)) {
+                match self
+                    .seg
+                    .lock(&h.producer_lock, Some(Instant::now() + TRY_GRACE))
+                {
                     Ok(g) => g,
                     Err(LockError::Busy) if self.is_closed() => return Err(PushError::Closed),
                     Err(LockError::Busy) => return Err(PushError::Full),
@@ -824,7 +827,7 @@ impl Ring {
         waited: &mut bool,
     ) -> Result<R, PopError> {
         let h = self.seg.header();
-        let _guard = match h.consumer_lock.lock(deadline) {
+        let _guard = match self.seg.lock(&h.consumer_lock, deadline) {
             Ok(g) => g,
             Err(LockError::Busy) => return Err(PopError::Empty),
             Err(e) => return Err(PopError::Failed(Self::lock_err(e))),
@@ -862,7 +865,7 @@ impl Ring {
                     // close may still be copying: it holds the producer
                     // lock until it commits. Closed only once none is in
                     // flight (a dead holder's lock is taken over here).
-                    match h.producer_lock.lock(Some(Instant::now())) {
+                    match self.seg.lock(&h.producer_lock, Some(Instant::now())) {
                         Ok(_quiet) => {
                             if self.available(head).unwrap_or(0) == 0 {
                                 return Err(PopError::Closed);
@@ -1056,7 +1059,7 @@ impl Ring {
     /// and still nothing new was published).
     fn producer_gone(&self, head: u64) -> bool {
         let h = self.seg.header();
-        match h.producer_lock.lock(Some(Instant::now())) {
+        match self.seg.lock(&h.producer_lock, Some(Instant::now())) {
             Ok(_guard) => self.available(head).is_ok_and(|a| a == 0),
             Err(_) => false,
         }

@@ -2,9 +2,9 @@
 //! byte flips) gives typed errors: no panic, no hang, no undefined
 //! behaviour (the ring never reads or writes outside its mapping).
 //!
-//! The robust mutexes' own bytes are left alone: glibc owns their format,
-//! and a garbled lock word looks exactly like a peer holding the lock, which
-//! every timed call below already survives.
+//! The lock words are flipped too (a word naming no life slot is a typed
+//! error, one naming a slot nobody holds is taken over); the life slots'
+//! robust mutexes are left alone: glibc owns their format.
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
@@ -17,10 +17,13 @@ const CAP: usize = 16 * 1024;
 const DATA: usize = 4096;
 
 /// Byte ranges of the segment a flip may hit: the fixed header fields, the
-/// producer's and consumer's position words, the signals, and the ring.
+/// two lock words, the producer's and consumer's position words, the
+/// signals, and the ring.
 fn regions() -> Vec<(usize, usize)> {
     vec![
         (0, 40),
+        (128, 132),
+        (256, 260),
         (384, 400),
         (512, 528),
         (640, 672),
