@@ -679,9 +679,17 @@ fn kill_a_producer_holding_the_lock(q: &Queue<Vec<u8>>) {
     })
     .expect("spawn");
     let pid = child.pid().as_u32();
-    // Blocked on the full ring (holding the lock) once its state is 'S'.
+    // Blocked on the full ring, holding the lock (its word, at byte 128 of
+    // the segment, names the holder).
+    let fd = std::os::fd::AsRawFd::as_raw_fd(q);
+    let segment = std::fs::File::open(format!("/proc/self/fd/{fd}")).expect("open");
+    let lock_word = || {
+        let mut word = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&segment, &mut word, 128).expect("read");
+        u32::from_le_bytes(word)
+    };
     assert!(common::eventually(Duration::from_secs(5), || {
-        common::proc_state(pid) == Some('S')
+        common::proc_state(pid) == Some('S') && lock_word() != 0
     }));
     // SAFETY: a signal to our own child, which `child` still holds.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
@@ -698,14 +706,21 @@ fn a_killed_lock_holder_is_taken_over() {
     //    own, whose death a process without that copy sees.
     let q: Queue<Vec<u8>> = Queue::builder().capacity(16 * 1024).build().expect("queue");
     let go: Queue<u8> = Queue::new().expect("queue");
-    let (late, go_rx) = (q.clone(), go.clone());
+    let ready: Queue<u8> = Queue::new().expect("queue");
+    let (late, go_rx, ready_tx) = (q.clone(), go.clone(), ready.clone());
     let other = proc::spawn(move || {
+        // Its slot taken before the holder's death: the death shows as
+        // the holder's slot marked by the kernel (not as a slot taken
+        // again, the second part's case).
+        assert!(matches!(late.try_get(), Err(GetError::Empty)));
+        ready_tx.put(1).expect("put");
         go_rx.get().expect("go");
         let t = Instant::now();
         let put = late.put_timeout(b"after".to_vec(), Duration::from_secs(10));
         (put.is_ok(), t.elapsed())
     })
     .expect("spawn");
+    ready.get().expect("ready");
     q.put(vec![0]).expect("put");
     assert_eq!(q.get().expect("get"), vec![0]);
     kill_a_producer_holding_the_lock(&q);

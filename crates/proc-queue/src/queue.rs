@@ -388,17 +388,12 @@ impl<T> Queue<T> {
     /// # Errors
     ///
     /// Gives the queue back, unchanged, when another handle of it exists in
-    /// this process (a clone); or, should its locks not be made anew (an
-    /// OS refusal), closed.
+    /// this process (a clone).
     pub fn into_fresh(mut self) -> Result<Queue<T>, Queue<T>> {
         let Some(ring) = Arc::get_mut(&mut self.ring) else {
             return Err(self);
         };
-        if ring.reset().is_err() {
-            // Not a queue any process could use: closed.
-            ring.close();
-            return Err(self);
-        }
+        ring.reset();
         Ok(self)
     }
 

@@ -255,9 +255,9 @@ impl Ring {
     }
 
     /// Empties the ring for use as a new one (see [`Segment::reset`]).
-    pub(crate) fn reset(&mut self) -> std::io::Result<()> {
+    pub(crate) fn reset(&mut self) {
         *self.immediate.get_mut() = 0;
-        self.seg.reset()
+        self.seg.reset();
     }
 
     pub(crate) fn segment(&self) -> &Segment {

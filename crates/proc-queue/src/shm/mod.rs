@@ -26,15 +26,19 @@
 //!   and that generation.
 //! - A lock word is 0 when free, else the holder's tag, plus [`WAITERS`]
 //!   while someone sleeps on it. Locking is one compare-and-swap from 0 to
-//!   the tag; unlocking, one swap to 0 (and a futex wake-up when
-//!   `WAITERS` was set).
+//!   the tag; unlocking, one from the tag to 0 (a word that no longer
+//!   holds the tag is left alone), and a futex wake-up when `WAITERS` was
+//!   set.
 //! - A waiter that finds the word held asks whether the holder lives: the
 //!   holder's slot still has the tag's generation and its mutex is held
 //!   (a `trylock` fails). A dead holder's mutex is free or marked dead by
 //!   the kernel, or its slot was taken since by another thread (a new
-//!   generation): the waiter takes the word over. Sleepers wake every
-//!   [`CHECK_PERIOD`] to ask again (no futex wake-up comes from a death).
-//!   No pid is involved: pid reuse and pid namespaces cannot fool it.
+//!   generation): the waiter takes the word over. Sleepers wake to ask
+//!   again every [`CHECK_PERIOD`], doubling up to [`CHECK_PERIOD_MAX`]
+//!   while one holder keeps the lock (no futex wake-up comes from a
+//!   death). No pid is involved: pid reuse and pid namespaces cannot fool
+//!   it. A word that holds the asker's own tag (which it does not hold)
+//!   is corruption, a typed error, never taken over.
 //!
 //! A held robust mutex sits in its thread's robust list (glibc's, walked
 //! by the kernel at the thread's exit and updated by glibc at every robust
@@ -46,10 +50,15 @@
 //! that used a queue another thread dropped, and never touches a queue
 //! again, keeps its mapping until it exits. A forked child's thread holds
 //! none of its parent's slots (glibc empties a child's robust list), so
-//! a fork counter tells a child's copies of its parent's entries apart.
-//! When every slot but the [`RESERVED`] ones is held by live threads, a
-//! thread borrows a reserved slot for each lock it takes (slower, never
-//! stuck: a reserved slot is held only while its lock is).
+//! a fork counter, bumped by a `pthread_atfork` handler registered before
+//! any thread takes a slot, tells a child's copies of its parent's
+//! entries apart (a child made by a raw `clone` runs no handler: it must
+//! not use its parent's queues before an `exec`). When every slot but the
+//! [`RESERVED`] ones is held by live threads, or a thread already holds
+//! [`OWN_SLOTS_MAX`] (the kernel marks at most 2048 robust mutexes of a
+//! dying thread), a thread borrows a slot for each lock it takes, once
+//! the word looks free (slower, never stuck: a borrowed slot is held only
+//! while its lock is), and asks for one of its own again now and then.
 //!
 //! As with any process-shared robust mutex, a peer that overwrites the
 //! list pointers of a mutex this process holds can make glibc write
@@ -105,8 +114,19 @@ pub(crate) const WAITERS: u32 = 1 << 31;
 const _: () = assert!(SLOTS <= SLOT_MASK as usize && GEN_SHIFT + 21 == 31);
 
 /// How long a sleeper on a held lock waits before it asks again whether
-/// the holder lives (a holder's death wakes nobody).
-const CHECK_PERIOD: Duration = Duration::from_millis(10);
+/// the holder lives (a holder's death wakes nobody), at first...
+const CHECK_PERIOD: Duration = if cfg!(test) {
+    // Long in unit tests, so that a wake-up that failed shows.
+    Duration::from_secs(2)
+} else {
+    Duration::from_millis(10)
+};
+/// ...and at most, the period doubling while one holder keeps the lock.
+const CHECK_PERIOD_MAX: Duration = if cfg!(test) {
+    Duration::from_secs(2)
+} else {
+    Duration::from_millis(80)
+};
 
 /// One life slot: a robust, process-shared mutex that its owner thread
 /// holds for as long as it uses the segment, and the generation its owner
@@ -260,7 +280,7 @@ impl Segment {
     /// no other process uses any more, nor another mapping of it in this
     /// one: the caller's contract (`&mut` rules out other handles of this
     /// `Segment`).
-    pub(crate) fn reset(&mut self) -> io::Result<()> {
+    pub(crate) fn reset(&mut self) {
         // SAFETY: the mapping holds a Header (checked at create/open) and
         // `&mut self` means no other handle of this process touches it; no
         // other process does (this function's contract). All-zero is the
@@ -269,7 +289,6 @@ impl Segment {
             std::ptr::write_bytes(self.base(), 0, std::mem::size_of::<Header>());
             self.write_header();
         }
-        Ok(())
     }
 
     /// Writes what a new header holds over an all-zero one: identity and
@@ -509,8 +528,8 @@ impl Slot {
     }
 }
 
-/// A life slot this thread holds (or, with no slot, a note that every
-/// slot was held when it asked: it borrows reserved ones).
+/// A life slot this thread holds (or, with no slot, a note that it found
+/// every slot held, or holds as many as it may: it borrows one per lock).
 struct Held {
     map: Arc<Mapping>,
     /// The slot, inside `map`'s mapping, which `map` keeps mapped.
@@ -519,6 +538,8 @@ struct Held {
     /// [`FORKS`] when the slot was taken: a child's copy of its parent's
     /// entry has an older count, and holds nothing.
     forks: u64,
+    /// Locks taken without a slot since the last try for one.
+    misses: u32,
 }
 
 impl Drop for Held {
@@ -539,10 +560,23 @@ thread_local! {
     static HELD: RefCell<Vec<Held>> = const { RefCell::new(Vec::new()) };
 }
 
+/// How many slots of its own a thread holds at most: the kernel walks at
+/// most 2048 entries of a thread's robust list when it dies (glibc's own
+/// robust mutexes need room too).
+const OWN_SLOTS_MAX: usize = 1024;
+/// How many locks a thread without a slot of its own in a segment takes
+/// (borrowing) before it asks for one again.
+const RETRY_AFTER: u32 = 1024;
+
 /// How many forks this process descends through (see [`Held::forks`]).
 static FORKS: AtomicU64 = AtomicU64::new(0);
-/// Whether [`forked`] was registered with `pthread_atfork`.
-static AT_FORK: AtomicBool = AtomicBool::new(false);
+
+/// Whether [`forked`] is registered with `pthread_atfork`: [`AT_FORK_DONE`],
+/// [`AT_FORK_FAILED`], 0 (not yet), or the pid of the process registering
+/// it now.
+static AT_FORK: AtomicU32 = AtomicU32::new(0);
+const AT_FORK_DONE: u32 = u32::MAX;
+const AT_FORK_FAILED: u32 = u32::MAX - 1;
 
 /// Runs in the child of every `fork` (a `pthread_atfork` handler): only
 /// an atomic increment, which is async-signal-safe.
@@ -550,12 +584,45 @@ extern "C" fn forked() {
     FORKS.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Whether the fork handler is registered, registering it first if need
+/// be. No thread holds a slot of its own before it is: a slot taken before
+/// would be shared, unnoticed, by a child forked meanwhile.
+fn fork_handler_registered() -> bool {
+    loop {
+        match AT_FORK.load(Ordering::Acquire) {
+            AT_FORK_DONE => return true,
+            AT_FORK_FAILED => return false,
+            state => {
+                let me = std::process::id();
+                // 0, or the mark of a parent that forked this process
+                // while it registered (its thread is not here to finish):
+                // this thread registers.
+                if (state == 0 || state != me)
+                    && AT_FORK
+                        .compare_exchange(state, me, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                {
+                    // SAFETY: `forked` is an `extern "C" fn()` that only
+                    // does an atomic increment, valid in a fork's child.
+                    let r = unsafe { libc::pthread_atfork(None, None, Some(forked)) };
+                    let done = if r == 0 { AT_FORK_DONE } else { AT_FORK_FAILED };
+                    AT_FORK.store(done, Ordering::Release);
+                    return r == 0;
+                }
+                // Another thread of this process registers it now.
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
 /// Why a lock was not taken.
 pub(crate) enum LockError {
     /// The deadline passed (or, for a try, the lock is held).
     Busy,
-    /// The lock is unusable (its word names no slot: corrupted bytes, or a
-    /// slot's mutex that glibc refuses).
+    /// The lock is unusable (its word names no life slot, or this thread's
+    /// own though it does not hold it: corrupted bytes; or a slot's mutex
+    /// that glibc refuses).
     Broken(io::Error),
 }
 
@@ -566,7 +633,12 @@ pub(crate) enum LockError {
 /// single-word commits.
 pub(crate) struct Guard<'a> {
     word: &'a AtomicU32,
-    /// A reserved slot borrowed for this hold.
+    /// The tag this hold put in the word.
+    me: u32,
+    /// [`FORKS`] when it was taken: a fork's child (a fork from code run
+    /// under the lock) does not release its parent's hold.
+    forks: u64,
+    /// A slot borrowed for this hold.
     borrowed: Option<&'a Slot>,
 }
 
@@ -575,6 +647,16 @@ enum Holder {
     Alive,
     Gone,
     Corrupt(io::Error),
+}
+
+/// How a locker names itself in the word.
+#[derive(Clone, Copy)]
+enum Me {
+    /// By its own slot's tag.
+    Own(u32),
+    /// By a slot borrowed for the hold, taken only once the word looks
+    /// free (so a borrowed slot is held only while its lock is).
+    Borrowing,
 }
 
 /// How many times `lock` re-tries a held lock before it sleeps in the
@@ -621,48 +703,57 @@ impl Segment {
         })
     }
 
-    /// This thread's tag in this segment, taking a life slot at its first
-    /// lock here; `None` when it has none (every slot held, or its
-    /// thread-local state already destroyed): it borrows one per lock.
+    /// How this thread names itself in this segment's lock words, taking
+    /// a life slot at its first lock here.
     #[inline]
-    fn my_tag(&self) -> Option<u32> {
+    fn me(&self) -> Me {
         let forks = FORKS.load(Ordering::Relaxed);
         HELD.try_with(|held| {
-            let mut held = held.try_borrow_mut().ok()?;
+            let Ok(mut held) = held.try_borrow_mut() else {
+                return Me::Borrowing;
+            };
             match held
-                .iter()
+                .iter_mut()
                 .find(|h| Arc::ptr_eq(&h.map, &self.map) && h.forks == forks)
             {
-                Some(h) => h.slot.map(|_| h.tag),
+                Some(h) if h.slot.is_some() => Me::Own(h.tag),
+                Some(h) => {
+                    h.misses += 1;
+                    if h.misses < RETRY_AFTER {
+                        return Me::Borrowing;
+                    }
+                    held.retain(|h| !(Arc::ptr_eq(&h.map, &self.map) && h.forks == forks));
+                    self.register(&mut held, forks)
+                }
                 None => self.register(&mut held, forks),
             }
         })
-        .ok()
-        .flatten()
+        .unwrap_or(Me::Borrowing)
     }
 
-    /// [`my_tag`](Segment::my_tag)'s first call in this segment: drops the
+    /// [`me`](Segment::me) without an entry for this segment: drops the
     /// entries a fork left (a child holds none of its parent's slots) and
     /// those of dropped segments, then takes a slot.
     #[cold]
-    fn register(&self, held: &mut Vec<Held>, forks: u64) -> Option<u32> {
+    fn register(&self, held: &mut Vec<Held>, forks: u64) -> Me {
         held.retain(|h| h.forks == forks && !h.map.retired.load(Ordering::Acquire));
-        if !AT_FORK.swap(true, Ordering::AcqRel) {
-            // SAFETY: `forked` is an `extern "C" fn()` that only does an
-            // atomic increment, valid in a fork's child.
-            unsafe { libc::pthread_atfork(None, None, Some(forked)) };
-        }
-        let (slot, tag) = match self.claim(RESERVED..SLOTS) {
-            Some((slot, tag)) => (Some(slot as *const Slot), tag),
-            None => (None, 0),
+        let own = held.iter().filter(|h| h.slot.is_some()).count();
+        let claimed = if own < OWN_SLOTS_MAX && fork_handler_registered() {
+            self.claim(RESERVED..SLOTS)
+        } else {
+            None
         };
         held.push(Held {
             map: Arc::clone(&self.map),
-            slot,
-            tag,
+            slot: claimed.map(|(slot, _)| slot as *const Slot),
+            tag: claimed.map_or(0, |(_, tag)| tag),
             forks,
+            misses: 0,
         });
-        slot.map(|_| tag)
+        match claimed {
+            Some((_, tag)) => Me::Own(tag),
+            None => Me::Borrowing,
+        }
     }
 
     /// Locks `word`, waiting until `deadline` (`None`: forever,
@@ -679,87 +770,80 @@ impl Segment {
         deadline: Option<Instant>,
     ) -> Result<Guard<'a>, LockError> {
         let word = &word.0;
-        let Some(me) = self.my_tag() else {
-            return self.lock_borrowing(word, deadline);
-        };
-        if word
-            .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
-            .is_ok()
-        {
-            return Ok(Guard {
-                word,
-                borrowed: None,
-            });
+        let me = self.me();
+        if let Me::Own(tag) = me {
+            if word
+                .compare_exchange(0, tag, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                return Ok(Guard {
+                    word,
+                    me: tag,
+                    forks: FORKS.load(Ordering::Relaxed),
+                    borrowed: None,
+                });
+            }
         }
         self.lock_contended(word, me, deadline)
     }
 
-    /// [`lock`](Segment::lock) for a thread without a slot of its own:
-    /// it borrows a reserved one (another if none is free) for the hold.
-    #[cold]
-    fn lock_borrowing<'a>(
-        &'a self,
-        word: &'a AtomicU32,
-        deadline: Option<Instant>,
-    ) -> Result<Guard<'a>, LockError> {
-        let (slot, me) = loop {
-            if let Some(got) = self
-                .claim(0..RESERVED)
-                .or_else(|| self.claim(RESERVED..SLOTS))
-            {
-                break got;
+    /// Sets `word` from `from` to this locker's tag plus `bits`: the guard,
+    /// or `None` when the word changed meanwhile (or no slot could be
+    /// borrowed).
+    fn take<'a>(&'a self, word: &'a AtomicU32, me: Me, from: u32, bits: u32) -> Option<Guard<'a>> {
+        let (tag, borrowed) = match me {
+            Me::Own(tag) => (tag, None),
+            Me::Borrowing => {
+                let (slot, tag) = self
+                    .claim(0..RESERVED)
+                    .or_else(|| self.claim(RESERVED..SLOTS))?;
+                (tag, Some(slot))
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Err(LockError::Busy);
-            }
-            std::thread::sleep(Duration::from_millis(1));
         };
-        match self.lock_contended(word, me, deadline) {
-            Ok(mut guard) => {
-                guard.borrowed = Some(slot);
-                Ok(guard)
-            }
-            Err(e) => {
-                slot.release();
-                Err(e)
-            }
+        let to = tag | bits;
+        if word
+            .compare_exchange(from, to, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            return Some(Guard {
+                word,
+                me: tag,
+                forks: FORKS.load(Ordering::Relaxed),
+                borrowed,
+            });
         }
+        if let Some(slot) = borrowed {
+            slot.release();
+        }
+        None
     }
 
-    /// [`lock`](Segment::lock) once the word was found held.
+    /// [`lock`](Segment::lock) once the word was found held (or the locker
+    /// has no slot of its own).
     #[cold]
     fn lock_contended<'a>(
         &'a self,
         word: &'a AtomicU32,
-        me: u32,
+        me: Me,
         deadline: Option<Instant>,
     ) -> Result<Guard<'a>, LockError> {
-        let got = || {
-            Ok(Guard {
-                word,
-                borrowed: None,
-            })
-        };
-        let take = |from: u32, to: u32| {
-            word.compare_exchange(from, to, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-        };
         for tries in 0..SPIN_TRIES {
             let v = word.load(Ordering::Relaxed);
             if v == 0 {
-                if take(0, me) {
-                    return got();
+                if let Some(guard) = self.take(word, me, 0, 0) {
+                    return Ok(guard);
                 }
-                continue;
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            } else if deadline.is_some_and(|d| Instant::now() >= d) {
                 // A try, or the deadline passed: the lock is still taken
                 // from a holder that is gone.
                 return match self.holder(v, me) {
-                    Holder::Gone if take(v, me | (v & WAITERS)) => got(),
+                    Holder::Gone => self.take(word, me, v, v & WAITERS).ok_or(LockError::Busy),
                     Holder::Corrupt(e) => Err(LockError::Broken(e)),
-                    _ => Err(LockError::Busy),
+                    Holder::Alive => Err(LockError::Busy),
                 };
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(LockError::Busy);
             }
             if tries < SPIN_BEFORE_YIELD {
                 for _ in 0..16 {
@@ -769,32 +853,52 @@ impl Segment {
                 std::thread::yield_now();
             }
         }
+        // The period of the holder checks grows while one holder keeps the
+        // lock (a put waiting for room holds it), so that sleepers behind a
+        // long hold cost little; it starts again for each new holder.
+        let mut period = (CHECK_PERIOD, 0);
         loop {
             let v = word.load(Ordering::Relaxed);
             if v == 0 {
                 // Others may sleep behind: wake one at the unlock.
-                if take(0, me | WAITERS) {
-                    return got();
+                if let Some(guard) = self.take(word, me, 0, WAITERS) {
+                    return Ok(guard);
                 }
-                continue;
-            }
-            match self.holder(v, me) {
-                Holder::Gone => {
-                    if take(v, me | (v & WAITERS)) {
-                        return got();
-                    }
+                if matches!(me, Me::Own(_)) || word.load(Ordering::Relaxed) != 0 {
+                    // Another locker came first.
                     continue;
                 }
-                Holder::Corrupt(e) => return Err(LockError::Broken(e)),
-                Holder::Alive => {}
+            } else {
+                match self.holder(v, me) {
+                    Holder::Gone => {
+                        if let Some(guard) = self.take(word, me, v, v & WAITERS) {
+                            return Ok(guard);
+                        }
+                        continue;
+                    }
+                    Holder::Corrupt(e) => return Err(LockError::Broken(e)),
+                    Holder::Alive => {}
+                }
             }
-            let mut wait = CHECK_PERIOD;
+            let holder = v & !WAITERS;
+            let mut wait = if period.1 == holder {
+                period.0
+            } else {
+                CHECK_PERIOD
+            };
+            period = (wait.saturating_mul(2).min(CHECK_PERIOD_MAX), holder);
             if let Some(d) = deadline {
                 let now = Instant::now();
                 if now >= d {
                     return Err(LockError::Busy);
                 }
                 wait = wait.min(d - now);
+            }
+            if v == 0 {
+                // Free, but every slot is held (none to borrow): wait a
+                // little.
+                std::thread::sleep(wait.min(Duration::from_millis(1)));
+                continue;
             }
             if v & WAITERS == 0
                 && word
@@ -808,12 +912,18 @@ impl Segment {
     }
 
     /// Whether the holder of a lock word `v` lives (see the module's notes).
-    fn holder(&self, v: u32, me: u32) -> Holder {
+    fn holder(&self, v: u32, me: Me) -> Holder {
         let tag = v & !WAITERS;
-        if tag == me {
+        if matches!(me, Me::Own(mine) if mine == tag) {
             // This thread's own tag, though it does not hold the lock (no
-            // call here takes a lock it holds): a stale word.
-            return Holder::Gone;
+            // call here takes a lock it holds): bytes written by someone
+            // else — or a child forked in a way that ran no fork handler
+            // (a raw `clone`), sharing its parent's slot. Taking the lock
+            // over could let two holders in.
+            return Holder::Corrupt(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("lock word {v:#x} holds this thread's own tag"),
+            ));
         }
         let number = (tag & SLOT_MASK) as usize;
         if number == 0 || number > SLOTS {
@@ -857,8 +967,25 @@ impl Drop for Segment {
 
 impl Drop for Guard<'_> {
     fn drop(&mut self) {
-        if self.word.swap(0, Ordering::Release) & WAITERS != 0 {
-            futex_wake_one(self.word);
+        if self.forks == FORKS.load(Ordering::Relaxed) {
+            // Only a word that still holds this hold's tag: one taken over
+            // meanwhile (this holder was taken for dead) is left alone.
+            let mut expected = self.me;
+            loop {
+                match self
+                    .word
+                    .compare_exchange(expected, 0, Ordering::Release, Ordering::Relaxed)
+                {
+                    Ok(v) => {
+                        if v & WAITERS != 0 {
+                            futex_wake_one(self.word);
+                        }
+                        break;
+                    }
+                    Err(now) if now & !WAITERS == self.me => expected = now,
+                    Err(_) => break,
+                }
+            }
         }
         if let Some(slot) = self.borrowed {
             slot.release();
@@ -931,85 +1058,138 @@ mod tests {
         Arc::new(Segment::create(crate::ring::MIN_CAPACITY, 0).expect("segment"))
     }
 
-    /// Whether slot `i`'s mutex is held by a live thread.
-    fn held(seg: &Segment, i: usize) -> bool {
-        let slot = seg.slot(i);
-        match slot.take() {
-            Ok(true) => {
-                slot.release();
-                false
+    /// Slot `i`'s mutex as a trylock finds it: 0 (free), EOWNERDEAD (its
+    /// owner died holding it) or EBUSY (a live owner); put back free when
+    /// the try took it.
+    fn state(seg: &Segment, i: usize) -> libc::c_int {
+        let m = seg.slot(i).life.get();
+        // SAFETY: an initialised robust mutex of the segment; taken and
+        // released by this thread.
+        unsafe {
+            let code = libc::pthread_mutex_trylock(m);
+            if code == libc::EOWNERDEAD {
+                libc::pthread_mutex_consistent(m);
             }
-            _ => true,
+            if code == 0 || code == libc::EOWNERDEAD {
+                libc::pthread_mutex_unlock(m);
+            }
+            code
         }
+    }
+
+    fn lock_in_a_thread(
+        seg: &Arc<Segment>,
+        done: mpsc::Receiver<()>,
+    ) -> std::thread::JoinHandle<()> {
+        let (locked, ok) = mpsc::channel();
+        let seg = Arc::clone(seg);
+        let t = std::thread::spawn(move || {
+            let _g = seg
+                .lock(&seg.header().producer_lock, None)
+                .ok()
+                .expect("lock");
+            locked.send(()).expect("send");
+            done.recv().expect("recv");
+        });
+        ok.recv().expect("recv");
+        t
     }
 
     #[test]
     fn a_thread_holds_its_slot_until_it_exits() {
         let seg = segment();
-        let (locked, done) = (mpsc::channel(), mpsc::channel::<()>());
-        let t = {
-            let seg = Arc::clone(&seg);
-            let (tx, rx) = (locked.0, done.1);
-            std::thread::spawn(move || {
-                drop(
-                    seg.lock(&seg.header().producer_lock, None)
-                        .ok()
-                        .expect("lock"),
-                );
-                tx.send(()).expect("send");
-                rx.recv().expect("recv");
-            })
-        };
-        locked.1.recv().expect("recv");
-        assert!(held(&seg, RESERVED), "the thread's slot is not held");
-        assert_eq!(seg.header().producer_lock.0.load(Ordering::Relaxed), 0);
-        done.0.send(()).expect("send");
+        let (done, rx) = mpsc::channel();
+        let t = lock_in_a_thread(&seg, rx);
+        assert_eq!(
+            state(&seg, RESERVED),
+            libc::EBUSY,
+            "the thread's slot is not held"
+        );
+        done.send(()).expect("send");
         t.join().expect("join");
-        assert!(!held(&seg, RESERVED), "the slot outlived its thread");
+        assert_eq!(seg.header().producer_lock.0.load(Ordering::Relaxed), 0);
+        // Let go by the thread, not marked dead by the kernel.
+        assert_eq!(state(&seg, RESERVED), 0);
     }
 
     #[test]
-    fn with_every_slot_held_threads_borrow_reserved_ones() {
-        // More threads than slots, all alive at once: each locks twice,
-        // the lock stays exclusive, and the ones left without a slot of
-        // their own borrow one per hold.
+    fn with_every_slot_held_threads_borrow_one_per_hold() {
+        // More threads than slots, all alive at once. Each takes the
+        // consumer lock and, under it, tries the producer lock (free: only
+        // taken under the consumer lock): the locks stay exclusive, the
+        // threads left without a slot of their own borrow one per hold,
+        // and a borrower never waits holding one (the try under the
+        // consumer lock always finds one to borrow).
         let seg = segment();
         let n = SLOTS - RESERVED + 8;
         let barrier = Arc::new(Barrier::new(n));
         let inside = Arc::new(AtomicU32::new(0));
+        // Failures are counted, not asserted in the threads: a thread that
+        // panicked would leave the others at the barrier for ever.
+        let (two_holders, no_producer_lock) =
+            (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+        let (done, ended) = mpsc::channel();
         let threads: Vec<_> = (0..n)
             .map(|_| {
                 let (seg, barrier, inside) =
                     (Arc::clone(&seg), Arc::clone(&barrier), Arc::clone(&inside));
+                let done = done.clone();
+                let (two_holders, no_producer_lock) =
+                    (Arc::clone(&two_holders), Arc::clone(&no_producer_lock));
                 std::thread::Builder::new()
                     .stack_size(64 * 1024)
                     .spawn(move || {
                         let hold = || {
-                            let g = seg.lock(&seg.header().consumer_lock, None);
-                            let g = g.ok().expect("lock");
-                            assert_eq!(inside.swap(1, Ordering::SeqCst), 0, "two holders");
+                            let h = seg.header();
+                            let Ok(g) = seg.lock(&h.consumer_lock, None) else {
+                                two_holders.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            };
+                            if inside.swap(1, Ordering::SeqCst) != 0 {
+                                two_holders.fetch_add(1, Ordering::SeqCst);
+                            }
+                            let p = seg.lock(&h.producer_lock, Some(Instant::now()));
+                            if p.is_err() {
+                                no_producer_lock.fetch_add(1, Ordering::SeqCst);
+                            }
                             std::thread::yield_now();
                             inside.store(0, Ordering::SeqCst);
+                            drop(p);
                             drop(g);
                         };
                         hold();
                         barrier.wait();
-                        hold();
-                        let own = seg.my_tag().is_some();
+                        for _ in 0..20 {
+                            hold();
+                        }
+                        let own = matches!(seg.me(), Me::Own(_));
                         barrier.wait();
+                        let _ = done.send(());
                         own
                     })
                     .expect("spawn")
             })
             .collect();
+        // A deadline: locks that could never be taken would hang here.
+        for _ in 0..n {
+            ended
+                .recv_timeout(Duration::from_secs(60))
+                .expect("the threads are stuck");
+        }
         let own = threads
             .into_iter()
             .map(|t| t.join().expect("join"))
             .filter(|&own| own)
             .count();
+        assert_eq!(two_holders.load(Ordering::SeqCst), 0, "two holders at once");
+        assert_eq!(
+            no_producer_lock.load(Ordering::SeqCst),
+            0,
+            "a try for the free producer lock failed"
+        );
         assert_eq!(own, SLOTS - RESERVED);
         assert!(
-            (0..SLOTS).all(|i| !held(&seg, i)),
+            (0..SLOTS).all(|i| state(&seg, i) == 0),
             "a slot outlived its thread"
         );
     }
@@ -1018,6 +1198,7 @@ mod tests {
     fn a_word_is_taken_over_only_from_a_holder_that_is_gone() {
         let seg = segment();
         let word = &seg.header().producer_lock;
+        let tag = |i: usize, gen: u32| (i as u32 + 1) | (gen << GEN_SHIFT);
         // Naming no slot: a typed error, for a try and a wait alike.
         word.0.store(SLOTS as u32 + 1, Ordering::Relaxed);
         assert!(matches!(
@@ -1025,12 +1206,23 @@ mod tests {
             Err(LockError::Broken(_))
         ));
         assert!(matches!(seg.lock(word, None), Err(LockError::Broken(_))));
-        // A slot nobody holds (its holder died): taken over, even by a try,
-        // and the sleepers' mark kept for the unlock.
-        word.0.store(
-            (RESERVED as u32 + 20) | (7 << GEN_SHIFT) | WAITERS,
-            Ordering::Relaxed,
-        );
+        // This thread's own tag, though it holds nothing: not taken over.
+        word.0.store(0, Ordering::Relaxed);
+        drop(seg.lock(word, None).ok().expect("lock"));
+        let Me::Own(mine) = seg.me() else {
+            panic!("no slot of its own")
+        };
+        word.0.store(mine, Ordering::Relaxed);
+        assert!(matches!(
+            seg.lock(word, Some(Instant::now())),
+            Err(LockError::Broken(_))
+        ));
+        // A free slot at the word's generation (its holder let it go, or
+        // was taken for dead): taken over, even by a try, and the
+        // sleepers' mark kept for the unlock.
+        seg.slot(RESERVED + 20).gen.store(7, Ordering::Relaxed);
+        word.0
+            .store(tag(RESERVED + 20, 7) | WAITERS, Ordering::Relaxed);
         let g = seg
             .lock(word, Some(Instant::now()))
             .ok()
@@ -1038,27 +1230,33 @@ mod tests {
         assert_ne!(word.0.load(Ordering::Relaxed) & WAITERS, 0);
         drop(g);
         assert_eq!(word.0.load(Ordering::Relaxed), 0);
-        // A live holder: a try is Busy, a timed lock waits its deadline.
-        let (locked, done) = (mpsc::channel(), mpsc::channel::<()>());
-        let t = {
+        // A holder that died holding its slot (a thread that took a slot
+        // by hand and ended without letting it go): the kernel marks the
+        // slot, a waiter takes the word over and puts the slot back.
+        let (i, dead) = {
             let seg = Arc::clone(&seg);
-            let (tx, rx) = (locked.0, done.1);
             std::thread::spawn(move || {
-                let _g = seg
-                    .lock(&seg.header().producer_lock, None)
-                    .ok()
-                    .expect("lock");
-                tx.send(()).expect("send");
-                rx.recv().expect("recv");
+                let (slot, tag) = seg.claim(RESERVED..SLOTS).expect("a slot");
+                let i = (tag & SLOT_MASK) as usize - 1;
+                assert!(std::ptr::eq(slot, seg.slot(i)));
+                seg.header().producer_lock.0.store(tag, Ordering::Relaxed);
+                (i, tag)
             })
+            .join()
+            .expect("join")
         };
-        locked.1.recv().expect("recv");
+        assert_eq!(word.0.load(Ordering::Relaxed), dead);
+        let g = seg.lock(word, None).ok().expect("taken over");
+        drop(g);
+        assert_eq!(state(&seg, i), 0, "the dead holder's slot was not put back");
+        // A live holder: a try is Busy, a timed lock waits its deadline.
+        let (done, rx) = mpsc::channel();
+        let t = lock_in_a_thread(&seg, rx);
         assert!(matches!(
             seg.lock(word, Some(Instant::now())),
             Err(LockError::Busy)
         ));
-        let t0 = Instant::now();
-        let deadline = t0 + Duration::from_millis(50);
+        let deadline = Instant::now() + Duration::from_millis(50);
         assert!(matches!(
             seg.lock(word, Some(deadline)),
             Err(LockError::Busy)
@@ -1066,29 +1264,34 @@ mod tests {
         assert!(Instant::now() >= deadline);
         // Its slot taken again since (a new generation: the holder of the
         // word's generation is gone although the slot is held).
-        let tag = word.0.load(Ordering::Relaxed) & !WAITERS;
-        let slot = seg.slot((tag & SLOT_MASK) as usize - 1);
+        let held = word.0.load(Ordering::Relaxed) & !WAITERS;
+        let slot = seg.slot((held & SLOT_MASK) as usize - 1);
         slot.gen.fetch_add(1, Ordering::AcqRel);
         let g = seg
             .lock(word, Some(Instant::now()))
             .ok()
             .expect("taken over");
+        let taken = word.0.load(Ordering::Relaxed);
+        // The old holder's unlock leaves the new hold alone.
+        done.send(()).expect("send");
+        t.join().expect("join");
+        assert_eq!(word.0.load(Ordering::Relaxed), taken);
         slot.gen.fetch_sub(1, Ordering::AcqRel);
         drop(g);
-        done.0.send(()).expect("send");
-        t.join().expect("join");
-        // Released normally, a sleeper is woken by the unlock.
+        assert_eq!(word.0.load(Ordering::Relaxed), 0);
+        // Released normally, a sleeper is woken by the unlock (here the
+        // sleepers' period is 2 s: a missing wake-up shows).
         let g = seg.lock(word, None).ok().expect("lock");
+        let (tx, rx) = mpsc::channel();
         let waiter = {
             let seg = Arc::clone(&seg);
             std::thread::spawn(move || {
-                let t = Instant::now();
-                drop(
-                    seg.lock(&seg.header().producer_lock, None)
-                        .ok()
-                        .expect("lock"),
-                );
-                t.elapsed()
+                let g = seg
+                    .lock(&seg.header().producer_lock, None)
+                    .ok()
+                    .expect("lock");
+                tx.send(Instant::now()).expect("send");
+                drop(g);
             })
         };
         std::thread::sleep(Duration::from_millis(100));
@@ -1097,9 +1300,25 @@ mod tests {
             0,
             "no sleeper marked"
         );
+        let released = Instant::now();
         drop(g);
-        let waited = waiter.join().expect("join");
-        assert!(waited < Duration::from_secs(5), "{waited:?}");
+        let took = rx.recv().expect("recv").duration_since(released);
+        waiter.join().expect("join");
+        assert!(took < Duration::from_secs(1), "{took:?}");
+    }
+
+    /// Whether this thread's robust list (glibc's, registered with the
+    /// kernel) is empty.
+    fn robust_list_empty() -> bool {
+        let mut head: *mut libc::c_long = std::ptr::null_mut();
+        let mut len: libc::size_t = 0;
+        // SAFETY: get_robust_list writes the head's address and size of
+        // the calling thread (pid 0) into the two locals.
+        let r = unsafe { libc::syscall(libc::SYS_get_robust_list, 0, &mut head, &mut len) };
+        assert_eq!(r, 0);
+        // SAFETY: the head is glibc's, in this thread's descriptor: its
+        // first word is the list's first entry, the head itself if empty.
+        unsafe { *head as usize == head as usize }
     }
 
     #[test]
@@ -1108,6 +1327,7 @@ mod tests {
         // mutexes themselves: a slot left held in an unmapped segment
         // would make the thread's next robust lock write into the hole.
         std::thread::spawn(|| {
+            assert!(robust_list_empty());
             for _ in 0..3 {
                 let seg = segment();
                 drop(
@@ -1115,7 +1335,12 @@ mod tests {
                         .ok()
                         .expect("lock"),
                 );
+                assert!(!robust_list_empty());
                 drop(seg);
+                assert!(
+                    robust_list_empty(),
+                    "a dropped segment's slot is still held"
+                );
             }
             HELD.with(|held| assert!(held.borrow().is_empty()));
             // A segment dropped by another thread: let go at this one's
@@ -1135,6 +1360,8 @@ mod tests {
                     .expect("lock"),
             );
             HELD.with(|held| assert_eq!(held.borrow().len(), 1));
+            drop(other);
+            assert!(robust_list_empty());
         })
         .join()
         .expect("join");
