@@ -64,7 +64,7 @@
 //! list pointers of a mutex this process holds can make glibc write
 //! through them: the segment is trusted that far.
 
-use std::cell::{RefCell, UnsafeCell};
+use std::cell::{Cell, RefCell, UnsafeCell};
 use std::fs::File;
 use std::io;
 use std::ops::Range;
@@ -544,6 +544,12 @@ struct Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
+        let map = Arc::as_ptr(&self.map) as usize;
+        let _ = LAST.try_with(|last| {
+            if last.get().0 == map {
+                last.set((0, 0, 0));
+            }
+        });
         if let Some(slot) = self.slot {
             if self.forks == FORKS.load(Ordering::Relaxed) {
                 // SAFETY: the slot lies in `self.map`'s mapping, still
@@ -558,6 +564,13 @@ impl Drop for Held {
 thread_local! {
     /// The life slots this thread holds, one per segment it locked in.
     static HELD: RefCell<Vec<Held>> = const { RefCell::new(Vec::new()) };
+    /// The last of them used, for `lock`'s fast path: the mapping's
+    /// address (0: none), the tag, [`FORKS`] when it was taken. Cleared
+    /// when its entry goes (so the address, kept mapped by the entry
+    /// meanwhile, cannot name another mapping). Plain data without a
+    /// destructor: a cheap access, valid while other thread-locals are
+    /// destroyed.
+    static LAST: Cell<(usize, u32, u64)> = const { Cell::new((0, 0, 0)) };
 }
 
 /// How many slots of its own a thread holds at most: the kernel walks at
@@ -588,19 +601,27 @@ extern "C" fn forked() {
 /// be. No thread holds a slot of its own before it is: a slot taken before
 /// would be shared, unnoticed, by a child forked meanwhile.
 fn fork_handler_registered() -> bool {
+    let me = std::process::id();
+    let mut waited = 0u32;
     loop {
         match AT_FORK.load(Ordering::Acquire) {
             AT_FORK_DONE => return true,
             AT_FORK_FAILED => return false,
+            // Another thread of this process registers it now: wait for
+            // it, a while. (The mark could also be a parent's, from a
+            // fork while it registered, inherited by a process whose pid
+            // is that parent's again. Registering twice is harmless: the
+            // counter is only compared for equality.)
+            state if state == me && waited < 10_000 => {
+                waited += 1;
+                std::thread::yield_now();
+            }
+            // Not yet, or a parent's mark from a fork while it registered
+            // (its thread is not here to finish): this thread registers.
             state => {
-                let me = std::process::id();
-                // 0, or the mark of a parent that forked this process
-                // while it registered (its thread is not here to finish):
-                // this thread registers.
-                if (state == 0 || state != me)
-                    && AT_FORK
-                        .compare_exchange(state, me, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
+                if AT_FORK
+                    .compare_exchange(state, me, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
                 {
                     // SAFETY: `forked` is an `extern "C" fn()` that only
                     // does an atomic increment, valid in a fork's child.
@@ -609,8 +630,6 @@ fn fork_handler_registered() -> bool {
                     AT_FORK.store(done, Ordering::Release);
                     return r == 0;
                 }
-                // Another thread of this process registers it now.
-                std::thread::yield_now();
             }
         }
     }
@@ -763,15 +782,43 @@ impl Segment {
     /// (a critical section is one record), so a held lock is re-tried,
     /// spinning briefly and then yielding the CPU, before the waiter sleeps
     /// in the kernel.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn lock<'a>(
         &'a self,
         word: &'a LockWord,
         deadline: Option<Instant>,
     ) -> Result<Guard<'a>, LockError> {
         let word = &word.0;
+        let forks = FORKS.load(Ordering::Relaxed);
+        let (map, tag, at) = LAST.get();
+        if map == Arc::as_ptr(&self.map) as usize
+            && at == forks
+            && word
+                .compare_exchange(0, tag, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Ok(Guard {
+                word,
+                me: tag,
+                forks,
+                borrowed: None,
+            });
+        }
+        self.lock_slow(word, forks, deadline)
+    }
+
+    /// [`lock`](Segment::lock) when this segment is not the last one this
+    /// thread locked in, or the word is held.
+    #[inline(never)]
+    fn lock_slow<'a>(
+        &'a self,
+        word: &'a AtomicU32,
+        forks: u64,
+        deadline: Option<Instant>,
+    ) -> Result<Guard<'a>, LockError> {
         let me = self.me();
         if let Me::Own(tag) = me {
+            LAST.set((Arc::as_ptr(&self.map) as usize, tag, forks));
             if word
                 .compare_exchange(0, tag, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
@@ -779,7 +826,7 @@ impl Segment {
                 return Ok(Guard {
                     word,
                     me: tag,
-                    forks: FORKS.load(Ordering::Relaxed),
+                    forks,
                     borrowed: None,
                 });
             }
@@ -794,9 +841,15 @@ impl Segment {
         let (tag, borrowed) = match me {
             Me::Own(tag) => (tag, None),
             Me::Borrowing => {
-                let (slot, tag) = self
-                    .claim(0..RESERVED)
-                    .or_else(|| self.claim(RESERVED..SLOTS))?;
+                // A slot may be free again in a moment (another borrower
+                // between its claim and its release).
+                let (slot, tag) = (0..4).find_map(|attempt| {
+                    if attempt > 0 {
+                        std::thread::yield_now();
+                    }
+                    self.claim(0..RESERVED)
+                        .or_else(|| self.claim(RESERVED..SLOTS))
+                })?;
                 (tag, Some(slot))
             }
         };
@@ -857,27 +910,30 @@ impl Segment {
         // lock (a put waiting for room holds it), so that sleepers behind a
         // long hold cost little; it starts again for each new holder.
         let mut period = (CHECK_PERIOD, 0);
+        let mut slept = false;
         loop {
             let v = word.load(Ordering::Relaxed);
-            if v == 0 {
-                // Others may sleep behind: wake one at the unlock.
-                if let Some(guard) = self.take(word, me, 0, WAITERS) {
-                    return Ok(guard);
-                }
-                if matches!(me, Me::Own(_)) || word.load(Ordering::Relaxed) != 0 {
-                    // Another locker came first.
-                    continue;
-                }
+            // Free, or its holder gone: taken, unless another locker came
+            // first (again at once) or no slot could be borrowed (after a
+            // short wait, below).
+            let takeable = if v == 0 {
+                true
             } else {
                 match self.holder(v, me) {
-                    Holder::Gone => {
-                        if let Some(guard) = self.take(word, me, v, v & WAITERS) {
-                            return Ok(guard);
-                        }
-                        continue;
-                    }
+                    Holder::Gone => true,
                     Holder::Corrupt(e) => return Err(LockError::Broken(e)),
-                    Holder::Alive => {}
+                    Holder::Alive => false,
+                }
+            };
+            if takeable {
+                // Others may sleep behind a free word: wake one at the
+                // unlock.
+                let bits = if v == 0 { WAITERS } else { v & WAITERS };
+                if let Some(guard) = self.take(word, me, v, bits) {
+                    return Ok(guard);
+                }
+                if matches!(me, Me::Own(_)) || word.load(Ordering::Relaxed) != v {
+                    continue;
                 }
             }
             let holder = v & !WAITERS;
@@ -890,13 +946,18 @@ impl Segment {
             if let Some(d) = deadline {
                 let now = Instant::now();
                 if now >= d {
+                    if slept {
+                        // This sleeper may have taken the unlock's wake-up:
+                        // pass it on.
+                        futex_wake_one(word);
+                    }
                     return Err(LockError::Busy);
                 }
                 wait = wait.min(d - now);
             }
-            if v == 0 {
-                // Free, but every slot is held (none to borrow): wait a
-                // little.
+            if takeable {
+                // Free (or its holder gone), but every slot is held: none
+                // to borrow. Wait a little.
                 std::thread::sleep(wait.min(Duration::from_millis(1)));
                 continue;
             }
@@ -908,6 +969,7 @@ impl Segment {
                 continue;
             }
             futex_wait(word, v | WAITERS, Some(wait));
+            slept = true;
         }
     }
 
@@ -986,9 +1048,9 @@ impl Drop for Guard<'_> {
                     Err(_) => break,
                 }
             }
-        }
-        if let Some(slot) = self.borrowed {
-            slot.release();
+            if let Some(slot) = self.borrowed {
+                slot.release();
+            }
         }
     }
 }
@@ -1294,12 +1356,13 @@ mod tests {
                 drop(g);
             })
         };
-        std::thread::sleep(Duration::from_millis(100));
-        assert_ne!(
-            word.0.load(Ordering::Relaxed) & WAITERS,
-            0,
-            "no sleeper marked"
-        );
+        let marked = Instant::now() + Duration::from_secs(10);
+        while word.0.load(Ordering::Relaxed) & WAITERS == 0 {
+            assert!(Instant::now() < marked, "no sleeper marked");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Asleep now (or about to be: the wake-up still reaches it).
+        std::thread::sleep(Duration::from_millis(20));
         let released = Instant::now();
         drop(g);
         let took = rx.recv().expect("recv").duration_since(released);
@@ -1365,5 +1428,67 @@ mod tests {
         })
         .join()
         .expect("join");
+    }
+
+    #[test]
+    fn a_borrower_without_a_slot_to_borrow_keeps_its_deadline() {
+        let seg = segment();
+        // One thread holds every slot, reserved ones included.
+        let (held, all) = mpsc::channel();
+        let (done, end) = mpsc::channel::<()>();
+        let holder = {
+            let seg = Arc::clone(&seg);
+            std::thread::spawn(move || {
+                let n = std::iter::from_fn(|| seg.claim(0..SLOTS)).count();
+                held.send(n).expect("send");
+                end.recv().expect("recv");
+            })
+        };
+        assert_eq!(all.recv().expect("recv"), SLOTS);
+        // The word names a holder that is gone (its slot, held, is at a
+        // newer generation); a thread that has no slot to borrow waits
+        // for one until its deadline, then says Busy.
+        let slot = RESERVED + 3;
+        let gen = seg.slot(slot).gen().wrapping_sub(1) & GEN_MASK;
+        let word = &seg.header().producer_lock;
+        word.0
+            .store((slot as u32 + 1) | (gen << GEN_SHIFT), Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        {
+            let seg = Arc::clone(&seg);
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                let w = &seg.header().producer_lock;
+                let r = seg.lock(w, Some(t + Duration::from_millis(50)));
+                let busy = matches!(r, Err(LockError::Busy));
+                drop(r);
+                tx.send((busy, t.elapsed())).expect("send");
+            });
+        }
+        let (busy, took) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the lock went on past its deadline");
+        assert!(busy);
+        assert!(took >= Duration::from_millis(50), "{took:?}");
+        // Once the slots are free again, the word is taken over.
+        done.send(()).expect("send");
+        holder.join().expect("join");
+        drop(seg.lock(word, None).ok().expect("taken over"));
+        assert_eq!(word.0.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_fork_handler_mark_of_this_pid_is_not_waited_on_for_ever() {
+        // A mark "registering now" that no thread of this process will
+        // finish (a parent's, inherited by a process that got its pid
+        // back): registered anyway after a bounded wait.
+        AT_FORK.store(std::process::id(), Ordering::Release);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || tx.send(fork_handler_registered()).expect("send"));
+        let registered = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("waited for ever on the mark");
+        assert!(registered);
+        assert_eq!(AT_FORK.load(Ordering::Acquire), AT_FORK_DONE);
     }
 }
