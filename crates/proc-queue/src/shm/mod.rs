@@ -671,8 +671,9 @@ enum Holder {
 /// How a locker names itself in the word.
 #[derive(Clone, Copy)]
 enum Me {
-    /// By its own slot's tag.
-    Own(u32),
+    /// By its own slot's tag (and [`FORKS`] when it was looked up: the
+    /// guard's, so that a fork between two reads cannot split them).
+    Own(u32, u64),
     /// By a slot borrowed for the hold, taken only once the word looks
     /// free (so a borrowed slot is held only while its lock is).
     Borrowing,
@@ -735,7 +736,7 @@ impl Segment {
                 .iter_mut()
                 .find(|h| Arc::ptr_eq(&h.map, &self.map) && h.forks == forks)
             {
-                Some(h) if h.slot.is_some() => Me::Own(h.tag),
+                Some(h) if h.slot.is_some() => Me::Own(h.tag, forks),
                 Some(h) => {
                     h.misses += 1;
                     if h.misses < RETRY_AFTER {
@@ -770,7 +771,7 @@ impl Segment {
             misses: 0,
         });
         match claimed {
-            Some((_, tag)) => Me::Own(tag),
+            Some((_, tag)) => Me::Own(tag, forks),
             None => Me::Borrowing,
         }
     }
@@ -804,7 +805,7 @@ impl Segment {
                 borrowed: None,
             });
         }
-        self.lock_slow(word, forks, deadline)
+        self.lock_slow(word, deadline)
     }
 
     /// [`lock`](Segment::lock) when this segment is not the last one this
@@ -813,11 +814,10 @@ impl Segment {
     fn lock_slow<'a>(
         &'a self,
         word: &'a AtomicU32,
-        forks: u64,
         deadline: Option<Instant>,
     ) -> Result<Guard<'a>, LockError> {
         let me = self.me();
-        if let Me::Own(tag) = me {
+        if let Me::Own(tag, forks) = me {
             LAST.set((Arc::as_ptr(&self.map) as usize, tag, forks));
             if word
                 .compare_exchange(0, tag, Ordering::Acquire, Ordering::Relaxed)
@@ -837,20 +837,27 @@ impl Segment {
     /// Sets `word` from `from` to this locker's tag plus `bits`: the guard,
     /// or `None` when the word changed meanwhile (or no slot could be
     /// borrowed).
-    fn take<'a>(&'a self, word: &'a AtomicU32, me: Me, from: u32, bits: u32) -> Option<Guard<'a>> {
-        let (tag, borrowed) = match me {
-            Me::Own(tag) => (tag, None),
+    fn take<'a>(
+        &'a self,
+        word: &'a AtomicU32,
+        me: Me,
+        from: u32,
+        bits: u32,
+        attempts: usize,
+    ) -> Option<Guard<'a>> {
+        let (tag, forks, borrowed) = match me {
+            Me::Own(tag, forks) => (tag, forks, None),
             Me::Borrowing => {
                 // A slot may be free again in a moment (another borrower
                 // between its claim and its release).
-                let (slot, tag) = (0..4).find_map(|attempt| {
+                let (slot, tag) = (0..attempts).find_map(|attempt| {
                     if attempt > 0 {
                         std::thread::yield_now();
                     }
                     self.claim(0..RESERVED)
                         .or_else(|| self.claim(RESERVED..SLOTS))
                 })?;
-                (tag, Some(slot))
+                (tag, FORKS.load(Ordering::Relaxed), Some(slot))
             }
         };
         let to = tag | bits;
@@ -861,7 +868,7 @@ impl Segment {
             return Some(Guard {
                 word,
                 me: tag,
-                forks: FORKS.load(Ordering::Relaxed),
+                forks,
                 borrowed,
             });
         }
@@ -883,14 +890,16 @@ impl Segment {
         for tries in 0..SPIN_TRIES {
             let v = word.load(Ordering::Relaxed);
             if v == 0 {
-                if let Some(guard) = self.take(word, me, 0, 0) {
+                if let Some(guard) = self.take(word, me, 0, 0, 1) {
                     return Ok(guard);
                 }
             } else if deadline.is_some_and(|d| Instant::now() >= d) {
                 // A try, or the deadline passed: the lock is still taken
                 // from a holder that is gone.
                 return match self.holder(v, me) {
-                    Holder::Gone => self.take(word, me, v, v & WAITERS).ok_or(LockError::Busy),
+                    Holder::Gone => self
+                        .take(word, me, v, v & WAITERS, 4)
+                        .ok_or(LockError::Busy),
                     Holder::Corrupt(e) => Err(LockError::Broken(e)),
                     Holder::Alive => Err(LockError::Busy),
                 };
@@ -929,10 +938,10 @@ impl Segment {
                 // Others may sleep behind a free word: wake one at the
                 // unlock.
                 let bits = if v == 0 { WAITERS } else { v & WAITERS };
-                if let Some(guard) = self.take(word, me, v, bits) {
+                if let Some(guard) = self.take(word, me, v, bits, 4) {
                     return Ok(guard);
                 }
-                if matches!(me, Me::Own(_)) || word.load(Ordering::Relaxed) != v {
+                if matches!(me, Me::Own(..)) || word.load(Ordering::Relaxed) != v {
                     continue;
                 }
             }
@@ -957,7 +966,11 @@ impl Segment {
             }
             if takeable {
                 // Free (or its holder gone), but every slot is held: none
-                // to borrow. Wait a little.
+                // to borrow. Wait a little, passing on a wake-up this
+                // sleeper may have taken (others can use the free word).
+                if std::mem::take(&mut slept) {
+                    futex_wake_one(word);
+                }
                 std::thread::sleep(wait.min(Duration::from_millis(1)));
                 continue;
             }
@@ -976,7 +989,7 @@ impl Segment {
     /// Whether the holder of a lock word `v` lives (see the module's notes).
     fn holder(&self, v: u32, me: Me) -> Holder {
         let tag = v & !WAITERS;
-        if matches!(me, Me::Own(mine) if mine == tag) {
+        if matches!(me, Me::Own(mine, _) if mine == tag) {
             // This thread's own tag, though it does not hold the lock (no
             // call here takes a lock it holds): bytes written by someone
             // else — or a child forked in a way that ran no fork handler
@@ -1224,7 +1237,7 @@ mod tests {
                         for _ in 0..20 {
                             hold();
                         }
-                        let own = matches!(seg.me(), Me::Own(_));
+                        let own = matches!(seg.me(), Me::Own(..));
                         barrier.wait();
                         let _ = done.send(());
                         own
@@ -1271,7 +1284,7 @@ mod tests {
         // This thread's own tag, though it holds nothing: not taken over.
         word.0.store(0, Ordering::Relaxed);
         drop(seg.lock(word, None).ok().expect("lock"));
-        let Me::Own(mine) = seg.me() else {
+        let Me::Own(mine, _) = seg.me() else {
             panic!("no slot of its own")
         };
         word.0.store(mine, Ordering::Relaxed);
