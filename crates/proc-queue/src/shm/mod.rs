@@ -792,18 +792,10 @@ impl Segment {
         let word = &word.0;
         let forks = FORKS.load(Ordering::Relaxed);
         let (map, tag, at) = LAST.get();
-        if map == Arc::as_ptr(&self.map) as usize
-            && at == forks
-            && word
-                .compare_exchange(0, tag, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-        {
-            return Ok(Guard {
-                word,
-                me: tag,
-                forks,
-                borrowed: None,
-            });
+        if map == Arc::as_ptr(&self.map) as usize && at == forks {
+            if let Some(guard) = Guard::acquire(word, 0, tag, 0, forks, None) {
+                return Ok(guard);
+            }
         }
         self.lock_slow(word, deadline)
     }
@@ -819,16 +811,8 @@ impl Segment {
         let me = self.me();
         if let Me::Own(tag, forks) = me {
             LAST.set((Arc::as_ptr(&self.map) as usize, tag, forks));
-            if word
-                .compare_exchange(0, tag, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-            {
-                return Ok(Guard {
-                    word,
-                    me: tag,
-                    forks,
-                    borrowed: None,
-                });
+            if let Some(guard) = Guard::acquire(word, 0, tag, 0, forks, None) {
+                return Ok(guard);
             }
         }
         self.lock_contended(word, me, deadline)
@@ -860,22 +844,13 @@ impl Segment {
                 (tag, FORKS.load(Ordering::Relaxed), Some(slot))
             }
         };
-        let to = tag | bits;
-        if word
-            .compare_exchange(from, to, Ordering::Acquire, Ordering::Relaxed)
-            .is_ok()
-        {
-            return Some(Guard {
-                word,
-                me: tag,
-                forks,
-                borrowed,
-            });
+        let guard = Guard::acquire(word, from, tag, bits, forks, borrowed);
+        if guard.is_none() {
+            if let Some(slot) = borrowed {
+                slot.release();
+            }
         }
-        if let Some(slot) = borrowed {
-            slot.release();
-        }
-        None
+        guard
     }
 
     /// [`lock`](Segment::lock) once the word was found held (or the locker
@@ -1037,6 +1012,30 @@ impl Drop for Segment {
                 held.retain(|h| !Arc::ptr_eq(&h.map, &self.map));
             }
         });
+    }
+}
+
+impl<'a> Guard<'a> {
+    /// Sets `word` from `from` to `tag` plus `bits`: the hold, or `None`
+    /// when the word changed meanwhile (a borrowed slot stays the
+    /// caller's to let go then).
+    #[inline(always)]
+    fn acquire(
+        word: &'a AtomicU32,
+        from: u32,
+        tag: u32,
+        bits: u32,
+        forks: u64,
+        borrowed: Option<&'a Slot>,
+    ) -> Option<Guard<'a>> {
+        word.compare_exchange(from, tag | bits, Ordering::Acquire, Ordering::Relaxed)
+            .ok()
+            .map(|_| Guard {
+                word,
+                me: tag,
+                forks,
+                borrowed,
+            })
     }
 }
 
