@@ -789,15 +789,23 @@ impl Segment {
         word: &'a LockWord,
         deadline: Option<Instant>,
     ) -> Result<Guard<'a>, LockError> {
-        let word = &word.0;
+        match self.lock_fast(word) {
+            Some(guard) => Ok(guard),
+            None => self.lock_slow(&word.0, deadline),
+        }
+    }
+
+    /// The common case of [`lock`](Segment::lock): the word is free and
+    /// this segment is the one this thread last locked in (its tag at
+    /// hand). `None` otherwise; nothing was taken then.
+    #[inline(always)]
+    pub(crate) fn lock_fast<'a>(&'a self, word: &'a LockWord) -> Option<Guard<'a>> {
         let forks = FORKS.load(Ordering::Relaxed);
         let (map, tag, at) = LAST.get();
         if map == Arc::as_ptr(&self.map) as usize && at == forks {
-            if let Some(guard) = Guard::acquire(word, 0, tag, 0, forks, None) {
-                return Ok(guard);
-            }
+            return Guard::acquire(&word.0, 0, tag, 0, forks, None);
         }
-        self.lock_slow(word, deadline)
+        None
     }
 
     /// [`lock`](Segment::lock) when this segment is not the last one this
@@ -1040,6 +1048,7 @@ impl<'a> Guard<'a> {
 }
 
 impl Drop for Guard<'_> {
+    #[inline]
     fn drop(&mut self) {
         if self.forks == FORKS.load(Ordering::Relaxed) {
             // Only a word that still holds this hold's tag: one taken over
