@@ -12,6 +12,11 @@ fn main() {
     common::run(&[
         ("fifo_across_fork", 20, fifo_across_fork),
         ("typed_messages", 10, typed_messages),
+        (
+            "items_that_write_themselves_as_text",
+            10,
+            items_that_write_themselves_as_text,
+        ),
         ("bound_full_empty_qsize", 10, bound_full_empty_qsize),
         ("timeouts_are_never_early", 10, timeouts_are_never_early),
         ("close_ends_the_stream", 10, close_ends_the_stream),
@@ -119,6 +124,51 @@ fn typed_messages() {
         child.join().expect("join"),
         (jobs[0].clone(), jobs[1].clone())
     );
+}
+
+/// Serialized with `collect_str` (as its `Display` would be): postcard
+/// reports such an item overflowing a fixed output as `CollectStrError`,
+/// not `SerializeBufferFull`.
+#[derive(Debug, Clone, PartialEq)]
+struct Shown(String);
+
+impl Serialize for Shown {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Shown {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Shown)
+    }
+}
+
+fn items_that_write_themselves_as_text() {
+    // Sizes on both sides of put's stack buffer and of any buffer size a
+    // thread's earlier puts left behind.
+    let q: Queue<Shown> = Queue::new().expect("queue");
+    let sizes = [0, 10, 63, 64, 65, 200, 300, 5_000, 100, 70_000, 1_000];
+    for n in sizes {
+        q.put(Shown("x".repeat(n))).expect("put");
+    }
+    let child_q = q.clone();
+    let child = proc::spawn(move || {
+        let mut lens = Vec::new();
+        for _ in 0..sizes.len() {
+            let item = child_q.get().expect("get");
+            assert!(item.0.bytes().all(|b| b == b'x'));
+            lens.push(item.0.len());
+        }
+        // And back, from a process whose puts have not run before.
+        child_q
+            .put(Shown("y".repeat(300)))
+            .expect("put from the child");
+        lens
+    })
+    .expect("spawn");
+    assert_eq!(child.join().expect("join"), sizes.to_vec());
+    assert_eq!(q.get().expect("get"), Shown("y".repeat(300)));
 }
 
 fn bound_full_empty_qsize() {

@@ -31,6 +31,11 @@ fn main() {
         ("decode_mismatch_is_typed", 10, decode_mismatch_is_typed),
         ("encode_failure_is_typed", 10, encode_failure_is_typed),
         ("large_result", 20, large_result),
+        (
+            "a_result_that_writes_itself_as_text",
+            10,
+            a_result_that_writes_itself_as_text,
+        ),
         ("threaded_parent_is_refused", 10, threaded_parent_is_refused),
         (
             "stdin_is_dev_null_by_default",
@@ -223,6 +228,32 @@ fn encode_failure_is_typed() {
         // postcard reports serde's custom errors without their text.
         Err(JoinError::Encode(msg)) => assert!(!msg.is_empty()),
         other => panic!("expected an encode error, got {other:?}"),
+    }
+}
+
+/// Serialized with `collect_str` (as its `Display` would be): postcard
+/// reports such a value overflowing a fixed output as `CollectStrError`,
+/// not `SerializeBufferFull`.
+#[derive(Debug, PartialEq)]
+struct Shown(String);
+
+impl Serialize for Shown {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Shown {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Shown)
+    }
+}
+
+fn a_result_that_writes_itself_as_text() {
+    // Under and over the child's stack buffer for its result.
+    for n in [10, 300, 70_000] {
+        let child = proc::spawn(move || Shown("z".repeat(n))).expect("spawn");
+        assert_eq!(child.join().expect("join"), Shown("z".repeat(n)));
     }
 }
 

@@ -23,8 +23,9 @@ use crate::wait::{self, Waited};
 pub const DEFAULT_CAPACITY: usize = 2 << 20;
 
 thread_local! {
-    /// Where `put` serializes an item before copying it into the ring.
-    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; 256]);
+    /// Where `put` serializes an item larger than [`SMALL_ITEM`] before
+    /// copying it into the ring.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The largest item `put` serializes on the stack.
@@ -63,9 +64,10 @@ impl postcard::ser_flavors::Flavor for StackOut<'_> {
             .ok_or(postcard::Error::SerializeBufferFull)?;
         if data.len() <= 16 {
             for (i, &byte) in data.iter().enumerate() {
-                // (The mask keeps the index in bounds without a check and
-                // keeps the compiler from making the loop a `memcpy` call
-                // again: `end <= SMALL_ITEM`, so it never wraps.)
+                // (The remainder, a mask once compiled, keeps the index in
+                // bounds without a check and keeps the compiler from making
+                // the loop a `memcpy` call again; `end <= SMALL_ITEM`, so it
+                // never wraps.)
                 self.buf[(start + i) % SMALL_ITEM] = byte;
             }
         } else {
@@ -77,6 +79,30 @@ impl postcard::ser_flavors::Flavor for StackOut<'_> {
 
     fn finalize(self) -> postcard::Result<usize> {
         Ok(self.len)
+    }
+}
+
+/// postcard's output for a larger item: a vector that grows as needed.
+/// (A fixed buffer grown and retried after `SerializeBufferFull` misses
+/// the items that fill it inside `collect_str`: postcard reports
+/// `CollectStrError` for those.)
+struct VecOut<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for VecOut<'_> {
+    type Output = ();
+
+    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+        self.0.push(byte);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
     }
 }
 
@@ -329,20 +355,17 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
             let pushed = self.ring.push(&[&small[..len]], false, deadline);
             return finish_put(pushed, item, nowait);
         }
-        let pushed = SCRATCH.with(|scratch| {
-            let mut buf = scratch.borrow_mut();
-            let len = loop {
-                match postcard::to_slice(&item, &mut buf[..]) {
-                    Ok(out) => break out.len(),
-                    Err(postcard::Error::SerializeBufferFull) => {
-                        let grown = buf.len() * 2;
-                        buf.resize(grown, 0);
-                    }
-                    Err(e) => return Err(PushError::Failed(QueueError::Encode(e.to_string()))),
-                }
-            };
-            self.ring.push(&[&buf[..len]], false, deadline)
-        });
+        // (Taken out of its cell, not borrowed: an item whose `Serialize`
+        // puts to a queue itself finds the cell empty, not borrowed.)
+        let mut buf = SCRATCH
+            .try_with(|scratch| scratch.take())
+            .unwrap_or_default();
+        buf.clear();
+        let pushed = match postcard::serialize_with_flavor(&item, VecOut(&mut buf)) {
+            Ok(()) => self.ring.push(&[&buf], false, deadline),
+            Err(e) => Err(PushError::Failed(QueueError::Encode(e.to_string()))),
+        };
+        let _ = SCRATCH.try_with(|scratch| scratch.replace(buf));
         finish_put(pushed, item, nowait)
     }
 
