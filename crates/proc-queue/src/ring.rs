@@ -228,6 +228,17 @@ impl Bytes<'_> {
     }
 }
 
+/// What a get hands on to [`Ring::pop_waiting`] about the consumer lock.
+enum Held<'a> {
+    /// Taken (by the fast path, which then found a record it leaves).
+    Taken(Guard<'a>),
+    /// Not taken: the lock's fast path failed (the word held, or another
+    /// segment's tag at hand).
+    FastTried,
+    /// Not tried yet.
+    Untried,
+}
+
 /// The ring over one segment.
 pub(crate) struct Ring {
     seg: Segment,
@@ -812,7 +823,13 @@ impl Ring {
         decode: impl FnMut(Payload<'_>) -> R,
     ) -> Result<R, PopError> {
         let mut waited = false;
-        self.pop_waiting(Some(Instant::now()), true, None, decode, &mut waited)
+        self.pop_waiting(
+            Some(Instant::now()),
+            true,
+            Held::Untried,
+            decode,
+            &mut waited,
+        )
     }
 
     /// The common case of a get, taken when it applies: the consumer lock
@@ -825,13 +842,10 @@ impl Ring {
     /// PAD or ABORT record, a corrupted header) is left to
     /// [`pop_waiting`](Ring::pop_waiting), handed the lock if it was taken.
     #[inline]
-    fn pop_ready<R>(
-        &self,
-        decode: &mut impl FnMut(Payload<'_>) -> R,
-    ) -> Result<R, Option<Guard<'_>>> {
+    fn pop_ready<R>(&self, decode: &mut impl FnMut(Payload<'_>) -> R) -> Result<R, Held<'_>> {
         let h = self.seg.header();
         let Some(guard) = self.seg.lock_fast(&h.consumer_lock) else {
-            return Err(None);
+            return Err(Held::FastTried);
         };
         let cons = &h.consumer.0;
         let head_word = cons.head.load(std::sync::atomic::Ordering::Relaxed);
@@ -839,11 +853,11 @@ impl Ring {
         let off = (head as usize) & (self.cap - 1);
         let record = match self.available(head) {
             Ok(available) if available > 0 && head % 16 == 0 => self.read_header(off, available),
-            _ => return Err(Some(guard)),
+            _ => return Err(Held::Taken(guard)),
         };
         let r = match record {
             Ok(r) if r.flags & (FIRST | LAST | PAD | ABORT | RAW) == FIRST | LAST => r,
-            _ => return Err(Some(guard)),
+            _ => return Err(Held::Taken(guard)),
         };
         let payload = Payload {
             bytes: Bytes::Ring(self.seg.bytes(off + r.at, r.len)),
@@ -869,23 +883,26 @@ impl Ring {
 
     /// [`pop`](Ring::pop); `waited` tells whether it waited for data.
     /// With `whole_only`, a streamed message is not started (`Streamed`).
-    /// `held`: the consumer lock, when the caller took it already.
+    /// `held`: the consumer lock, when the caller took it already, or
+    /// whether it tried the lock's fast path.
     fn pop_waiting<R>(
         &self,
         deadline: Option<Instant>,
         whole_only: bool,
-        held: Option<Guard<'_>>,
+        held: Held<'_>,
         mut decode: impl FnMut(Payload<'_>) -> R,
         waited: &mut bool,
     ) -> Result<R, PopError> {
         let h = self.seg.header();
-        let _guard = match held {
-            Some(g) => g,
-            None => match self.seg.lock(&h.consumer_lock, deadline) {
-                Ok(g) => g,
-                Err(LockError::Busy) => return Err(PopError::Empty),
-                Err(e) => return Err(PopError::Failed(Self::lock_err(e))),
-            },
+        let locked = match held {
+            Held::Taken(g) => Ok(g),
+            Held::FastTried => self.seg.lock_after_fast(&h.consumer_lock, deadline),
+            Held::Untried => self.seg.lock(&h.consumer_lock, deadline),
+        };
+        let _guard = match locked {
+            Ok(g) => g,
+            Err(LockError::Busy) => return Err(PopError::Empty),
+            Err(e) => return Err(PopError::Failed(Self::lock_err(e))),
         };
         let cons = &h.consumer.0;
         // A streamed message being put together: (seq, bytes, total).

@@ -808,6 +808,16 @@ impl Segment {
         None
     }
 
+    /// [`lock`](Segment::lock) after its [`lock_fast`](Segment::lock_fast)
+    /// failed (no second try of the same compare-and-swap).
+    pub(crate) fn lock_after_fast<'a>(
+        &'a self,
+        word: &'a LockWord,
+        deadline: Option<Instant>,
+    ) -> Result<Guard<'a>, LockError> {
+        self.lock_slow(&word.0, deadline)
+    }
+
     /// [`lock`](Segment::lock) when this segment is not the last one this
     /// thread locked in, or the word is held.
     #[inline(never)]
