@@ -31,57 +31,6 @@ thread_local! {
 /// The largest item `put` serializes on the stack.
 const SMALL_ITEM: usize = 64;
 
-/// postcard's output for a small item: a stack buffer. Short pieces (a
-/// varint, which postcard builds with byte stores in a scratch array) are
-/// copied byte by byte: the wide loads of a `memcpy` call would read
-/// those bytes before their stores drain (store forwarding fails, the
-/// loads wait): `memmove` was 14% of the producer's samples in W2.
-struct StackOut<'a> {
-    buf: &'a mut [u8; SMALL_ITEM],
-    len: usize,
-}
-
-impl postcard::ser_flavors::Flavor for StackOut<'_> {
-    type Output = usize;
-
-    #[inline(always)]
-    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
-        let slot = self
-            .buf
-            .get_mut(self.len)
-            .ok_or(postcard::Error::SerializeBufferFull)?;
-        *slot = byte;
-        self.len += 1;
-        Ok(())
-    }
-
-    #[inline(always)]
-    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-        let start = self.len;
-        let end = start
-            .checked_add(data.len())
-            .filter(|&end| end <= SMALL_ITEM)
-            .ok_or(postcard::Error::SerializeBufferFull)?;
-        if data.len() <= 16 {
-            for (i, &byte) in data.iter().enumerate() {
-                // (The remainder, a mask once compiled, keeps the index in
-                // bounds without a check and keeps the compiler from making
-                // the loop a `memcpy` call again; `end <= SMALL_ITEM`, so it
-                // never wraps.)
-                self.buf[(start + i) % SMALL_ITEM] = byte;
-            }
-        } else {
-            self.buf[start..end].copy_from_slice(data);
-        }
-        self.len = end;
-        Ok(())
-    }
-
-    fn finalize(self) -> postcard::Result<usize> {
-        Ok(self.len)
-    }
-}
-
 /// postcard's output for a larger item: a vector that grows as needed.
 /// (A fixed buffer grown and retried after `SerializeBufferFull` misses
 /// the items that fill it inside `collect_str`: postcard reports
@@ -347,12 +296,8 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         // Small items serialize on the stack; larger ones in a reused
         // per-thread buffer.
         let mut small = [0u8; SMALL_ITEM];
-        let out = StackOut {
-            buf: &mut small,
-            len: 0,
-        };
-        if let Ok(len) = postcard::serialize_with_flavor(&item, out) {
-            let pushed = self.ring.push(&[&small[..len]], false, deadline);
+        if let Ok(out) = postcard::to_slice(&item, &mut small) {
+            let pushed = self.ring.push(&[out], false, deadline);
             return finish_put(pushed, item, nowait);
         }
         // (Taken out of its cell, not borrowed: an item whose `Serialize`
@@ -955,38 +900,5 @@ mod tests {
             assert_eq!(postcard::to_stdvec(&v).expect("postcard"), out);
         }
         assert_eq!(decode_varint(&[0x80; 11]), None);
-    }
-
-    /// `put`'s stack output gives postcard's own bytes for every item that
-    /// fits, pieces of every length included, and says full for the rest.
-    #[test]
-    fn the_stack_output_is_postcards() {
-        fn check<T: Serialize>(item: &T) {
-            let want = postcard::to_stdvec(item).expect("postcard");
-            let mut buf = [0xAAu8; SMALL_ITEM];
-            let out = StackOut {
-                buf: &mut buf,
-                len: 0,
-            };
-            match postcard::serialize_with_flavor(item, out) {
-                Ok(len) => assert_eq!(&buf[..len], &want[..]),
-                Err(e) => {
-                    assert_eq!(e, postcard::Error::SerializeBufferFull);
-                    assert!(want.len() > SMALL_ITEM, "{} bytes refused", want.len());
-                }
-            }
-        }
-        for v in [0u64, 1, 127, 128, 300, 1 << 35, u64::MAX] {
-            check(&v);
-            check(&(v, v as u8, -(v as i64), v as f64));
-        }
-        for n in 0..=80 {
-            let bytes = vec![0x5Au8; n];
-            check(&bytes);
-            check(&serde_bytes::ByteBuf::from(bytes.clone()));
-            check(&"é".repeat(n / 2));
-            // A piece that ends exactly at, or just past, the buffer's end.
-            check(&(vec![1u8; 40], serde_bytes::ByteBuf::from(vec![2u8; n])));
-        }
     }
 }
