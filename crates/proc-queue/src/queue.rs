@@ -362,11 +362,20 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                 prefixed.extend_from_slice(bytes);
                 postcard::from_bytes::<T>(&prefixed)
             } else {
-                postcard::from_bytes::<T>(bytes)
+                decode::<T>(bytes)
             }
         });
         finish_get(popped, nowait)?.map_err(|e| GetError::Failed(QueueError::Decode(e.to_string())))
     }
+}
+
+/// `postcard::from_bytes`, inlined into the get: called, it handed its
+/// result back through memory, written as a tag byte and a value and read
+/// back as one 16-byte load, which waits for those stores to drain (store
+/// forwarding fails).
+#[inline(always)]
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> postcard::Result<T> {
+    T::deserialize(&mut postcard::Deserializer::from_bytes(bytes))
 }
 
 fn finish_put<T>(pushed: Result<(), PushError>, item: T, nowait: bool) -> Result<(), PutError<T>> {
