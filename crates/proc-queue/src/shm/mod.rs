@@ -545,11 +545,13 @@ struct Held {
 impl Drop for Held {
     fn drop(&mut self) {
         let map = Arc::as_ptr(&self.map) as usize;
-        let _ = LAST.try_with(|last| {
-            if last.get().0 == map {
-                last.set((0, 0, 0));
-            }
-        });
+        for entry in [&LAST, &BEFORE] {
+            let _ = entry.try_with(|entry| {
+                if entry.get().0 == map {
+                    entry.set((0, 0, 0));
+                }
+            });
+        }
         if let Some(slot) = self.slot {
             if self.forks == FORKS.load(Ordering::Relaxed) {
                 // SAFETY: the slot lies in `self.map`'s mapping, still
@@ -571,6 +573,10 @@ thread_local! {
     /// destructor: a cheap access, valid while other thread-locals are
     /// destroyed.
     static LAST: Cell<(usize, u32, u64)> = const { Cell::new((0, 0, 0)) };
+    /// The one used before `LAST` (another segment), kept the same way: a
+    /// thread that takes from one queue and puts to another (a pool's
+    /// worker, a request/reply loop) finds both at hand.
+    static BEFORE: Cell<(usize, u32, u64)> = const { Cell::new((0, 0, 0)) };
 }
 
 /// How many slots of its own a thread holds at most: the kernel walks at
@@ -796,13 +802,18 @@ impl Segment {
     }
 
     /// The common case of [`lock`](Segment::lock): the word is free and
-    /// this segment is the one this thread last locked in (its tag at
-    /// hand). `None` otherwise; nothing was taken then.
+    /// this segment is one of the last two this thread locked in (its tag
+    /// at hand). `None` otherwise; nothing was taken then.
     #[inline(always)]
     pub(crate) fn lock_fast<'a>(&'a self, word: &'a LockWord) -> Option<Guard<'a>> {
         let forks = FORKS.load(Ordering::Relaxed);
+        let this = Arc::as_ptr(&self.map) as usize;
         let (map, tag, at) = LAST.get();
-        if map == Arc::as_ptr(&self.map) as usize && at == forks {
+        if map == this && at == forks {
+            return Guard::acquire(&word.0, 0, tag, 0, forks, None);
+        }
+        let (map, tag, at) = BEFORE.get();
+        if map == this && at == forks {
             return Guard::acquire(&word.0, 0, tag, 0, forks, None);
         }
         None
@@ -828,7 +839,12 @@ impl Segment {
     ) -> Result<Guard<'a>, LockError> {
         let me = self.me();
         if let Me::Own(tag, forks) = me {
-            LAST.set((Arc::as_ptr(&self.map) as usize, tag, forks));
+            let this = Arc::as_ptr(&self.map) as usize;
+            let last = LAST.get();
+            if last.0 != this {
+                BEFORE.set(last);
+            }
+            LAST.set((this, tag, forks));
             if let Some(guard) = Guard::acquire(word, 0, tag, 0, forks, None) {
                 return Ok(guard);
             }
@@ -1413,6 +1429,42 @@ mod tests {
         // SAFETY: the head is glibc's, in this thread's descriptor: its
         // first word is the list's first entry, the head itself if empty.
         unsafe { *head as usize == head as usize }
+    }
+
+    #[test]
+    fn the_two_tags_at_hand_name_live_segments_only() {
+        // A thread alternating between two segments locks both on the
+        // fast path; an entry goes with its segment, so that a new mapping
+        // at the same address is never locked with the old one's tag.
+        std::thread::spawn(|| {
+            let at = |seg: &Segment| Arc::as_ptr(&seg.map) as usize;
+            let (a, b) = (segment(), segment());
+            for seg in [&a, &b, &a, &b] {
+                drop(
+                    seg.lock(&seg.header().producer_lock, None)
+                        .ok()
+                        .expect("lock"),
+                );
+            }
+            assert_eq!((LAST.get().0, BEFORE.get().0), (at(&b), at(&a)));
+            for seg in [&a, &b] {
+                let guard = seg.lock_fast(&seg.header().consumer_lock);
+                assert!(guard.is_some(), "not on the fast path");
+            }
+            let old = at(&a);
+            drop(a);
+            assert!(LAST.get().0 != old && BEFORE.get().0 != old);
+            drop(b);
+            assert_eq!((LAST.get().0, BEFORE.get().0), (0, 0));
+            // A segment mapped where the first was: its own tag, taken on
+            // the slow path.
+            let c = segment();
+            assert!(c.lock_fast(&c.header().producer_lock).is_none());
+            drop(c.lock(&c.header().producer_lock, None).ok().expect("lock"));
+            assert_eq!(LAST.get().0, at(&c));
+        })
+        .join()
+        .expect("join");
     }
 
     #[test]
