@@ -451,20 +451,26 @@ where
         // Most results fit the stack buffer: no allocation in the child.
         Ok(value) => match postcard::to_slice(&Outcome::Value(&value), &mut small) {
             Ok(bytes) => (bytes, 0),
-            // Too large for the stack buffer (postcard says so with
+            // Too large for the stack buffer: postcard says so with
             // `SerializeBufferFull`, or with `CollectStrError` from inside
-            // a `collect_str`), or a failure: a growing buffer tells them
-            // apart.
-            Err(_) => match postcard::to_stdvec(&Outcome::Value(&value)) {
-                Ok(bytes) => {
-                    large = bytes;
-                    (&large, 0)
+            // a `collect_str` (also its answer to a `Display` that fails:
+            // a growing buffer tells the two apart).
+            Err(postcard::Error::SerializeBufferFull | postcard::Error::CollectStrError) => {
+                match postcard::to_stdvec(&Outcome::Value(&value)) {
+                    Ok(bytes) => {
+                        large = bytes;
+                        (&large, 0)
+                    }
+                    Err(e) => {
+                        large = encode_failure(&e.to_string());
+                        (&large, 1)
+                    }
                 }
-                Err(e) => {
-                    large = encode_failure(&e.to_string());
-                    (&large, 1)
-                }
-            },
+            }
+            Err(e) => {
+                large = encode_failure(&e.to_string());
+                (&large, 1)
+            }
         },
         Err(crate::task::Panic { message, location }) => {
             let outcome = Outcome::<()>::Panicked { message, location };

@@ -229,11 +229,11 @@ impl Bytes<'_> {
 }
 
 /// What a get hands on to [`Ring::pop_waiting`] about the consumer lock.
-enum Held<'a> {
+enum ConsumerLock<'a> {
     /// Taken (by the fast path, which then found a record it leaves).
     Taken(Guard<'a>),
-    /// Not taken: the lock's fast path failed (the word held, or another
-    /// segment's tag at hand).
+    /// Not taken: the lock's fast path failed (the word held, or neither
+    /// of the two tags at hand is this segment's).
     FastTried,
     /// Not tried yet.
     Untried,
@@ -826,7 +826,7 @@ impl Ring {
         self.pop_waiting(
             Some(Instant::now()),
             true,
-            Held::Untried,
+            ConsumerLock::Untried,
             decode,
             &mut waited,
         )
@@ -842,10 +842,13 @@ impl Ring {
     /// PAD or ABORT record, a corrupted header) is left to
     /// [`pop_waiting`](Ring::pop_waiting), handed the lock if it was taken.
     #[inline]
-    fn pop_ready<R>(&self, decode: &mut impl FnMut(Payload<'_>) -> R) -> Result<R, Held<'_>> {
+    fn pop_ready<R>(
+        &self,
+        decode: &mut impl FnMut(Payload<'_>) -> R,
+    ) -> Result<R, ConsumerLock<'_>> {
         let h = self.seg.header();
         let Some(guard) = self.seg.lock_fast(&h.consumer_lock) else {
-            return Err(Held::FastTried);
+            return Err(ConsumerLock::FastTried);
         };
         let cons = &h.consumer.0;
         let head_word = cons.head.load(std::sync::atomic::Ordering::Relaxed);
@@ -853,11 +856,11 @@ impl Ring {
         let off = (head as usize) & (self.cap - 1);
         let record = match self.available(head) {
             Ok(available) if available > 0 && head % 16 == 0 => self.read_header(off, available),
-            _ => return Err(Held::Taken(guard)),
+            _ => return Err(ConsumerLock::Taken(guard)),
         };
         let r = match record {
             Ok(r) if r.flags & (FIRST | LAST | PAD | ABORT | RAW) == FIRST | LAST => r,
-            _ => return Err(Held::Taken(guard)),
+            _ => return Err(ConsumerLock::Taken(guard)),
         };
         let payload = Payload {
             bytes: Bytes::Ring(self.seg.bytes(off + r.at, r.len)),
@@ -889,15 +892,15 @@ impl Ring {
         &self,
         deadline: Option<Instant>,
         whole_only: bool,
-        held: Held<'_>,
+        held: ConsumerLock<'_>,
         mut decode: impl FnMut(Payload<'_>) -> R,
         waited: &mut bool,
     ) -> Result<R, PopError> {
         let h = self.seg.header();
         let locked = match held {
-            Held::Taken(g) => Ok(g),
-            Held::FastTried => self.seg.lock_after_fast(&h.consumer_lock, deadline),
-            Held::Untried => self.seg.lock(&h.consumer_lock, deadline),
+            ConsumerLock::Taken(g) => Ok(g),
+            ConsumerLock::FastTried => self.seg.lock_after_fast(&h.consumer_lock, deadline),
+            ConsumerLock::Untried => self.seg.lock(&h.consumer_lock, deadline),
         };
         let _guard = match locked {
             Ok(g) => g,

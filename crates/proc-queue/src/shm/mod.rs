@@ -829,8 +829,8 @@ impl Segment {
         self.lock_slow(&word.0, deadline)
     }
 
-    /// [`lock`](Segment::lock) when this segment is not the last one this
-    /// thread locked in, or the word is held.
+    /// [`lock`](Segment::lock) when this segment is neither of the last
+    /// two this thread locked in, or the word is held.
     #[inline(never)]
     fn lock_slow<'a>(
         &'a self,
@@ -1456,8 +1456,9 @@ mod tests {
             assert!(LAST.get().0 != old && BEFORE.get().0 != old);
             drop(b);
             assert_eq!((LAST.get().0, BEFORE.get().0), (0, 0));
-            // A segment mapped where the first was: its own tag, taken on
-            // the slow path.
+            // A new segment (the allocator may well map it where one of
+            // the dropped ones was): no entry names it before this thread
+            // locks in it, and then its own tag is taken.
             let c = segment();
             assert!(c.lock_fast(&c.header().producer_lock).is_none());
             drop(c.lock(&c.header().producer_lock, None).ok().expect("lock"));
