@@ -640,7 +640,7 @@ impl<T> Queue<T> {
         nowait: bool,
     ) -> Result<(), GetError> {
         buf.clear();
-        let popped = self.ring.pop(deadline, |p| copy_bytes(p, buf));
+        let popped = self.ring.pop_bytes(deadline, |p| copy_bytes(p, buf));
         let got = finish_get(popped, nowait).and_then(|r| r.map_err(GetError::Failed));
         if got.is_err() {
             buf.clear();
