@@ -1017,6 +1017,12 @@ fn helper_mode(mode: &str) {
         std::thread::sleep(Duration::from_secs(60));
         return;
     }
+    if mode == "sigint" {
+        // Ctrl-C's default action, whatever this process inherited: a test
+        // run started in the background (a shell's `&`) has SIGINT ignored.
+        // SAFETY: sets a disposition to the default, before any thread.
+        unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
+    }
     let pool = Pool::new(2).expect("pool");
     // Busy workers, a task queued behind them.
     let _busy: Vec<_> = (0..4)
