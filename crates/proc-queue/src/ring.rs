@@ -888,6 +888,9 @@ impl Ring {
         };
         // A raw message's bytes follow its 16-byte prefix block (one
         // shorter than that is left to pop_waiting, which reports it).
+        // (pop_waiting's whole-record arm does the same skip; one helper
+        // for both, returning an Option, made a get of a number 20 → 35 ns
+        // in queue_cost: the raw branch was no longer compiled out here.)
         let r = match record {
             Ok(r)
                 if r.flags & (FIRST | LAST | PAD | ABORT) == FIRST | LAST
