@@ -103,6 +103,18 @@ fn round16(n: usize) -> usize {
     (n + 15) & !15
 }
 
+/// How far ahead of its record a producer starting a new cache line asks
+/// for the line it will write later (`prefetchw`, in the free room only).
+///
+/// Every line of the ring was read by a consumer on the previous lap, so
+/// the producer's first store to it waits for the line to be taken back
+/// from the consumer's core, and the put's next locked instruction waits
+/// for that store. Asked for 512 bytes (32 small records) early, the line
+/// is there when the put comes. W2 on the 16-core Xeon: 1.129 (40
+/// alternated runs; 1.076 at 1 KiB, 0.983 at 2 KiB), W7 0.992, W4
+/// unchanged; on the 2-vCPU card machine 1.103 and 1.030 (20 and 30 runs).
+const PREFETCH_AHEAD: usize = 512;
+
 /// Records up to this size are written with a single copy.
 const SMALL: usize = 64;
 
@@ -495,6 +507,10 @@ impl Ring {
             return false;
         }
         let seq = protocol::count(tail_word);
+        if off % 64 == 0 && self.cap - used > rec + PREFETCH_AHEAD {
+            self.seg
+                .prefetch_for_write((off + PREFETCH_AHEAD) & (self.cap - 1));
+        }
         if compact {
             let mut p = 0u64;
             for (i, &b) in payload.iter().enumerate() {
