@@ -142,7 +142,14 @@ const SMALL: usize = 64;
 /// wait only when the peer answers before each get is called (the caller
 /// preempted between its put and its get, twice), while a consumer taking
 /// a batch has them at every batch (BENCHMARKS.md).
-const BATCH_DELAY: Duration = Duration::from_nanos(400);
+///
+/// The same delay lets the producer finish the cache lines it is writing
+/// (see `Ring::at_producers_pair`). With that rule in place a longer delay
+/// measured better: 1600 against 400 ns, W2 1.061 and W7 1.058 on the
+/// 2-vCPU card machine (400 and 150 alternated runs; 800 ns: 1.028,
+/// 1.022), W4 1.000 (300), W5 1.022, W6 0.998, W3 0.998; on the 16-core
+/// Xeon W2 1.148, W7 1.198, W4 0.968 (40 each).
+const BATCH_DELAY: Duration = Duration::from_nanos(1600);
 
 /// Gets in a row that did not wait before a consumer counts as streaming.
 const STREAM_RUN: u32 = 2;
