@@ -29,7 +29,7 @@
 //! half-visible: an uncommitted record is overwritten later, a record a
 //! consumer was reading stays for the next consumer.
 
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::{Duration, Instant};
 
 use crate::error::QueueError;
@@ -147,8 +147,9 @@ const SMALL: usize = 64;
 /// (see `Ring::at_producers_pair`). With that rule in place a longer delay
 /// measured better: 1600 against 400 ns, W2 1.061 and W7 1.058 on the
 /// 2-vCPU card machine (400 and 150 alternated runs; 800 ns: 1.028,
-/// 1.022), W4 1.000 (300), W5 1.022, W6 0.998, W3 0.998; on the 16-core
-/// Xeon W2 1.148, W7 1.198, W4 0.968 (40 each).
+/// 1.022), W4 1.000 (300; a ratio of round-trip times, as below), W5
+/// 1.022, W6 0.998, W3 0.998; on the 16-core Xeon W2 1.148, W7 1.198, W4
+/// 0.968 (40 each).
 const BATCH_DELAY: Duration = Duration::from_nanos(1600);
 
 /// Gets in a row that did not wait before a consumer counts as streaming.
@@ -271,6 +272,10 @@ pub(crate) struct Ring {
     /// without waiting, up to [`STREAM_RUN`] (see [`BATCH_DELAY`]; a hint:
     /// a race costs at most one delay).
     immediate: AtomicU32,
+    /// The 128-byte block (position / 128, plus one; 0: none) in which a
+    /// get through this handle last let the producer go ahead (see
+    /// [`Ring::at_producers_pair`]): its other records are taken at once.
+    deferred: AtomicU64,
 }
 
 impl Ring {
@@ -282,12 +287,14 @@ impl Ring {
             max_single: cap / 2 - HDR,
             max_fragment: cap / 4,
             immediate: AtomicU32::new(0),
+            deferred: AtomicU64::new(0),
         }
     }
 
     /// Empties the ring for use as a new one (see [`Segment::reset`]).
     pub(crate) fn reset(&mut self) {
         *self.immediate.get_mut() = 0;
+        *self.deferred.get_mut() = 0;
         self.seg.reset();
     }
 
@@ -514,7 +521,7 @@ impl Ring {
             return false;
         }
         let seq = protocol::count(tail_word);
-        if off % 64 == 0 && self.cap - used > rec + PREFETCH_AHEAD {
+        if off % 64 == 0 && self.cap - used >= PREFETCH_AHEAD + 64 {
             self.seg
                 .prefetch_for_write((off + PREFETCH_AHEAD) & (self.cap - 1));
         }
@@ -967,7 +974,9 @@ impl Ring {
             .0
             .cached_tail
             .load(std::sync::atomic::Ordering::Relaxed);
-        head >> 7 == cached >> 7 && self.streaming()
+        head >> 7 == cached >> 7
+            && self.streaming()
+            && self.deferred.load(std::sync::atomic::Ordering::Relaxed) != (head >> 7) + 1
     }
 
     /// Whether this ring's consumer is keeping up with a stream (see
@@ -1064,11 +1073,17 @@ impl Ring {
             }
             if !*waited && self.at_producers_pair(head) {
                 // Let the producer finish the lines it is writing, then
-                // take what is there. (Reading its position first, to
-                // delay only when it is still there, measured worse: W2
-                // 0.93 of this in 30 alternated runs; that read takes the
-                // position word's line from the producer.)
+                // take what is there; not again in this block (a producer
+                // that stopped in it costs one delay). (Reading its
+                // position first, to delay only when it is still there,
+                // measured worse: W2 0.93 of this in 30 alternated runs on
+                // the 2-vCPU card machine; that read takes the position
+                // word's line from the producer.) The consumer lock stays
+                // held meanwhile, as in the delay before a wait: another
+                // consumer's try finds it held (`Empty`), its get waits.
                 let_producer_ahead(deadline);
+                self.deferred
+                    .store((head >> 7) + 1, std::sync::atomic::Ordering::Relaxed);
                 *waited = true;
                 let tail = protocol::pos(protocol::observe(&h.producer.0.tail));
                 cons.cached_tail
@@ -1430,8 +1445,18 @@ mod tests {
         ));
         // ...and a get takes it after letting the producer go on (a get
         // that waited: no longer streaming), then the last one at once.
+        let t = Instant::now();
         assert_eq!(pop(None).ok(), Some(vec![8]));
+        let took = t.elapsed();
+        if wait::multi_cpu() {
+            assert!(took >= BATCH_DELAY, "the get let the producer go on");
+        }
         assert!(!ring.streaming(), "the get waited for the producer");
+        assert_eq!(
+            ring.deferred.load(std::sync::atomic::Ordering::Relaxed),
+            2,
+            "the second block (the one from 128 bytes on)"
+        );
         assert_eq!(ring.pop_ready::<false, _>(&mut decode).ok(), Some(vec![9]));
         // Not streaming, a record in the producer's lines is taken at once.
         let ring = Ring::new(Segment::create(1 << 12, 0).expect("segment"));
@@ -1441,6 +1466,24 @@ mod tests {
             ring.pop_ready::<false, _>(&mut decode).ok(),
             Some(b"x".to_vec())
         );
+        // Once per block: a producer that stopped inside a block costs a
+        // streaming consumer one delay, not one per few records.
+        let ring = Ring::new(Segment::create(1 << 12, 0).expect("segment"));
+        let pop = |deadline| ring.pop(deadline, |p| p.bytes.as_slice().to_vec());
+        for i in 0..3u8 {
+            assert!(ring.push(&[&[i]], false, None).is_ok());
+        }
+        assert_eq!(pop(None).ok(), Some(vec![0]));
+        assert_eq!(pop(None).ok(), Some(vec![1]));
+        assert_eq!(pop(None).ok(), Some(vec![2]), "deferred once");
+        assert!(!ring.streaming());
+        for i in 3..7u8 {
+            assert!(ring.push(&[&[i]], false, None).is_ok());
+        }
+        assert_eq!(pop(None).ok(), Some(vec![3]));
+        assert_eq!(pop(None).ok(), Some(vec![4]));
+        assert!(ring.streaming(), "streaming again, in the same block");
+        assert_eq!(ring.pop_ready::<false, _>(&mut decode).ok(), Some(vec![5]));
         // A try (deadline now) that meets the producer's lines while
         // streaming does not wait for them, and still takes the record.
         let ring = Ring::new(Segment::create(1 << 12, 0).expect("segment"));

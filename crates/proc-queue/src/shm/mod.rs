@@ -411,17 +411,19 @@ impl Segment {
     pub(crate) fn prefetch_for_write(&self, offset: usize) {
         self.check(offset, 1);
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: in bounds (checked); a prefetch reads nothing into the
-        // program and writes nothing: it cannot fault or change memory.
-        // (`_mm_prefetch` with `_MM_HINT_ET0` emits a read prefetch unless
-        // the crate is built for `prfchw`; `prefetchw` itself runs on every
-        // x86-64 CPU, as a no-op on the Intel ones before Broadwell.)
-        unsafe {
-            std::arch::asm!(
-                "prefetchw [{}]",
-                in(reg) self.data().add(offset),
-                options(nostack, preserves_flags, readonly)
-            );
+        if has_prefetchw() {
+            // SAFETY: in bounds (checked); the CPU has the instruction
+            // (asked above); a prefetch reads nothing into the program and
+            // writes nothing: it cannot fault or change memory.
+            // (`_mm_prefetch` with `_MM_HINT_ET0` emits a read prefetch
+            // unless the crate is built for `prfchw`.)
+            unsafe {
+                std::arch::asm!(
+                    "prefetchw [{}]",
+                    in(reg) self.data().add(offset),
+                    options(nostack, preserves_flags, readonly)
+                );
+            }
         }
     }
 
@@ -1119,6 +1121,32 @@ impl Drop for Guard<'_> {
             if let Some(slot) = self.borrowed {
                 slot.release();
             }
+        }
+    }
+}
+
+/// Whether this CPU has `prefetchw` (CPUID 0x8000_0001, ECX bit 8: every
+/// AMD64 CPU, Intel's since Broadwell), asked once.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn has_prefetchw() -> bool {
+    use std::arch::x86_64::__cpuid;
+    use std::sync::atomic::AtomicU8;
+    // 0: not asked yet, 1: no, 2: yes.
+    static HAS: AtomicU8 = AtomicU8::new(0);
+    match HAS.load(Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => {
+            // SAFETY: `cpuid` exists on every x86-64 CPU and only reads
+            // identification registers; the extended leaf is asked only if
+            // the CPU reports it. (A safe function from Rust 1.87 on.)
+            #[allow(unused_unsafe)]
+            let yes = unsafe {
+                __cpuid(0x8000_0000).eax >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & (1 << 8) != 0
+            };
+            HAS.store(if yes { 2 } else { 1 }, Ordering::Relaxed);
+            yes
         }
     }
 }
