@@ -273,7 +273,8 @@ pub(crate) struct Ring {
     /// a race costs at most one delay).
     immediate: AtomicU32,
     /// The 128-byte block (position / 128, plus one; 0: none) in which a
-    /// get through this handle last let the producer go ahead (see
+    /// get through this handle (its clones, threads in this process) last
+    /// let the producer go ahead (see
     /// [`Ring::at_producers_pair`]): its other records are taken at once.
     deferred: AtomicU64,
 }
@@ -1081,9 +1082,10 @@ impl Ring {
                 // word's line from the producer.) The consumer lock stays
                 // held meanwhile, as in the delay before a wait: another
                 // consumer's try finds it held (`Empty`), its get waits.
-                let_producer_ahead(deadline);
-                self.deferred
-                    .store((head >> 7) + 1, std::sync::atomic::Ordering::Relaxed);
+                if let_producer_ahead(deadline) {
+                    self.deferred
+                        .store((head >> 7) + 1, std::sync::atomic::Ordering::Relaxed);
+                }
                 *waited = true;
                 let tail = protocol::pos(protocol::observe(&h.producer.0.tail));
                 cons.cached_tail
@@ -1263,17 +1265,21 @@ impl Ring {
 
 /// Spins for [`BATCH_DELAY`] (or until `deadline`), without looking at
 /// the ring; at once on a single CPU, where it would only delay the
-/// producer.
-fn let_producer_ahead(deadline: Option<Instant>) {
+/// producer. Whether it spun at all (not for a try, whose deadline is
+/// now).
+fn let_producer_ahead(deadline: Option<Instant>) -> bool {
     if !wait::multi_cpu() {
-        return;
+        return false;
     }
     let until = batch_delay_end(Instant::now(), deadline);
+    let mut spun = false;
     while Instant::now() < until {
+        spun = true;
         for _ in 0..4 {
             std::hint::spin_loop();
         }
     }
+    spun
 }
 
 /// When a [`BATCH_DELAY`] started at `start` ends: never after `deadline`.
@@ -1376,10 +1382,14 @@ mod tests {
         let later = t + BATCH_DELAY * 2;
         assert_eq!(batch_delay_end(t, Some(later)), t + BATCH_DELAY);
         let t = Instant::now();
-        let_producer_ahead(None);
+        let spun = let_producer_ahead(None);
         if wait::multi_cpu() {
-            assert!(t.elapsed() >= BATCH_DELAY);
+            assert!(spun && t.elapsed() >= BATCH_DELAY);
+        } else {
+            assert!(!spun);
         }
+        // A try does not spin.
+        assert!(!let_producer_ahead(Some(Instant::now())));
     }
 
     #[test]
@@ -1445,18 +1455,21 @@ mod tests {
         ));
         // ...and a get takes it after letting the producer go on (a get
         // that waited: no longer streaming), then the last one at once.
+        let multi_cpu = wait::multi_cpu(); // (its first call is slow)
         let t = Instant::now();
         assert_eq!(pop(None).ok(), Some(vec![8]));
         let took = t.elapsed();
-        if wait::multi_cpu() {
+        if multi_cpu {
             assert!(took >= BATCH_DELAY, "the get let the producer go on");
         }
         assert!(!ring.streaming(), "the get waited for the producer");
-        assert_eq!(
-            ring.deferred.load(std::sync::atomic::Ordering::Relaxed),
-            2,
-            "the second block (the one from 128 bytes on)"
-        );
+        if multi_cpu {
+            assert_eq!(
+                ring.deferred.load(std::sync::atomic::Ordering::Relaxed),
+                2,
+                "the second block (the one from 128 bytes on)"
+            );
+        }
         assert_eq!(ring.pop_ready::<false, _>(&mut decode).ok(), Some(vec![9]));
         // Not streaming, a record in the producer's lines is taken at once.
         let ring = Ring::new(Segment::create(1 << 12, 0).expect("segment"));
@@ -1475,8 +1488,15 @@ mod tests {
         }
         assert_eq!(pop(None).ok(), Some(vec![0]));
         assert_eq!(pop(None).ok(), Some(vec![1]));
-        assert_eq!(pop(None).ok(), Some(vec![2]), "deferred once");
-        assert!(!ring.streaming());
+        assert_eq!(pop(None).ok(), Some(vec![2]));
+        assert!(!ring.streaming(), "deferred");
+        if multi_cpu {
+            assert_eq!(
+                ring.deferred.load(std::sync::atomic::Ordering::Relaxed),
+                1,
+                "deferred in the first block"
+            );
+        }
         for i in 3..7u8 {
             assert!(ring.push(&[&[i]], false, None).is_ok());
         }

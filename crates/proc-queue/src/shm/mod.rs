@@ -1125,30 +1125,39 @@ impl Drop for Guard<'_> {
     }
 }
 
-/// Whether this CPU has `prefetchw` (CPUID 0x8000_0001, ECX bit 8: every
-/// AMD64 CPU, Intel's since Broadwell), asked once.
+/// Whether this CPU reports `prefetchw` (CPUID 0x8000_0001, ECX bit 8:
+/// AMD's CPUs, Intel's since Broadwell; one that runs it without reporting
+/// it goes without the prefetch), asked once.
 #[cfg(target_arch = "x86_64")]
-#[inline]
+#[inline(always)]
 fn has_prefetchw() -> bool {
-    use std::arch::x86_64::__cpuid;
-    use std::sync::atomic::AtomicU8;
-    // 0: not asked yet, 1: no, 2: yes.
-    static HAS: AtomicU8 = AtomicU8::new(0);
-    match HAS.load(Ordering::Relaxed) {
+    match PREFETCHW.load(Ordering::Relaxed) {
         1 => false,
         2 => true,
-        _ => {
-            // SAFETY: `cpuid` exists on every x86-64 CPU and only reads
-            // identification registers; the extended leaf is asked only if
-            // the CPU reports it. (A safe function from Rust 1.87 on.)
-            #[allow(unused_unsafe)]
-            let yes = unsafe {
-                __cpuid(0x8000_0000).eax >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & (1 << 8) != 0
-            };
-            HAS.store(if yes { 2 } else { 1 }, Ordering::Relaxed);
-            yes
-        }
+        _ => ask_prefetchw(),
     }
+}
+
+/// [`has_prefetchw`]'s answer: 0 not asked yet, 1 no, 2 yes.
+#[cfg(target_arch = "x86_64")]
+static PREFETCHW: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Asks the CPU, for [`has_prefetchw`] (out of line: once per process).
+#[cfg(target_arch = "x86_64")]
+#[cold]
+#[inline(never)]
+fn ask_prefetchw() -> bool {
+    use std::arch::x86_64::__cpuid;
+    // SAFETY: `cpuid` exists on every x86-64 CPU and only reads
+    // identification registers; the extended leaf is asked only if the CPU
+    // reports it. (`__cpuid` is a safe function in recent Rust releases,
+    // an unsafe one in older ones.)
+    #[allow(unused_unsafe)]
+    let yes = unsafe {
+        __cpuid(0x8000_0000).eax >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & (1 << 8) != 0
+    };
+    PREFETCHW.store(if yes { 2 } else { 1 }, Ordering::Relaxed);
+    yes
 }
 
 /// Sleeps while `*word == expected`, for at most `timeout` (shared futex:
