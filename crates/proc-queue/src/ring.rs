@@ -115,6 +115,13 @@ fn round16(n: usize) -> usize {
 /// unchanged; on the 2-vCPU card machine 1.103 and 1.030 (20 and 30 runs).
 const PREFETCH_AHEAD: usize = 512;
 
+/// The block of 128 bytes (two cache lines: the adjacent-line prefetcher
+/// fetches pairs) that ring position `pos` lies in (see
+/// [`Ring::at_producers_pair`]).
+fn block(pos: u64) -> u64 {
+    pos >> 7
+}
+
 /// Records up to this size are written with a single copy.
 const SMALL: usize = 64;
 
@@ -975,9 +982,9 @@ impl Ring {
             .0
             .cached_tail
             .load(std::sync::atomic::Ordering::Relaxed);
-        head >> 7 == cached >> 7
+        block(head) == block(cached)
             && self.streaming()
-            && self.deferred.load(std::sync::atomic::Ordering::Relaxed) != (head >> 7) + 1
+            && self.deferred.load(std::sync::atomic::Ordering::Relaxed) != block(head) + 1
     }
 
     /// Whether this ring's consumer is keeping up with a stream (see
@@ -1084,12 +1091,10 @@ impl Ring {
                 // consumer's try finds it held (`Empty`), its get waits.
                 if let_producer_ahead(deadline) {
                     self.deferred
-                        .store((head >> 7) + 1, std::sync::atomic::Ordering::Relaxed);
+                        .store(block(head) + 1, std::sync::atomic::Ordering::Relaxed);
                 }
                 *waited = true;
-                let tail = protocol::pos(protocol::observe(&h.producer.0.tail));
-                cons.cached_tail
-                    .store(tail, std::sync::atomic::Ordering::Relaxed);
+                self.observe_tail();
                 continue;
             }
             let off = (head as usize) & (self.cap - 1);
@@ -1216,6 +1221,19 @@ impl Ring {
         }
     }
 
+    /// Reads the producers' position (a load of their line) and keeps it
+    /// as the consumers' cached tail.
+    #[inline]
+    fn observe_tail(&self) -> u64 {
+        let h = self.seg.header();
+        let tail = protocol::pos(protocol::observe(&h.producer.0.tail));
+        h.consumer
+            .0
+            .cached_tail
+            .store(tail, std::sync::atomic::Ordering::Relaxed);
+        tail
+    }
+
     /// Published bytes after `head` (validated against the capacity).
     #[inline]
     fn available(&self, head: u64) -> Result<usize, QueueError> {
@@ -1224,10 +1242,7 @@ impl Ring {
         let cached = cons.cached_tail.load(std::sync::atomic::Ordering::Relaxed);
         let mut avail = protocol::distance(cached, head);
         if avail == 0 || avail > self.cap as u64 {
-            let tail = protocol::pos(protocol::observe(&h.producer.0.tail));
-            cons.cached_tail
-                .store(tail, std::sync::atomic::Ordering::Relaxed);
-            avail = protocol::distance(tail, head);
+            avail = protocol::distance(self.observe_tail(), head);
         }
         if avail > self.cap as u64 {
             return Err(QueueError::Corrupted(format!(
