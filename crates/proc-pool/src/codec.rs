@@ -16,6 +16,8 @@ use std::fmt;
 use serde::de::{self, DeserializeSeed, IntoDeserializer, Visitor};
 use serde::ser::{self, Serialize};
 
+use crate::sys::Appender;
+
 /// Why a value could not be encoded or decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Error(String);
@@ -42,14 +44,17 @@ impl de::Error for Error {
 
 type Result<T> = std::result::Result<T, Error>;
 
-/// Writes values at the end of a buffer.
+/// Writes values at the end of a buffer (whose length is stored back when
+/// the encoder is dropped: see [`Appender`]).
 pub(crate) struct Encoder<'a> {
-    pub(crate) out: &'a mut Vec<u8>,
+    pub(crate) out: Appender<'a>,
 }
 
 impl<'a> Encoder<'a> {
     pub(crate) fn new(out: &'a mut Vec<u8>) -> Self {
-        Encoder { out }
+        Encoder {
+            out: Appender::new(out),
+        }
     }
 
     /// Appends `value`; on failure the buffer is as it was.
@@ -267,6 +272,11 @@ pub(crate) struct Decoder<'de> {
 impl<'de> Decoder<'de> {
     pub(crate) fn new(input: &'de [u8]) -> Self {
         Decoder { input }
+    }
+
+    /// What is left to decode.
+    pub(crate) fn rest(&self) -> &'de [u8] {
+        self.input
     }
 
     /// Decodes the next value.

@@ -372,6 +372,21 @@ impl Done {
         }
     }
 
+    /// Appends the values of a chunk's items to `values`; the task's
+    /// error or the first failed item's.
+    pub(crate) fn extend_into<R: DeserializeOwned>(
+        &self,
+        expected: usize,
+        values: &mut Vec<R>,
+    ) -> Result<(), TaskError> {
+        match self {
+            Done::Output { message, start } => {
+                wire::extend_items(&message[*start..], expected, values)
+            }
+            Done::Failed(e) => Err(e.clone()),
+        }
+    }
+
     /// Whether every item succeeded (without decoding the values).
     pub(crate) fn successful(&self) -> bool {
         match self {

@@ -227,16 +227,7 @@ impl<R: DeserializeOwned> MapResult<R> {
             if first_error.is_some() {
                 continue;
             }
-            let decoded = done.for_each::<R>(len, |item| match item {
-                Ok(v) => {
-                    values.push(v);
-                    true
-                }
-                Err(e) => {
-                    first_error = Some(e);
-                    false
-                }
-            });
+            let decoded = done.extend_into(len, &mut values);
             self.inner.give_back(done);
             if let Err(e) = decoded {
                 first_error.get_or_insert(e);

@@ -181,68 +181,141 @@ where
     out.extend_from_slice(&count.to_le_bytes());
     let plain_at = out.len();
     out.extend_from_slice(&count.to_le_bytes());
-    let mut plain = true;
-    let mut enc = Encoder::new(out);
-    let fail = |enc: &mut Encoder<'_>, plain: &mut bool, done: u64, error: TaskError| {
-        if *plain {
-            // From here on every item carries its Result tag.
-            *plain = false;
-            enc.out[plain_at..plain_at + 8].copy_from_slice(&done.to_le_bytes());
-        }
-        let _ = enc.encode(&Err::<(), TaskError>(error));
-    };
     // The items run in stretches, each under one panic catch (a catch per
     // item kept `f` from being inlined into the loop: ~6% of W6's CPU). A
     // panic ends the stretch at its item, which fails alone (whatever of
     // its result was written is dropped); the next stretch starts after it.
-    let mut done = 0u64;
-    // Where the current item's result starts, and whether the panic came
-    // from decoding its argument rather than from `f`, its result's
-    // encoding or its result's drop (all of which fail the item alone).
-    let mut mark = enc.out.len();
-    let mut decoding = false;
-    while done < count {
-        let stretch = catch_panic(|| -> Result<(), crate::codec::Error> {
-            while done < count {
-                mark = enc.out.len();
-                decoding = true;
-                let a = de.decode::<A>()?;
-                decoding = false;
-                let value = f(a);
-                let written = if plain {
-                    enc.encode(&value)
-                } else {
-                    enc.encode(&Ok::<&R, ()>(&value))
-                };
-                if let Err(e) = written {
-                    fail(&mut enc, &mut plain, done, TaskError::Encode(e.to_string()));
-                }
-                // Before the count moves on: a panicking drop is this
-                // item's failure (its written result is cut off at `mark`).
-                drop(value);
-                done += 1;
+    let mut at = Progress {
+        rest: de.rest(),
+        done: 0,
+        mark: out.len(),
+        decoding: false,
+        plain: true,
+    };
+    while at.done < count {
+        let error = match catch_panic(|| run_stretch(f, &mut at, out, count)) {
+            Ok(Stop::Done) => return,
+            Ok(Stop::Encode(e)) => {
+                // (The encoder took back what it had written of it.)
+                fail_item(out, &mut at, plain_at, TaskError::Encode(e.to_string()));
+                continue;
             }
-            Ok(())
-        });
-        let error = match stretch {
-            Ok(Ok(())) => return,
             // The rest of the chunk cannot be found: the whole task fails
             // (one error, not one per item).
-            Ok(Err(e)) => TaskError::ArgsDecode(e.to_string()),
-            Err(panic) if decoding => {
+            Ok(Stop::Decode(e)) => TaskError::ArgsDecode(e.to_string()),
+            Err(panic) if at.decoding => {
                 TaskError::ArgsDecode(format!("decoding an argument panicked: {}", panic.message))
             }
             Err(panic) => {
-                enc.out.truncate(mark);
-                fail(&mut enc, &mut plain, done, TaskError::from(panic));
-                done += 1;
+                out.truncate(at.mark);
+                fail_item(out, &mut at, plain_at, TaskError::from(panic));
                 continue;
             }
         };
-        enc.out.truncate(start);
-        failed(&error, enc.out);
+        out.truncate(start);
+        failed(&error, out);
         return;
     }
+}
+
+/// Where a chunk's items stand between stretches.
+struct Progress<'de> {
+    /// The arguments not decoded yet.
+    rest: &'de [u8],
+    /// Items done (their results written).
+    done: u64,
+    /// Where the current item's result starts.
+    mark: usize,
+    /// Whether the panic came from decoding the current item's argument
+    /// rather than from `f`, its result's encoding or its result's drop
+    /// (all of which fail the item alone).
+    decoding: bool,
+    /// Whether every item so far succeeded: results are written without
+    /// their `Result` tag until one fails.
+    plain: bool,
+}
+
+/// How a stretch ended (a panic ends one too).
+enum Stop {
+    Done,
+    Decode(crate::codec::Error),
+    Encode(crate::codec::Error),
+}
+
+/// A stretch's working copy of the progress: plain locals while it runs
+/// (kept in registers: in the [`Progress`] behind a reference, every item
+/// stored and reloaded the decoder's position, the output's length and the
+/// counters), stored back when it ends, by a panic too.
+struct Stretch<'p, 'de, 'o> {
+    home: &'p mut Progress<'de>,
+    de: Decoder<'de>,
+    enc: Encoder<'o>,
+    done: u64,
+    mark: usize,
+    decoding: bool,
+}
+
+impl Drop for Stretch<'_, '_, '_> {
+    #[inline]
+    fn drop(&mut self) {
+        self.home.rest = self.de.rest();
+        self.home.done = self.done;
+        self.home.mark = self.mark;
+        self.home.decoding = self.decoding;
+    }
+}
+
+/// Runs items from `at` on until the chunk's end, a decoding error or an
+/// encoding error (that item's).
+#[inline(always)]
+fn run_stretch<A, R>(f: fn(A) -> R, at: &mut Progress<'_>, out: &mut Vec<u8>, count: u64) -> Stop
+where
+    A: DeserializeOwned,
+    R: Serialize,
+{
+    let plain = at.plain;
+    let mut s = Stretch {
+        de: Decoder::new(at.rest),
+        enc: Encoder::new(out),
+        done: at.done,
+        mark: at.mark,
+        decoding: false,
+        home: at,
+    };
+    while s.done < count {
+        s.mark = s.enc.out.len();
+        s.decoding = true;
+        let a = match s.de.decode::<A>() {
+            Ok(a) => a,
+            Err(e) => return Stop::Decode(e),
+        };
+        s.decoding = false;
+        let value = f(a);
+        let written = if plain {
+            s.enc.encode(&value)
+        } else {
+            s.enc.encode(&Ok::<&R, ()>(&value))
+        };
+        // Before the count moves on: a panicking drop is this item's
+        // failure (its written result is cut off at `mark`).
+        drop(value);
+        if let Err(e) = written {
+            return Stop::Encode(e);
+        }
+        s.done += 1;
+    }
+    Stop::Done
+}
+
+/// Writes item `at.done`'s failure after the results so far and counts it.
+fn fail_item(out: &mut Vec<u8>, at: &mut Progress<'_>, plain_at: usize, error: TaskError) {
+    if at.plain {
+        // From here on every item carries its Result tag.
+        at.plain = false;
+        out[plain_at..plain_at + 8].copy_from_slice(&at.done.to_le_bytes());
+    }
+    let _ = Encoder::new(out).encode(&Err::<(), TaskError>(error));
+    at.done += 1;
 }
 
 /// The count and the plain-prefix length of `ITEMS` output.
@@ -263,13 +336,9 @@ pub(crate) fn all_ok(output: &[u8]) -> Option<bool> {
     }
 }
 
-/// Reads runner output for `expected` items, handing each to `each` in
-/// order; stops early when `each` returns false.
-pub(crate) fn for_each_item<R: DeserializeOwned>(
-    output: &[u8],
-    expected: usize,
-    mut each: impl FnMut(Result<R, TaskError>) -> bool,
-) -> Result<(), TaskError> {
+/// Opens runner output for `expected` items: how many come without their
+/// `Result` tag, and the items; the task's error if it failed as a whole.
+fn open_items(output: &[u8], expected: usize) -> Result<(usize, Decoder<'_>), TaskError> {
     let bad = |what: &str| TaskError::Corrupted(format!("result message: {what}"));
     let (&tag, rest) = output.split_first().ok_or_else(|| bad("empty"))?;
     match tag {
@@ -282,36 +351,80 @@ pub(crate) fn for_each_item<R: DeserializeOwned>(
             if count != expected as u64 {
                 return Err(bad("item count"));
             }
-            let plain = plain as usize;
-            let mut de = Decoder::new(rest);
-            for done in 0..expected {
-                let item = if done < plain {
-                    de.decode::<R>().map(Ok)
-                } else {
-                    de.decode::<Result<R, TaskError>>()
-                };
-                match item {
-                    Ok(item) => {
-                        if !each(item) {
-                            return Ok(());
-                        }
-                    }
-                    Err(e) => {
-                        // The rest cannot be found either.
-                        let error = TaskError::ResultDecode(e.to_string());
-                        for _ in done..expected {
-                            if !each(Err(error.clone())) {
-                                break;
-                            }
-                        }
-                        return Ok(());
-                    }
-                }
-            }
-            Ok(())
+            // (At most `count`: checked with the header.)
+            Ok((plain as usize, Decoder::new(rest)))
         }
         _ => Err(bad("tag")),
     }
+}
+
+/// Reads runner output for `expected` items, handing each to `each` in
+/// order; stops early when `each` returns false.
+pub(crate) fn for_each_item<R: DeserializeOwned>(
+    output: &[u8],
+    expected: usize,
+    mut each: impl FnMut(Result<R, TaskError>) -> bool,
+) -> Result<(), TaskError> {
+    let (plain, mut de) = open_items(output, expected)?;
+    for done in 0..expected {
+        let item = if done < plain {
+            de.decode::<R>().map(Ok)
+        } else {
+            de.decode::<Result<R, TaskError>>()
+        };
+        match item {
+            Ok(item) => {
+                if !each(item) {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                // The rest cannot be found either.
+                let error = TaskError::ResultDecode(e.to_string());
+                for _ in done..expected {
+                    if !each(Err(error.clone())) {
+                        break;
+                    }
+                }
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Appends the `expected` values of runner output to `values` (a map's
+/// results); the task's error, or the first failed item's.
+pub(crate) fn extend_items<R: DeserializeOwned>(
+    output: &[u8],
+    expected: usize,
+    values: &mut Vec<R>,
+) -> Result<(), TaskError> {
+    let decode_error = |e: crate::codec::Error| TaskError::ResultDecode(e.to_string());
+    let (plain, de) = open_items(output, expected)?;
+    // The values before the first failure: decoded straight into the
+    // vector (see `extend_with`: a million of them in W6).
+    let (mut de, error) =
+        crate::sys::extend_with(values, plain, (de, None), |(de, error)| {
+            match de.decode::<R>() {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    *error = Some(e);
+                    None
+                }
+            }
+        });
+    if let Some(e) = error {
+        return Err(decode_error(e));
+    }
+    for _ in plain..expected {
+        match de.decode::<Result<R, TaskError>>() {
+            Ok(Ok(v)) => values.push(v),
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(decode_error(e)),
+        }
+    }
+    Ok(())
 }
 
 /// Decodes runner output for `expected` items.
@@ -372,6 +485,72 @@ mod tests {
         let mut out = Vec::new();
         run_chunk(unit, &3u64.to_le_bytes(), &mut out);
         assert_eq!(decode_items::<u8>(&out, 3).expect("items").len(), 3);
+    }
+
+    /// Fails to serialize when 5, panics when 7 (in `picky`, below).
+    #[derive(Debug, PartialEq)]
+    struct Picky(u64);
+
+    impl Serialize for Picky {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            if self.0 == 5 {
+                return Err(serde::ser::Error::custom("no fives"));
+            }
+            s.serialize_u64(self.0)
+        }
+    }
+
+    impl<'de> serde::Deserialize<'de> for Picky {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            u64::deserialize(d).map(Picky)
+        }
+    }
+
+    fn picky(x: u64) -> Picky {
+        assert!(x != 7, "no sevens");
+        Picky(x)
+    }
+
+    #[test]
+    fn failed_items_fail_alone_and_a_map_sees_the_first() {
+        let mut input = Vec::new();
+        encode_chunk(&(0..12u64).collect::<Vec<_>>(), &mut input).expect("encode");
+        let mut out = Vec::new();
+        // (The panic message goes to stderr: expected.)
+        run_chunk(picky, &input, &mut out);
+        assert_eq!(all_ok(&out), Some(false));
+        let items = decode_items::<Picky>(&out, 12).expect("items");
+        for (i, item) in items.into_iter().enumerate() {
+            match (i, item) {
+                (5, Err(TaskError::Encode(m))) => assert!(m.contains("no fives"), "{m}"),
+                (7, Err(TaskError::Panicked { message, .. })) => assert_eq!(message, "no sevens"),
+                (i, Ok(v)) if i != 5 && i != 7 => assert_eq!(v, Picky(i as u64)),
+                (i, other) => panic!("{i}: {other:?}"),
+            }
+        }
+        // A map's decoding: the values before the first failure, then it.
+        let mut values = vec![Picky(99)];
+        match extend_items::<Picky>(&out, 12, &mut values) {
+            Err(TaskError::Encode(m)) => assert!(m.contains("no fives"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(values, [99, 0, 1, 2, 3, 4].map(Picky));
+        // All plain: every value, after those already there.
+        let mut plain = Vec::new();
+        run_chunk(double, &input, &mut plain);
+        let mut values = vec![7u64];
+        extend_items::<u64>(&plain, 12, &mut values).expect("values");
+        assert_eq!(values, [7, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22]);
+        assert!(extend_items::<u64>(&plain, 11, &mut values).is_err());
+        // Cut or flipped anywhere: an error or other values, never a panic.
+        for cut in 0..plain.len() {
+            assert!(extend_items::<u64>(&plain[..cut], 12, &mut Vec::new()).is_err());
+        }
+        for i in 0..out.len() {
+            let mut bad = out.clone();
+            bad[i] ^= 0xff;
+            let _ = extend_items::<Picky>(&bad, 12, &mut Vec::new());
+        }
     }
 
     #[test]
