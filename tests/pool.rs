@@ -1110,11 +1110,11 @@ fn counted_64_kib((x, path): (u64, String)) -> Vec<u8> {
     vec![x as u8; 64 << 10]
 }
 
-/// Counts its run of item `x` in the file `path`; returns 3 MiB (more
+/// Counts its run of item `x` in the file `path`; returns 1.5 MiB (more
 /// than half the result ring: streamed, yet it fits in the ring whole).
-fn counted_3_mib((x, path): (u64, String)) -> Vec<u8> {
+fn counted_1536_kib((x, path): (u64, String)) -> Vec<u8> {
     common::count_call(&format!("{path}.{x}"));
-    vec![x as u8; 3 << 20]
+    vec![x as u8; 3 << 19]
 }
 
 /// Workers retired after each task while their large results wait in
@@ -1131,9 +1131,9 @@ fn maxtasksperchild_with_results_waiting_in_the_ring() {
         .build()
         .expect("pool");
     let items: Vec<(u64, String)> = (0..40).map(|x| (x, path.clone())).collect();
-    for (x, r) in pool.imap_chunked(counted_3_mib, items, 1).enumerate() {
+    for (x, r) in pool.imap_chunked(counted_1536_kib, items, 1).enumerate() {
         let v = r.unwrap_or_else(|e| panic!("item {x}: {e:?}"));
-        assert!(v.len() == 3 << 20 && v[0] == x as u8, "item {x}");
+        assert!(v.len() == 3 << 19 && v[0] == x as u8, "item {x}");
         std::thread::sleep(Duration::from_millis(25));
     }
     for x in 0..40 {
@@ -1511,9 +1511,12 @@ fn a_killed_zygote_is_no_initializer_failure() {
 }
 
 /// In a worker: overwrites the head position of the pool's result queue
-/// (the 4 MiB ring among this process's queue segments: a page of header,
-/// the ring, 32 KiB of life slots; the consumers' position word at byte
-/// 512, as in proc-queue's corruption test) with a position out of range.
+/// (a 2 MiB ring: a page of header, the ring, 32 KiB of life slots; the
+/// consumers' position word at byte 512, as in proc-queue's corruption
+/// test) with a position out of range. The worker's own task ring has the
+/// same size and is hit too; that changes nothing here: the worker's put
+/// of this task's result fails on the result ring, and it exits without
+/// reading its task ring again.
 fn corrupt_result_queue(_: ()) -> u32 {
     let mut hit = 0;
     for entry in std::fs::read_dir("/proc/self/fd").expect("fds").flatten() {
@@ -1531,7 +1534,7 @@ fn corrupt_result_queue(_: ()) -> u32 {
             continue;
         };
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        if len != (4 << 20) + 4096 + 32 * 1024 {
+        if len != (2 << 20) + 4096 + 32 * 1024 {
             continue;
         }
         use std::os::fd::AsRawFd;
@@ -1649,7 +1652,7 @@ fn bytes_of(len: usize) -> Vec<u8> {
 fn a_result_streamed_by_a_stopped_worker_does_not_block_terminate() {
     let pool = make_pool(1);
     let pid = pool.apply(worker_pid, ()).expect("worker");
-    // Eight times the result ring: the worker fills it and waits for room.
+    // Sixteen times the result ring: the worker fills it and waits for room.
     let big = pool.apply_async(bytes_of, 32 << 20).expect("submit");
     std::thread::sleep(Duration::from_millis(500));
     assert!(common::eventually(Duration::from_secs(5), || {
@@ -1688,7 +1691,7 @@ fn bytes_after((ms, len): (u64, usize)) -> Vec<u8> {
 fn terminate_ends_a_join_reading_a_stopped_workers_stream() {
     let dir = common::temp_dir("pool-stopped-stream-join");
     let pool = pool_failing_third_initializer(&dir);
-    // 32 MiB after 400 ms: eight times the result ring.
+    // 32 MiB after 400 ms: sixteen times the result ring.
     let big = pool
         .apply_async(bytes_after, (400, 32 << 20))
         .expect("submit");

@@ -76,7 +76,7 @@ impl<R: DeserializeOwned> AsyncResult<R> {
     }
 
     /// Waits at most `timeout` for the result (Python's `get(timeout)`).
-    /// A result larger than 2 MiB (half the pool's result ring) streams in
+    /// A result larger than 1 MiB (half the pool's result ring) streams in
     /// fragments: once one has begun to arrive, the call that reads it
     /// (this one, [`wait_timeout`](AsyncResult::wait_timeout) or
     /// [`ready`](AsyncResult::ready), for any task of the pool) reads it
