@@ -396,6 +396,23 @@ fn imap_ordered_unordered_endless() {
             other => panic!("{other:?} in {out:?}"),
         }
     }
+    // In chunks of 4, its whole chunk (4..8) fails in place, each item
+    // once; a map of them fails.
+    let out: Vec<Result<u64, TaskError>> = pool
+        .imap_chunked(unwrap_not_five, (0..10).map(NotFive), 4)
+        .collect();
+    assert_eq!(out.len(), 10);
+    for (i, r) in out.iter().enumerate() {
+        match (i, r) {
+            (4..8, Err(TaskError::ArgsEncode(m))) => assert!(m.contains("five"), "{m}"),
+            (i, Ok(v)) if !(4..8).contains(&i) && *v == i as u64 => {}
+            other => panic!("{other:?} in {out:?}"),
+        }
+    }
+    assert!(matches!(
+        pool.map_chunked(unwrap_not_five, (0..10).map(NotFive), 4),
+        Err(TaskError::ArgsEncode(_))
+    ));
     let ordered: Vec<u64> = pool
         .imap(square, 0..500u64)
         .map(|r| r.expect("item"))

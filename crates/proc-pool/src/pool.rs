@@ -786,24 +786,23 @@ impl Pool {
         let func = TaskFn::new(wire::run_chunk::<A, R>, f);
         let mut result = MapResult::new(self.inner.clone());
         let mut items = items.into_iter();
-        let mut chunk = Vec::with_capacity(chunksize.min(1 << 16));
         let mut capacity = 64;
         // Each chunk goes out as soon as it is encoded: the workers start
         // while the rest is being encoded.
         loop {
-            chunk.clear();
-            chunk.extend(items.by_ref().take(chunksize));
-            if chunk.is_empty() {
-                return Ok(result);
-            }
             let mut record = self.inner.buffer();
             record.reserve(capacity);
             let len_at = wire::begin_record(func, &mut record);
-            wire::encode_chunk(&chunk, &mut record).map_err(TaskError::ArgsEncode)?;
+            let (len, encoded) = wire::encode_items(&mut items, chunksize, &mut record);
+            if len == 0 {
+                self.inner.recycle(record);
+                return Ok(result);
+            }
+            encoded.map_err(TaskError::ArgsEncode)?;
             wire::end_record(&mut record, len_at).map_err(TaskError::ArgsEncode)?;
             capacity = capacity.max(record.len() + record.len() / 8);
             let id = self.inner.submit(record)?;
-            result.push(id, chunk.len());
+            result.push(id, len);
         }
     }
 
@@ -1358,6 +1357,11 @@ impl Inner {
     /// A buffer for a task record (recycled from finished tasks).
     pub(crate) fn buffer(&self) -> Vec<u8> {
         self.state.lock().buffer()
+    }
+
+    /// Takes back a buffer that was not used.
+    pub(crate) fn recycle(&self, buffer: Vec<u8>) {
+        self.state.lock().recycle(buffer);
     }
 
     /// Takes back the buffer of a result that was read.

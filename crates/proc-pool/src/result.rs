@@ -346,24 +346,21 @@ where
 
     /// Sends chunks until the window is full or the input ends.
     fn top_up(&mut self) {
-        let mut chunk = Vec::with_capacity(self.chunksize);
         while self.inflight.len() < self.window {
             let Some(input) = self.input.as_mut() else {
                 return;
             };
-            chunk.extend(input.by_ref().take(self.chunksize));
-            if chunk.is_empty() {
+            let mut record = Vec::with_capacity(64);
+            let len_at = wire::begin_record(self.func, &mut record);
+            let (len, encoded) = wire::encode_items(input, self.chunksize, &mut record);
+            if len == 0 {
                 self.input = None;
                 return;
             }
-            let len = chunk.len();
-            let mut record = Vec::with_capacity(64);
-            let len_at = wire::begin_record(self.func, &mut record);
-            let sent = wire::encode_chunk(&chunk, &mut record)
+            let sent = encoded
                 .and_then(|()| wire::end_record(&mut record, len_at))
                 .map_err(TaskError::ArgsEncode)
                 .and_then(|()| self.inner.submit(record));
-            chunk.clear();
             let failed = sent.is_err();
             if sent == Err(TaskError::NotRunning) {
                 // The input ends here: the pool no longer runs.

@@ -146,8 +146,36 @@ impl From<Panic> for TaskError {
 }
 
 /// Encodes a chunk of arguments (a length, then the items).
+#[cfg(test)]
 pub(crate) fn encode_chunk<A: Serialize>(items: &[A], out: &mut Vec<u8>) -> Result<(), String> {
     Encoder::new(out).encode(items).map_err(|e| e.to_string())
+}
+
+/// Encodes a chunk of at most `max` arguments taken from `items` (a
+/// length, then the items), straight from the iterator: a copy of the
+/// chunk first was a megabyte written and read again per W6 chunk. How
+/// many it took, and whether they all encoded; after one that failed, the
+/// rest of the chunk's items are taken (and counted) but not encoded.
+pub(crate) fn encode_items<A: Serialize>(
+    items: &mut impl Iterator<Item = A>,
+    max: usize,
+    out: &mut Vec<u8>,
+) -> (usize, Result<(), String>) {
+    let count_at = out.len();
+    out.extend_from_slice(&0u64.to_le_bytes());
+    let mut taken = 0;
+    let mut enc = Encoder::new(out);
+    for item in items.by_ref().take(max) {
+        taken += 1;
+        if let Err(e) = enc.encode(&item) {
+            drop(enc);
+            let rest = items.by_ref().take(max - taken).count();
+            return (taken + rest, Err(e.to_string()));
+        }
+    }
+    drop(enc);
+    out[count_at..count_at + 8].copy_from_slice(&(taken as u64).to_le_bytes());
+    (taken, Ok(()))
 }
 
 /// Encodes a chunk of one argument.
