@@ -1530,10 +1530,16 @@ fn a_killed_zygote_is_no_initializer_failure() {
 /// In a worker: overwrites the head position of the pool's result queue
 /// (a 2 MiB ring: a page of header, the ring, 32 KiB of life slots; the
 /// consumers' position word at byte 512, as in proc-queue's corruption
-/// test) with a position out of range. The worker's own task ring has the
-/// same size and is hit too; that changes nothing here: the worker's put
-/// of this task's result fails on the result ring, and it exits without
-/// reading its task ring again.
+/// test) with a position out of range. Task rings have the same size, so
+/// every 2 MiB queue segment the worker can reach is hit: the result
+/// ring, its own task ring, and, where the worker inherited them from
+/// this test process (Fork), the other worker's task ring and rings
+/// cached from earlier pools (reset when reused). What the test checks
+/// stays the result ring's: the worker's put of this task's result fails
+/// there and it exits without reading its task ring again; the other
+/// worker runs `endless` and never reads its ring again either; the
+/// pool's own reads of task rings (to drop what a broken pool's workers
+/// did not take) give up on a corrupted one after 64 failed reads.
 fn corrupt_result_queue(_: ()) -> u32 {
     let mut hit = 0;
     for entry in std::fs::read_dir("/proc/self/fd").expect("fds").flatten() {

@@ -155,7 +155,8 @@ pub(crate) fn encode_chunk<A: Serialize>(items: &[A], out: &mut Vec<u8>) -> Resu
 /// length, then the items), straight from the iterator: a copy of the
 /// chunk first was a megabyte written and read again per W6 chunk. How
 /// many it took, and whether they all encoded; after one that failed, the
-/// rest of the chunk's items are taken (and counted) but not encoded.
+/// rest of the chunk's items are taken (and counted) but not encoded, and
+/// the record (its count left at 0) is not to be sent.
 pub(crate) fn encode_items<A: Serialize>(
     items: &mut impl Iterator<Item = A>,
     max: usize,
@@ -216,6 +217,7 @@ where
     let mut at = Progress {
         rest: de.rest(),
         done: 0,
+        // (Set by each item before it is read.)
         mark: out.len(),
         decoding: false,
         plain: true,
