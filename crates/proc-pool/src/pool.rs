@@ -1367,7 +1367,7 @@ impl Inner {
     /// Takes back the buffer of a result that was read.
     pub(crate) fn give_back(&self, done: Done) {
         if let Done::Output { message, .. } = done {
-            self.state.lock().recycle(message);
+            self.recycle(message);
         }
     }
 

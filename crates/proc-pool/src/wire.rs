@@ -145,12 +145,6 @@ impl From<Panic> for TaskError {
     }
 }
 
-/// Encodes a chunk of arguments (a length, then the items).
-#[cfg(test)]
-pub(crate) fn encode_chunk<A: Serialize>(items: &[A], out: &mut Vec<u8>) -> Result<(), String> {
-    Encoder::new(out).encode(items).map_err(|e| e.to_string())
-}
-
 /// Encodes a chunk of at most `max` arguments taken from `items` (a
 /// length, then the items), straight from the iterator: a copy of the
 /// chunk first was a megabyte written and read again per W6 chunk. How
@@ -476,6 +470,13 @@ mod tests {
 
     fn double(x: u64) -> u64 {
         x * 2
+    }
+
+    /// A chunk of `items` as the pool encodes it.
+    fn encode_chunk(items: &[u64], out: &mut Vec<u8>) -> Result<(), String> {
+        let (taken, encoded) = encode_items(&mut items.iter(), items.len(), out);
+        assert_eq!(taken, items.len());
+        encoded
     }
 
     fn unit(_: ()) -> u8 {
