@@ -42,6 +42,7 @@ fn main() {
             small_messages_through_the_wrap,
         ),
         ("bytes_round_trip_with_typed_view", 20, bytes_round_trip),
+        ("bytes_read_where_they_lie", 20, bytes_read_where_they_lie),
         (
             "decode_error_keeps_queue_working",
             10,
@@ -468,6 +469,64 @@ fn bytes_round_trip() {
             pixels: pattern(70_000, 1)
         }
     );
+}
+
+fn bytes_read_where_they_lie() {
+    let q: Queue<Vec<u8>> = Queue::new().expect("queue");
+    let big = pattern(3 << 20, 9); // streamed: larger than half the ring
+    q.put_bytes(b"first").expect("put");
+    q.put(b"typed".to_vec()).expect("put");
+    let child_q = q.clone();
+    let big_in_child = big.clone();
+    let child = proc::spawn(move || child_q.put_bytes(&big_in_child).is_ok()).expect("spawn");
+    // The reader's value comes back; raw and postcard byte strings alike.
+    assert_eq!(q.get_bytes_with(|b| b.len()).ok(), Some(5));
+    assert_eq!(
+        q.get_bytes_with_timeout(Duration::from_secs(5), <[u8]>::to_vec)
+            .ok(),
+        Some(b"typed".to_vec())
+    );
+    // A streamed message is not taken by a get that never waits; a
+    // blocking one reads it whole.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while q.qsize() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    match q.try_get_whole_bytes_with(|_| ()) {
+        Err(GetError::Timeout) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(q.get_bytes_with(|b| b == &big[..]).ok(), Some(true));
+    assert!(child.join().expect("join"));
+    assert!(matches!(
+        q.try_get_whole_bytes_with(|_| ()),
+        Err(GetError::Empty)
+    ));
+    assert!(matches!(
+        q.get_bytes_with_timeout(Duration::from_millis(20), |_| ()),
+        Err(GetError::Timeout)
+    ));
+    // A reader that panics: the panic is the caller's, the message taken.
+    q.put_bytes(b"boom").expect("put");
+    q.put_bytes(b"after").expect("put");
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        q.get_bytes_with(|b| -> usize { panic!("reader saw {}", b.len()) })
+    }));
+    assert!(read.is_err());
+    assert_eq!(
+        q.try_get_whole_bytes_with(<[u8]>::to_vec).ok(),
+        Some(b"after".to_vec())
+    );
+    // A message that is not a byte string: a typed error, not the reader.
+    let nums: Queue<u64> = Queue::new().expect("queue");
+    nums.put(7).expect("put");
+    assert!(matches!(
+        nums.get_bytes_with(|_| -> () { panic!("not a byte string") }),
+        Err(GetError::Failed(QueueError::Decode(_)))
+    ));
+    assert!(nums.empty());
+    q.close();
+    assert!(matches!(q.get_bytes_with(|_| ()), Err(GetError::Closed)));
 }
 
 fn decode_error_keeps_queue_working() {

@@ -633,6 +633,68 @@ impl<T> Queue<T> {
         got
     }
 
+    /// Takes the oldest message as a byte string and hands its bytes to
+    /// `read` where they lie in the shared ring, with no copy (for a
+    /// message streamed in fragments, larger than half the ring, in the
+    /// buffer they were put together in); returns what `read` returns.
+    ///
+    /// `read` runs while this handle holds the queue's consumer side:
+    /// other gets wait for it, so it should only decode or copy. The
+    /// message is taken when `read` returns, also when it panics (the
+    /// panic goes on to the caller).
+    ///
+    /// # Errors
+    ///
+    /// As [`get_bytes`](Queue::get_bytes); `read` is then not called.
+    pub fn get_bytes_with<R>(&self, read: impl FnOnce(&[u8]) -> R) -> Result<R, GetError> {
+        self.get_bytes_with_deadline(None, false, read)
+    }
+
+    /// [`get_bytes_with`](Queue::get_bytes_with) waiting at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// As [`get_timeout`](Queue::get_timeout).
+    pub fn get_bytes_with_timeout<R>(
+        &self,
+        timeout: Duration,
+        read: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, GetError> {
+        self.get_bytes_with_deadline(deadline_after(timeout), false, read)
+    }
+
+    /// [`get_bytes_with`](Queue::get_bytes_with) only if the oldest message
+    /// is in the ring whole now (see
+    /// [`try_get_whole_bytes_into`](Queue::try_get_whole_bytes_into)): this
+    /// never waits.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_get_whole_bytes_into`](Queue::try_get_whole_bytes_into).
+    pub fn try_get_whole_bytes_with<R>(
+        &self,
+        read: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, GetError> {
+        let mut read = Some(read);
+        let popped = self
+            .ring
+            .try_pop_whole(|p| byte_string(&p).map(|b| read.take().map(|r| r(b))));
+        read_result(finish_get(popped, true))
+    }
+
+    fn get_bytes_with_deadline<R>(
+        &self,
+        deadline: Option<Instant>,
+        nowait: bool,
+        read: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, GetError> {
+        let mut read = Some(read);
+        let popped = self.ring.pop_bytes(deadline, |p| {
+            byte_string(&p).map(|b| read.take().map(|r| r(b)))
+        });
+        read_result(finish_get(popped, nowait))
+    }
+
     fn get_bytes_into_deadline(
         &self,
         buf: &mut Vec<u8>,
@@ -649,6 +711,30 @@ impl<T> Queue<T> {
     }
 }
 
+/// The bytes of a byte-string message (see [`copy_bytes`]).
+fn byte_string<'a>(p: &'a Payload<'_>) -> Result<&'a [u8], QueueError> {
+    let bytes = p.bytes.as_slice();
+    if p.raw {
+        return Ok(bytes);
+    }
+    match decode_varint(bytes) {
+        Some((len, used)) if bytes.len() - used == len as usize => Ok(&bytes[used..]),
+        _ => Err(QueueError::Decode("message is not a byte string".into())),
+    }
+}
+
+/// What a get that hands the bytes to a reader returns: the reader's
+/// value (it is called once per message taken).
+fn read_result<R>(got: Result<Result<Option<R>, QueueError>, GetError>) -> Result<R, GetError> {
+    match got? {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err(GetError::Failed(QueueError::Corrupted(
+            "a get read two messages".into(),
+        ))),
+        Err(e) => Err(GetError::Failed(e)),
+    }
+}
+
 /// Appends a byte-string message's bytes to `buf` (empty).
 fn copy_bytes(p: Payload<'_>, buf: &mut Vec<u8>) -> Result<(), QueueError> {
     if p.raw {
@@ -658,14 +744,8 @@ fn copy_bytes(p: Payload<'_>, buf: &mut Vec<u8>) -> Result<(), QueueError> {
         }
         return Ok(());
     }
-    let bytes = p.bytes.as_slice();
-    match decode_varint(bytes) {
-        Some((len, used)) if bytes.len() - used == len as usize => {
-            buf.extend_from_slice(&bytes[used..]);
-            Ok(())
-        }
-        _ => Err(QueueError::Decode("message is not a byte string".into())),
-    }
+    buf.extend_from_slice(byte_string(&p)?);
+    Ok(())
 }
 
 fn encode_varint(mut v: u64, out: &mut Vec<u8>) {
