@@ -75,6 +75,26 @@ fn main() {
         ("get_timeout_is_never_early", 30, get_timeout_is_never_early),
         ("panic_in_map_and_imap", 30, panic_in_map_and_imap),
         (
+            "large_chunks_finish_in_any_order",
+            60,
+            large_chunks_finish_in_any_order,
+        ),
+        (
+            "a_panicking_result_decode_leaves_the_pool_whole",
+            60,
+            a_panicking_result_decode_leaves_the_pool_whole,
+        ),
+        (
+            "a_map_survives_a_lying_length",
+            30,
+            a_map_survives_a_lying_length,
+        ),
+        (
+            "worker_sigkilled_during_a_map_of_large_chunks",
+            60,
+            worker_sigkilled_during_a_map_of_large_chunks,
+        ),
+        (
             "worker_sigkilled_during_map",
             60,
             worker_sigkilled_during_map,
@@ -261,6 +281,62 @@ fn panicky(x: u64) -> u64 {
         panic!("no threes: {x}");
     }
     x
+}
+
+/// The first item sleeps, so that its chunk finishes after the others;
+/// items 5 and 55,000 fail (5 only once that sleep is over).
+fn late_first(x: u64) -> u64 {
+    if x == 0 {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    if x == 5 || x == 55_000 {
+        panic!("failed at {x}");
+    }
+    3 * x
+}
+
+/// Sleeps `ms` (an argument padded to send a task record over 64 KiB).
+fn sleep_padded((ms, pad): (u64, Vec<u8>)) -> usize {
+    std::thread::sleep(Duration::from_millis(ms));
+    pad.len()
+}
+
+/// A result whose decoding (in the parent) panics on 13.
+#[derive(Debug, PartialEq, serde::Serialize)]
+struct Unlucky(u64);
+
+impl<'de> serde::Deserialize<'de> for Unlucky {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = u64::deserialize(d)?;
+        assert!(n != 13, "unlucky 13");
+        Ok(Unlucky(n))
+    }
+}
+
+fn unlucky(x: u64) -> Unlucky {
+    Unlucky(x)
+}
+
+/// An iterator whose exact `size_hint` is wrong.
+struct Lying {
+    next: u64,
+    end: u64,
+    claims: usize,
+}
+
+impl Iterator for Lying {
+    type Item = u64;
+
+    fn next(&mut self) -> Option<u64> {
+        (self.next < self.end).then(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.claims, Some(self.claims))
+    }
 }
 
 /// How a task ends its own worker.
@@ -502,6 +578,111 @@ fn panic_in_map_and_imap() {
             Err(e) => panic!("{i}: {e}"),
         }
     }
+}
+
+fn large_chunks_finish_in_any_order() {
+    let pool = make_pool(2);
+    // Chunks of 10,000 (80 KB records, sent as the workers take them):
+    // the first finishes last, and the others' values wait in their
+    // places meanwhile.
+    let n = 60_000u64;
+    let expected: Vec<u64> = (0..n).map(|x| 3 * x).collect();
+    let ok = |x: u64| if x == 5 || x == 55_000 { 1 } else { x };
+    let args: Vec<u64> = (0..n).map(ok).collect();
+    let expected_ok: Vec<u64> = args.iter().map(|&x| 3 * x).collect();
+    assert_eq!(
+        pool.map_chunked(late_first, args.clone(), 10_000)
+            .expect("map"),
+        expected_ok
+    );
+    let pending = pool
+        .map_async_chunked(late_first, args, 10_000)
+        .expect("map_async");
+    assert_eq!(pending.get().expect("get"), expected_ok);
+    // The first failure in input order wins, though the last chunk's
+    // came first.
+    for map in [
+        pool.map_chunked(late_first, 0..n, 10_000),
+        pool.map_async_chunked(late_first, 0..n, 10_000)
+            .expect("map_async")
+            .get(),
+    ] {
+        match map {
+            Err(TaskError::Panicked { message, .. }) => assert_eq!(message, "failed at 5"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(pool.map(square, 0..n).expect("map").len(), expected.len());
+    pool.close();
+    pool.join().expect("join");
+}
+
+fn a_panicking_result_decode_leaves_the_pool_whole() {
+    let pool = make_pool(2);
+    // The panic of a result's Deserialize is the map's caller's, whether
+    // the result was decoded where it lay in the result ring or from a
+    // copy, in large chunks or small ones; the pool goes on.
+    for chunksize in [10_000, 3] {
+        let map = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.map_chunked(unlucky, 0..40_000u64, chunksize)
+        }));
+        assert!(map.is_err(), "chunks of {chunksize}");
+        let values = pool
+            .map_chunked(unlucky, 14..40_000u64, chunksize)
+            .expect("map");
+        assert_eq!(values.len(), 40_000 - 14);
+        assert_eq!(values[0], Unlucky(14));
+    }
+    let pending = pool.map_async(unlucky, 0..100u64).expect("map_async");
+    let get = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pending.get()));
+    assert!(get.is_err());
+    assert_eq!(pool.apply(square, 12), Ok(144));
+    pool.close();
+    let t = Instant::now();
+    pool.join().expect("join");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
+
+fn a_map_survives_a_lying_length() {
+    let pool = make_pool(2);
+    // More items than claimed: the values' room grows; fewer: the map is
+    // as short as the input.
+    for (end, claims) in [(1000, 10), (10, 1000), (70_000, 30_000)] {
+        let lying = Lying {
+            next: 0,
+            end,
+            claims,
+        };
+        let expected: Vec<u64> = (0..end).map(|i| i * i).collect();
+        assert_eq!(pool.map(square, lying).expect("map"), expected, "{end}");
+    }
+}
+
+fn worker_sigkilled_during_a_map_of_large_chunks() {
+    let pool = make_pool(2);
+    // As `worker_sigkilled_during_map`, through a blocking map of task
+    // records over 64 KiB (sent as the workers take them).
+    let pad = vec![7u8; 70_000];
+    let args: Vec<(u64, Vec<u8>)> = (0..6).map(|_| (200, pad.clone())).collect();
+    let victim = pool.worker_pids()[0];
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        // SAFETY: a plain kill of a worker process.
+        unsafe { libc::kill(victim.as_u32() as i32, libc::SIGKILL) };
+    });
+    let t = Instant::now();
+    match pool.map_chunked(sleep_padded, args.clone(), 1) {
+        Err(TaskError::WorkerDied { signal, .. }) => assert_eq!(signal, Some(libc::SIGKILL)),
+        other => panic!("{other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    killer.join().expect("killer");
+    // The pool goes on with a replacement.
+    assert!(!pool.worker_pids().contains(&victim));
+    assert_eq!(
+        pool.map_chunked(sleep_padded, args, 1).expect("map"),
+        vec![70_000; 6]
+    );
 }
 
 fn worker_death_is_a_result() {

@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{PoolError, TaskError};
-use crate::result::{AsyncResult, IMap, MapResult};
+use crate::result::{AsyncResult, IMap, MapResult, MapSink};
 use crate::wire;
 use crate::worker::{worker_main, WorkerArgs};
 
@@ -376,21 +376,6 @@ impl Done {
         }
     }
 
-    /// Appends the values of a chunk's items to `values`; the task's
-    /// error or the first failed item's.
-    pub(crate) fn extend_into<R: DeserializeOwned>(
-        &self,
-        expected: usize,
-        values: &mut Vec<R>,
-    ) -> Result<(), TaskError> {
-        match self {
-            Done::Output { message, start } => {
-                wire::extend_items(&message[*start..], expected, values)
-            }
-            Done::Failed(e) => Err(e.clone()),
-        }
-    }
-
     /// Whether every item succeeded (without decoding the values).
     pub(crate) fn successful(&self) -> bool {
         match self {
@@ -398,6 +383,30 @@ impl Done {
             Done::Output { message, start } => wire::all_ok(&message[*start..]).unwrap_or(false),
         }
     }
+}
+
+/// A taker of results that reads them where they lie in the result ring,
+/// with no copy: a blocking map, decoding each chunk's values into their
+/// places as the chunk's result comes, in any order. It is handed to the
+/// pool by the thread waiting for those results ([`Inner::take_with`]),
+/// and used while that thread reads the ring; results read by other
+/// threads meanwhile are copied for it as for any taker.
+pub(crate) trait Sink {
+    /// Whether it reads task `id`'s output (one of its tasks, not read
+    /// yet).
+    fn wants(&self, id: u64) -> bool;
+    /// Reads task `id`'s output (the runner's output, see [`wire`]).
+    fn read(&mut self, id: u64, output: &[u8]);
+    /// Takes the failure of task `id` as a whole.
+    fn fail(&mut self, id: u64, error: TaskError);
+}
+
+/// A [`Sink`] in the hands of the thread reading the result ring.
+struct Direct<'a> {
+    sink: &'a mut dyn Sink,
+    /// A panic of the sink's `read` (its `Deserialize`), for its thread to
+    /// go on with once the pool's lock is let go.
+    panic: Option<Box<dyn std::any::Any + Send>>,
 }
 
 /// A worker's handle that `join` waits on, with when the worker retired
@@ -463,6 +472,22 @@ const SPARE_BUFFERS: usize = 32;
 const SPARE_MAX_BYTES: usize = 8 << 20;
 
 impl State {
+    /// Whether a large task submitted now would go out at once, to a
+    /// worker with at most one other task queued behind the one it runs
+    /// (and no task pending before it); also when no worker lives (it is
+    /// then for the pool to start one or fail the task).
+    fn room_for_large(&self) -> bool {
+        if !self.pending.is_empty() {
+            return false;
+        }
+        let mut live = self
+            .workers
+            .iter()
+            .filter(|w| w.handle.is_some())
+            .peekable();
+        live.peek().is_none() || live.any(|w| w.budget != Some(0) && w.outstanding.len() < 2)
+    }
+
     fn buffer(&mut self) -> Vec<u8> {
         self.spare.pop().unwrap_or_default()
     }
@@ -572,6 +597,31 @@ fn start_worker(
     }
 }
 
+/// A map's input: the caller's iterator, where its length is known, or
+/// its items collected to learn it.
+enum Items<I: Iterator> {
+    Known(I),
+    Collected(std::vec::IntoIter<I::Item>),
+}
+
+impl<I: Iterator> Iterator for Items<I> {
+    type Item = I::Item;
+
+    fn next(&mut self) -> Option<I::Item> {
+        match self {
+            Items::Known(items) => items.next(),
+            Items::Collected(items) => items.next(),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        match self {
+            Items::Known(items) => items.size_hint(),
+            Items::Collected(items) => items.size_hint(),
+        }
+    }
+}
+
 impl Pool {
     /// A pool of `processes` workers started with the process-wide start
     /// method (Python's `Pool(processes)`).
@@ -678,7 +728,11 @@ impl Pool {
     /// Applies `f` to every item, in chunks, and returns the results in
     /// order (Python's `map`), or the first failure in order.
     ///
-    /// The chunk size is Python's: `ceil(n / (4 × processes))`.
+    /// The chunk size is Python's: `ceil(n / (4 × processes))`. Unlike
+    /// [`map_async`](Pool::map_async), which sends every chunk at once,
+    /// large chunks (over 64 KiB of arguments) are taken from the input
+    /// and sent as the workers take them, and each chunk's results are
+    /// decoded into their places as they arrive, in any order.
     ///
     /// # Examples
     ///
@@ -702,7 +756,8 @@ impl Pool {
         R: Serialize + DeserializeOwned,
         I: IntoIterator<Item = A>,
     {
-        self.map_async(f, items)?.get()
+        let (items, chunksize) = self.default_chunks(items);
+        self.map_blocking(f, items, chunksize)
     }
 
     /// [`map`](Pool::map) with an explicit chunk size.
@@ -721,7 +776,7 @@ impl Pool {
         R: Serialize + DeserializeOwned,
         I: IntoIterator<Item = A>,
     {
-        self.map_async_chunked(f, items, chunksize)?.get()
+        self.map_blocking(f, items.into_iter(), chunksize.max(1))
     }
 
     /// Sends the chunks of a [`map`](Pool::map) and returns at once
@@ -736,19 +791,73 @@ impl Pool {
         R: Serialize + DeserializeOwned,
         I: IntoIterator<Item = A>,
     {
+        let (items, chunksize) = self.default_chunks(items);
+        self.submit_chunks(f, items, chunksize)
+    }
+
+    /// The items of a map and Python's chunk size for them, `ceil(n / (4 ×
+    /// processes))`. Where the length is known, the chunks are taken
+    /// straight from the iterator, with no copy of the whole input.
+    fn default_chunks<A, I>(&self, items: I) -> (Items<I::IntoIter>, usize)
+    where
+        I: IntoIterator<Item = A>,
+    {
         let items = items.into_iter();
         let quarters = self.processes() * 4;
         match items.size_hint() {
-            // The length is known: chunks are taken straight from the
-            // iterator, with no copy of the whole input.
             (low, Some(high)) if low == high => {
-                let chunksize = low.div_ceil(quarters).max(1);
-                self.submit_chunks(f, items, chunksize)
+                (Items::Known(items), low.div_ceil(quarters).max(1))
             }
             _ => {
                 let items: Vec<A> = items.collect();
                 let chunksize = items.len().div_ceil(quarters).max(1);
-                self.submit_chunks(f, items, chunksize)
+                (Items::Collected(items.into_iter()), chunksize)
+            }
+        }
+    }
+
+    /// A blocking map: each chunk is encoded and sent when a worker can
+    /// take it, and the results that arrive meanwhile are decoded into
+    /// their places straight from the result ring.
+    ///
+    /// Large chunks (records over [`BATCH_BYTES`]) are sent no faster
+    /// than the workers take them: at most one waits queued for each
+    /// worker. Encoded all at once, as `map_async` must, the chunks beyond
+    /// those wait in their own buffers, fresh memory for each in a fresh
+    /// process (in W6, the first map of a pool, four of its eight 1 MB
+    /// chunks waited so: some 1,000 page faults). Smaller ones go out as
+    /// they are encoded, to be batched.
+    fn map_blocking<A, R, I>(
+        &self,
+        f: fn(A) -> R,
+        mut items: I,
+        chunksize: usize,
+    ) -> Result<Vec<R>, TaskError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: Iterator<Item = A>,
+    {
+        let func = TaskFn::new(wire::run_chunk::<A, R>, f);
+        let mut sink = MapSink::with_capacity(&self.inner, items.size_hint().0);
+        let mut capacity = 64;
+        loop {
+            let mut record = self.inner.buffer();
+            record.reserve(capacity);
+            let len_at = wire::begin_record(func, &mut record);
+            let (len, encoded) = wire::encode_items(&mut items, chunksize, &mut record);
+            if len == 0 {
+                self.inner.recycle(record);
+                return sink.finish();
+            }
+            encoded.map_err(TaskError::ArgsEncode)?;
+            wire::end_record(&mut record, len_at).map_err(TaskError::ArgsEncode)?;
+            capacity = capacity.max(record.len() + record.len() / 8);
+            let large = record.len() > BATCH_BYTES;
+            let id = self.inner.submit(record)?;
+            sink.add(id, len);
+            if large {
+                self.inner.wait_for_room(&mut sink);
             }
         }
     }
@@ -1073,7 +1182,7 @@ impl Inner {
         let look = id % 64 == 0 || !self.results.empty();
         if look && self.drain_results(&mut state, None) && !state.pumping {
             // A streamed one, read without the lock.
-            self.pump(&mut state, Duration::ZERO);
+            self.pump(&mut state, Duration::ZERO, None);
         }
         // A clock read costs more than the rest of a submission: look every
         // 64 tasks.
@@ -1100,6 +1209,66 @@ impl Inner {
             state.done.remove(&id)
         } else {
             None
+        }
+    }
+
+    /// Waits until task `id` is done, until `deadline`, and has `sink` take
+    /// it: read where it lies in the result ring if this thread reads it
+    /// from there, else from the copy made by whichever thread did (or
+    /// its failure as a whole). Other results that `sink` wants and this
+    /// thread reads meanwhile are read too. False on timeout (or when the
+    /// pool was terminated under it). A panic of the sink's `read` goes on
+    /// to the caller.
+    pub(crate) fn take_with(
+        &self,
+        id: u64,
+        deadline: Option<Instant>,
+        sink: &mut dyn Sink,
+    ) -> bool {
+        let mut direct = Direct { sink, panic: None };
+        let done = {
+            let mut state = self.state.lock();
+            let over = self.progress_with(&mut state, deadline, Some(&mut direct), |s, d| {
+                s.done.contains_key(&id)
+                    || d.is_some_and(|d| d.panic.is_some() || !d.sink.wants(id))
+            });
+            if over && direct.panic.is_none() && direct.sink.wants(id) {
+                state.done.remove(&id)
+            } else {
+                None
+            }
+        };
+        if let Some(panic) = direct.panic {
+            std::panic::resume_unwind(panic);
+        }
+        let Some(done) = done else {
+            return !direct.sink.wants(id);
+        };
+        match &done {
+            Done::Output { message, start } => direct.sink.read(id, &message[*start..]),
+            Done::Failed(e) => direct.sink.fail(id, e.clone()),
+        }
+        self.give_back(done);
+        true
+    }
+
+    /// Waits until a worker can take another large task at once (see
+    /// [`State::room_for_large`]), or the pool runs no more; `sink` reads
+    /// the results this thread reads meanwhile (see
+    /// [`take_with`](Inner::take_with)).
+    pub(crate) fn wait_for_room(&self, sink: &mut dyn Sink) {
+        let mut direct = Direct { sink, panic: None };
+        {
+            let mut state = self.state.lock();
+            self.progress_with(&mut state, None, Some(&mut direct), |s, d| {
+                d.is_some_and(|d| d.panic.is_some())
+                    || s.phase != Phase::Running
+                    || s.broken.is_some()
+                    || s.room_for_large()
+            });
+        }
+        if let Some(panic) = direct.panic {
+            std::panic::resume_unwind(panic);
         }
     }
 
@@ -1137,8 +1306,20 @@ impl Inner {
         deadline: Option<Instant>,
         mut until: impl FnMut(&mut State) -> bool,
     ) -> bool {
+        self.progress_with(state, deadline, None, |s, _| until(s))
+    }
+
+    /// [`progress`](Inner::progress) with a sink for the results this
+    /// thread reads (see [`take_with`](Inner::take_with)); `until` sees it.
+    fn progress_with(
+        &self,
+        state: &mut MutexGuard<'_, State>,
+        deadline: Option<Instant>,
+        mut direct: Option<&mut Direct<'_>>,
+        mut until: impl FnMut(&mut State, Option<&Direct<'_>>) -> bool,
+    ) -> bool {
         loop {
-            if until(state) {
+            if until(state, direct.as_deref()) {
                 return true;
             }
             let now = Instant::now();
@@ -1152,14 +1333,14 @@ impl Inner {
                         if state.last_check.elapsed() > CHECK_EVERY {
                             self.check_workers(state);
                         }
-                        if self.drain_results(state, None) {
+                        if self.drain_results(state, direct.as_deref_mut()) {
                             // A streamed result: read as it comes (the
                             // lock let go, so terminate() can stop its
                             // writer if it never comes).
-                            self.pump(state, Duration::ZERO);
+                            self.pump(state, Duration::ZERO, direct.as_deref_mut());
                         }
                     }
-                    return until(state);
+                    return until(state, direct.as_deref());
                 }
                 Some(d) => (d - now).min(PUMP_SLICE),
                 None => PUMP_SLICE,
@@ -1174,13 +1355,13 @@ impl Inner {
             if state.last_check.elapsed() > CHECK_EVERY {
                 self.check_workers(state);
             }
-            if until(state) {
+            if until(state, direct.as_deref()) {
                 return true;
             }
-            match self.pump(state, left) {
+            match self.pump(state, left, direct.as_deref_mut()) {
                 Pumped::Read => {}
                 Pumped::Nothing => self.check_workers(state),
-                Pumped::Over => return until(state),
+                Pumped::Over => return until(state, direct.as_deref()),
             }
         }
     }
@@ -1193,12 +1374,25 @@ impl Inner {
     /// settled (see `check_workers`): a worker stopped midway through a
     /// streamed result holds up the settling of other workers' deaths
     /// until it goes on or is killed (timed waits still return).
-    fn pump(&self, state: &mut MutexGuard<'_, State>, wait: Duration) -> Pumped {
+    ///
+    /// The result that ends the wait is handled where it lies in the ring
+    /// (see [`handle_result`](Inner::handle_result)), with the pool's lock
+    /// taken again for that while the ring's consumer side is held: no
+    /// thread waits for that side while it holds the pool's lock (reads
+    /// under the pool's lock only try it).
+    fn pump(
+        &self,
+        state: &mut MutexGuard<'_, State>,
+        wait: Duration,
+        mut direct: Option<&mut Direct<'_>>,
+    ) -> Pumped {
         state.pumping = true;
-        let mut message = state.buffer();
         let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             MutexGuard::unlocked(state, || {
-                self.results.get_bytes_into_timeout(&mut message, wait)
+                self.results.get_bytes_with_timeout(wait, |message| {
+                    let mut state = self.state.lock();
+                    self.handle_result(&mut state, message, direct.as_deref_mut());
+                })
             })
         }));
         // (Cleared on every way out: a flag left set would keep every other
@@ -1211,23 +1405,16 @@ impl Inner {
         let pumped = match got {
             Ok(()) => {
                 // (Stopping at another streamed one: the next pump reads it.)
-                self.drain_results(state, Some(message));
+                self.drain_results(state, direct);
                 Pumped::Read
             }
-            Err(GetError::Timeout | GetError::Empty) => {
-                state.recycle(message);
-                Pumped::Nothing
-            }
-            Err(GetError::Closed) => {
-                // Only terminate() closes it; it failed every task.
-                state.recycle(message);
-                Pumped::Over
-            }
+            Err(GetError::Timeout | GetError::Empty) => Pumped::Nothing,
+            // Only terminate() closes it; it failed every task.
+            Err(GetError::Closed) => Pumped::Over,
             Err(GetError::Failed(e)) => {
                 // The result queue is corrupted (or a result cannot be
                 // held in memory): a result's task cannot be named, and
                 // a record that cannot be read stays where it is.
-                state.recycle(message);
                 self.results_failed(state, &e);
                 Pumped::Over
             }
@@ -1236,15 +1423,11 @@ impl Inner {
         pumped
     }
 
-    /// Handles `first` and the results already in the queue (at most
-    /// 4096: a steady stream must not keep the caller here forever).
-    /// True if it stopped at a streamed result (see
-    /// [`read_results`](Inner::read_results)).
-    fn drain_results(&self, state: &mut State, first: Option<Vec<u8>>) -> bool {
-        if let Some(message) = first {
-            self.handle_result(state, message);
-        }
-        self.read_results(state, 4096)
+    /// Handles the results already in the queue (at most 4096: a steady
+    /// stream must not keep the caller here forever). True if it stopped
+    /// at a streamed result (see [`read_results`](Inner::read_results)).
+    fn drain_results(&self, state: &mut State, direct: Option<&mut Direct<'_>>) -> bool {
+        self.read_results(state, 4096, direct)
     }
 
     /// Handles up to `limit` results already in the queue; stops when it
@@ -1252,24 +1435,24 @@ impl Inner {
     /// The pool's lock is held: a result streamed in fragments (larger
     /// than half the ring) is left for [`pump`](Inner::pump), which waits
     /// for its rest without the lock; true if it stopped at one.
-    fn read_results(&self, state: &mut State, limit: usize) -> bool {
+    fn read_results(
+        &self,
+        state: &mut State,
+        limit: usize,
+        mut direct: Option<&mut Direct<'_>>,
+    ) -> bool {
         for _ in 0..limit {
-            let mut message = state.buffer();
-            match self.results.try_get_whole_bytes_into(&mut message) {
-                Ok(()) => self.handle_result(state, message),
-                Err(GetError::Timeout) => {
-                    state.recycle(message);
-                    return true;
-                }
+            let read = self.results.try_get_whole_bytes_with(|message| {
+                self.handle_result(state, message, direct.as_deref_mut());
+            });
+            match read {
+                Ok(()) => {}
+                Err(GetError::Timeout) => return true,
                 Err(GetError::Failed(e)) => {
-                    state.recycle(message);
                     self.results_failed(state, &e);
                     break;
                 }
-                Err(_) => {
-                    state.recycle(message);
-                    break;
-                }
+                Err(_) => break,
             }
         }
         false
@@ -1289,12 +1472,14 @@ impl Inner {
         );
     }
 
-    fn handle_result(&self, state: &mut State, message: Vec<u8>) {
+    /// Handles one result message where it lies in the result ring (the
+    /// ring's consumer side is held meanwhile): `direct`'s sink reads it
+    /// there if it wants it; otherwise it is copied for its taker.
+    fn handle_result(&self, state: &mut State, message: &[u8], direct: Option<&mut Direct<'_>>) {
         state.results_read += 1;
-        let Some((worker, id, micros, output)) = wire::take_result(&message) else {
+        let Some((worker, id, micros, output)) = wire::take_result(message) else {
             // A message that does not even name its task: the queue's
             // bytes were changed under it (see `results_failed`).
-            state.recycle(message);
             self.results_failed(
                 state,
                 &proc_queue::QueueError::Corrupted("a result message without its header".into()),
@@ -1306,7 +1491,6 @@ impl Inner {
                 w.ready = true;
             }
             state.unready_deaths = 0;
-            state.recycle(message);
             return;
         }
         // How long tasks take decides whether small ones are batched.
@@ -1338,11 +1522,31 @@ impl Inner {
             });
         let Some(task) = found else {
             // Not (or no longer) expected: a duplicate or a stray.
-            state.recycle(message);
             return;
         };
         state.recycle(task.record);
-        self.finish(state, id, Done::Output { message, start });
+        if let Some(direct) = direct.filter(|d| d.panic.is_none() && d.sink.wants(id)) {
+            // Its taker reads it here. (A panic of its `Deserialize` is its
+            // thread's, once the pool's lock is let go.)
+            let sink = &mut *direct.sink;
+            let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                sink.read(id, output);
+            }));
+            direct.panic = read.err();
+            state.unfinished = state.unfinished.saturating_sub(1);
+            state.abandoned.remove(&id);
+            return;
+        }
+        let mut copy = state.buffer();
+        copy.extend_from_slice(message);
+        self.finish(
+            state,
+            id,
+            Done::Output {
+                message: copy,
+                start,
+            },
+        );
     }
 
     fn finish(&self, state: &mut State, id: u64, done: Done) {
@@ -1601,7 +1805,7 @@ impl Inner {
             // death is settled once as many results as the queue held when
             // it was seen have been read (the status stays with the handle;
             // results that arrive meanwhile do not move the mark).
-            self.read_results(state, usize::MAX);
+            self.read_results(state, usize::MAX, None);
             let queued = self.results.qsize() as u64;
             let read = state.results_read;
             let at = *state.workers[i].settle_at.get_or_insert(read + queued);

@@ -12,7 +12,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::TaskError;
-use crate::pool::{Done, Inner};
+use crate::pool::{Done, Inner, Sink};
+use crate::sys::Slots;
 use crate::wire;
 
 fn deadline(timeout: Duration) -> Option<Instant> {
@@ -214,33 +215,12 @@ impl<R: DeserializeOwned> MapResult<R> {
             return Err(TaskError::Timeout);
         }
         self.taken = true;
-        let total = self.chunks.iter().map(|(_, n)| n).sum();
-        // (Small pages: on this project's VMs, with free page reporting,
-        // a 2 MiB page often comes from memory handed back to the host,
-        // and a fresh pool's first map then waited for 512 host faults at
-        // once: W6 spread 48-115 M items/s with MADV_HUGEPAGE, 90-114
-        // without, same median, nine rounds each.)
-        let mut values = Vec::with_capacity(total);
-        let mut first_error = None;
-        // Decoded in order as they arrive, while later chunks still run.
-        for &(id, len) in &self.chunks {
-            let Some(done) = self.inner.take(id, None) else {
-                first_error.get_or_insert(TaskError::Terminated);
-                continue;
-            };
-            if first_error.is_some() {
-                continue;
-            }
-            let decoded = done.extend_into(len, &mut values);
-            self.inner.give_back(done);
-            if let Err(e) = decoded {
-                first_error.get_or_insert(e);
-            }
+        let chunks = std::mem::take(&mut self.chunks);
+        let mut sink = MapSink::with_capacity(&self.inner, chunks.iter().map(|&(_, n)| n).sum());
+        for (id, len) in chunks {
+            sink.add(id, len);
         }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(values),
-        }
+        sink.finish()
     }
 
     fn wait_until(&self, deadline: Option<Instant>) -> bool {
@@ -276,6 +256,121 @@ impl<R> Drop for MapResult<R> {
         if !self.taken {
             self.inner.abandon(self.chunks.iter().map(|&(id, _)| id));
         }
+    }
+}
+
+/// The values of a map, taken by [`MapResult`] or by a blocking
+/// [`map`](crate::Pool::map) as it sends its chunks: each chunk's decoded
+/// into its place where its result lies in the result ring (see [`Sink`]),
+/// in whatever order the chunks finish. Dropped unfinished, it forgets the
+/// tasks it did not take.
+pub(crate) struct MapSink<'a, R> {
+    inner: &'a Inner,
+    /// (task id, items in its chunk), in order (ids ascending).
+    chunks: Vec<(u64, usize)>,
+    values: Slots<R>,
+    /// Per chunk: taken (`Ok`), or its error.
+    outcome: Vec<Option<Result<(), TaskError>>>,
+    /// The first chunk known to have failed: the later ones are taken
+    /// without being decoded (the map's answer is an error by then).
+    failed_at: usize,
+}
+
+impl<'a, R: DeserializeOwned> MapSink<'a, R> {
+    /// Room for `values` values (more move them once).
+    pub(crate) fn with_capacity(inner: &'a Inner, values: usize) -> Self {
+        // (Small pages: on this project's VMs, with free page reporting,
+        // a 2 MiB page often comes from memory handed back to the host,
+        // and a fresh pool's first map then waited for 512 host faults at
+        // once: W6 spread 48-115 M items/s with MADV_HUGEPAGE, 90-114
+        // without, same median, nine rounds each.)
+        MapSink {
+            inner,
+            chunks: Vec::new(),
+            values: Slots::with_capacity(values),
+            outcome: Vec::new(),
+            failed_at: usize::MAX,
+        }
+    }
+
+    /// Adds the next chunk: task `id` (above the others'), `len` items.
+    pub(crate) fn add(&mut self, id: u64, len: usize) {
+        self.chunks.push((id, len));
+        self.values.add_chunk(len);
+        self.outcome.push(None);
+    }
+
+    /// Takes every chunk in order, each decoded into its place as it
+    /// arrives (the chunks that finish meanwhile too, in any order); the
+    /// values, or the first failing item's error in input order.
+    pub(crate) fn finish(mut self) -> Result<Vec<R>, TaskError> {
+        for i in 0..self.chunks.len() {
+            let id = self.chunks[i].0;
+            if self.wants(id) && !self.inner.take_with(id, None, &mut self) {
+                self.fail(id, TaskError::Terminated);
+            }
+        }
+        let first_error = self.outcome.iter().find_map(|o| match o {
+            Some(Err(e)) => Some(e.clone()),
+            _ => None,
+        });
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        let values = std::mem::replace(&mut self.values, Slots::with_capacity(0));
+        values
+            .into_vec()
+            .ok_or_else(|| TaskError::Corrupted("a map's results are missing values".into()))
+    }
+
+    fn index(&self, id: u64) -> Option<usize> {
+        self.chunks.binary_search_by_key(&id, |&(id, _)| id).ok()
+    }
+
+    fn settle(&mut self, i: usize, outcome: Result<(), TaskError>) {
+        if outcome.is_err() {
+            self.failed_at = self.failed_at.min(i);
+        }
+        self.outcome[i] = Some(outcome);
+    }
+}
+
+impl<R: DeserializeOwned> Sink for MapSink<'_, R> {
+    fn wants(&self, id: u64) -> bool {
+        self.index(id).is_some_and(|i| self.outcome[i].is_none())
+    }
+
+    fn read(&mut self, id: u64, output: &[u8]) {
+        let Some(i) = self.index(id).filter(|&i| self.outcome[i].is_none()) else {
+            return;
+        };
+        let outcome = if i > self.failed_at {
+            Ok(())
+        } else {
+            wire::fill_items(output, self.chunks[i].1, &mut self.values, i)
+        };
+        self.settle(i, outcome);
+    }
+
+    fn fail(&mut self, id: u64, error: TaskError) {
+        if let Some(i) = self.index(id).filter(|&i| self.outcome[i].is_none()) {
+            self.settle(i, Err(error));
+        }
+    }
+}
+
+impl<R> Drop for MapSink<'_, R> {
+    fn drop(&mut self) {
+        if self.outcome.iter().all(Option::is_some) {
+            return;
+        }
+        let untaken = self
+            .chunks
+            .iter()
+            .zip(&self.outcome)
+            .filter(|(_, o)| o.is_none())
+            .map(|(&(id, _), _)| id);
+        self.inner.abandon(untaken);
     }
 }
 

@@ -1,6 +1,6 @@
 //! The `unsafe` calls of `proc-pool`: running a task function, the
 //! parent's pid, and writing into vectors with their length kept outside
-//! them ([`Appender`], [`extend_with`]).
+//! them ([`Appender`]), or filled in any order ([`Slots`]).
 
 use proc_core::task::{TaskFn, TaskFnError};
 
@@ -96,50 +96,180 @@ impl Drop for Appender<'_> {
     }
 }
 
-/// Appends to `v` at most `n` values made by `next` from `state`, stopping
-/// early where `next` returns `None`; returns the state.
+/// A vector of values filled chunk by chunk, in any order: a map's values,
+/// each chunk's decoded where its result lies in the result ring as soon
+/// as it arrives (a chunk that arrived before its turn would otherwise be
+/// copied out of the ring into a fresh buffer to wait for it, a page fault
+/// per 4 KiB in a fresh process).
 ///
-/// The values go into room reserved at once, with the count in a local:
-/// `push` in a loop reads and writes the vector's length in memory for
-/// every value (a million decoded results, W6) and takes its address on
-/// its growth path. The state is moved in, so that the decoder's position
-/// in it can stay in a register too. If `next` panics, the values written
-/// so far stay in the vector.
-pub(crate) fn extend_with<T, S>(
-    v: &mut Vec<T>,
-    n: usize,
-    mut state: S,
-    mut next: impl FnMut(&mut S) -> Option<T>,
-) -> S {
-    /// Sets the vector's length to what was written when dropped.
-    struct SetLen<'a, T> {
-        v: &'a mut Vec<T>,
-        len: usize,
+/// The values live in one allocation, each chunk in its place; a chunk is
+/// written from its start, and how far is kept per chunk. Chunks are added
+/// at the end ([`add_chunk`](Slots::add_chunk)), also while others are
+/// being filled. [`into_vec`](Slots::into_vec) hands the vector over once
+/// every chunk is whole; dropped before that, the values written are
+/// dropped.
+pub(crate) struct Slots<T> {
+    /// Length 0; capacity for every chunk's values. Only `add_chunk`
+    /// replaces it (moving the values written), never while a chunk is
+    /// being written.
+    buf: Vec<T>,
+    chunks: Vec<SlotChunk>,
+    total: usize,
+}
+
+struct SlotChunk {
+    start: usize,
+    len: usize,
+    written: usize,
+}
+
+impl<T> Slots<T> {
+    /// Room for chunks of these lengths, in this order.
+    #[cfg(test)]
+    pub(crate) fn new(lens: &[usize]) -> Self {
+        let mut slots = Slots::with_capacity(lens.iter().sum());
+        for &len in lens {
+            slots.add_chunk(len);
+        }
+        slots
     }
-    impl<T> Drop for SetLen<'_, T> {
-        #[inline]
-        fn drop(&mut self) {
-            // SAFETY: every slot below `len` holds a value: the vector's
-            // own below its old length, then those written in the loop.
-            unsafe { self.v.set_len(self.len) };
+
+    /// No chunks yet; room for `values` values without moving them.
+    pub(crate) fn with_capacity(values: usize) -> Self {
+        Slots {
+            buf: Vec::with_capacity(values),
+            chunks: Vec::new(),
+            total: 0,
         }
     }
-    v.reserve(n);
-    let ptr = v.as_mut_ptr();
-    let mut written = SetLen { len: v.len(), v };
-    let end = written.len + n;
-    while written.len < end {
-        let Some(value) = next(&mut state) else {
-            break;
+
+    /// Adds a chunk of `len` values after the others; its index.
+    pub(crate) fn add_chunk(&mut self, len: usize) -> usize {
+        let start = self.total;
+        let Some(total) = start.checked_add(len) else {
+            // (No vector holds that many values.)
+            panic!("capacity overflow");
         };
-        // SAFETY: `reserve(n)` made room for `end` values from `ptr`, and
-        // the buffer cannot move meanwhile (the vector is borrowed here
-        // until the end; `next` sees only `state`); `len < end`, and the
-        // slot is past the initialized ones, so nothing is overwritten.
-        unsafe { ptr.add(written.len).write(value) };
-        written.len += 1;
+        if total > self.buf.capacity() {
+            let mut grown: Vec<T> =
+                Vec::with_capacity(total.max(self.buf.capacity().saturating_mul(2)));
+            let (old, new) = (self.buf.as_ptr(), grown.as_mut_ptr());
+            for c in &self.chunks {
+                // SAFETY: the chunk's first `written` slots from `start`
+                // hold values (`append_with`), below `total <=` either
+                // buffer's capacity; the buffers are distinct allocations.
+                // The values move: the old buffer (length 0) is then freed
+                // without dropping anything.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(old.add(c.start), new.add(c.start), c.written)
+                };
+            }
+            self.buf = grown;
+        }
+        self.chunks.push(SlotChunk {
+            start,
+            len,
+            written: 0,
+        });
+        self.total = total;
+        self.chunks.len() - 1
     }
-    state
+
+    /// Appends to chunk `chunk` at most `n` values made by `next` from
+    /// `state` (no more than the chunk has room for), stopping early where
+    /// `next` returns `None`; returns the state. Nothing is written for a
+    /// chunk that does not exist.
+    ///
+    /// The count stays in a local while the values are written (see
+    /// [`Appender`]), and the state is moved in, so that a decoder's
+    /// position in it can stay in a register too. If `next` panics, the
+    /// values written so far are kept (and dropped with the slots).
+    pub(crate) fn append_with<S>(
+        &mut self,
+        chunk: usize,
+        n: usize,
+        mut state: S,
+        mut next: impl FnMut(&mut S) -> Option<T>,
+    ) -> S {
+        /// Stores the chunk's written count when dropped.
+        struct Written<'a> {
+            slot: &'a mut usize,
+            count: usize,
+        }
+        impl Drop for Written<'_> {
+            #[inline]
+            fn drop(&mut self) {
+                *self.slot = self.count;
+            }
+        }
+        let base = self.buf.as_mut_ptr();
+        let Some(c) = self.chunks.get_mut(chunk) else {
+            return state;
+        };
+        let start = c.start;
+        let end = c.written + n.min(c.len - c.written);
+        let mut written = Written {
+            count: c.written,
+            slot: &mut c.written,
+        };
+        while written.count < end {
+            let Some(value) = next(&mut state) else {
+                break;
+            };
+            // SAFETY: the buffer has capacity for `total` values and is not
+            // replaced meanwhile (`self` is borrowed here; `next` sees only
+            // `state`); the chunks' ranges `start..start + len` lie below
+            // `total` one after the other (`add_chunk`); `written.count <
+            // end <= len`, and the slot is past the chunk's written values:
+            // nothing is overwritten, and only this chunk's range is
+            // written.
+            unsafe { base.add(start + written.count).write(value) };
+            written.count += 1;
+        }
+        state
+    }
+
+    /// Appends one value to chunk `chunk`; false (the value dropped) when
+    /// the chunk is whole or does not exist.
+    pub(crate) fn push(&mut self, chunk: usize, value: T) -> bool {
+        let mut value = Some(value);
+        let before = self.chunks.get(chunk).map_or(0, |c| c.written);
+        self.append_with(chunk, 1, (), |_| value.take());
+        self.chunks.get(chunk).is_some_and(|c| c.written > before)
+    }
+
+    /// The whole vector, once every chunk is whole.
+    pub(crate) fn into_vec(mut self) -> Option<Vec<T>> {
+        if self.chunks.iter().any(|c| c.written < c.len) {
+            return None;
+        }
+        let mut vec = std::mem::take(&mut self.buf);
+        self.chunks.clear();
+        // SAFETY: every chunk is whole, and the chunks cover `0..total`
+        // one after the other (`add_chunk`): the first `total` slots hold
+        // values, within the capacity. The slots give up their claim on them
+        // (their chunks are cleared, so their drop drops nothing).
+        unsafe { vec.set_len(self.total) };
+        Some(vec)
+    }
+}
+
+impl<T> Drop for Slots<T> {
+    fn drop(&mut self) {
+        let base = self.buf.as_mut_ptr();
+        for c in &self.chunks {
+            // SAFETY: the chunk's first `written` slots from `start` hold
+            // values written by `append_with` and not handed over (see
+            // `into_vec`); each is dropped once, here, and the buffer
+            // (length 0) then frees the memory without dropping anything.
+            unsafe {
+                std::ptr::drop_in_place(std::ptr::slice_from_raw_parts_mut(
+                    base.add(c.start),
+                    c.written,
+                ));
+            }
+        }
+    }
 }
 
 /// Makes room for `extra` more bytes after the first `len` (initialized)
@@ -157,34 +287,74 @@ fn grow(vec: &mut Vec<u8>, len: usize, extra: usize) -> (*mut u8, usize) {
 
 #[cfg(test)]
 mod tests {
-    use super::{extend_with, Appender};
+    use super::{Appender, Slots};
 
     #[test]
-    fn extend_with_writes_what_it_is_given_and_keeps_it_on_a_panic() {
-        let mut v = vec![String::from("a")];
-        let left = extend_with(&mut v, 5, 0u32, |i| {
+    fn slots_fill_in_any_order_and_drop_what_was_written() {
+        let mut slots = Slots::<String>::new(&[2, 3, 0, 2]);
+        let left = slots.append_with(1, 5, 0u32, |i| {
             *i += 1;
-            (*i <= 3).then(|| i.to_string())
+            Some(format!("b{i}"))
         });
-        assert_eq!(left, 4);
-        assert_eq!(v, ["a", "1", "2", "3"]);
-        let left = extend_with(&mut v, 2, 10u32, |i| {
+        // No more than the chunk has room for.
+        assert_eq!(left, 3);
+        assert!(!slots.push(1, "extra".into()));
+        assert!(!slots.push(9, "nowhere".into()));
+        slots.append_with(3, 2, 0u32, |i| {
             *i += 1;
-            Some(i.to_string())
+            (*i <= 1).then(|| format!("d{i}"))
         });
-        assert_eq!(left, 12);
-        assert_eq!(v, ["a", "1", "2", "3", "11", "12"]);
-        // A panic in the middle: the values before it are kept (and
-        // dropped with the vector: Miri or a leak checker would tell).
+        assert!(slots.push(3, "d2".into()));
+        assert!(slots.push(0, "a1".into()));
+        // Not whole yet (chunk 1 has 3 of 3, 0 has 1 of 2): nothing handed
+        // over, and the values written are dropped.
+        assert_eq!(slots.into_vec(), None);
+        // Whole: every value in its place.
+        let mut slots = Slots::<String>::new(&[2, 3, 0, 2]);
+        for chunk in [3, 1, 0] {
+            slots.append_with(chunk, usize::MAX, 0u32, |i| {
+                *i += 1;
+                Some(format!("{chunk}.{i}"))
+            });
+        }
+        let v = slots.into_vec().expect("whole");
+        assert_eq!(v, ["0.1", "0.2", "1.1", "1.2", "1.3", "3.1", "3.2"]);
+        // A panic in the middle of a chunk: the values before it are kept
+        // and dropped with the slots (valgrind or Miri would tell).
+        let mut slots = Slots::<String>::new(&[4, 1]);
+        slots.push(1, "z".into());
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            extend_with(&mut v, 4, 0u32, |i| {
+            slots.append_with(0, 4, 0u32, |i| {
                 *i += 1;
                 assert!(*i < 3, "third");
                 Some(format!("p{i}"))
             })
         }));
         assert!(r.is_err());
-        assert_eq!(v, ["a", "1", "2", "3", "11", "12", "p1", "p2"]);
+        assert!(slots.push(0, "p3".into()));
+        assert!(slots.into_vec().is_none());
+        // Chunks added while others are filled: the values written move
+        // with the buffer when it grows.
+        let mut slots = Slots::<String>::with_capacity(1);
+        let a = slots.add_chunk(2);
+        slots.push(a, "a1".into());
+        let b = slots.add_chunk(3);
+        slots.append_with(b, 3, 0u32, |i| {
+            *i += 1;
+            Some(format!("b{i}"))
+        });
+        let c = slots.add_chunk(1);
+        slots.push(c, "c1".into());
+        slots.push(a, "a2".into());
+        assert_eq!(
+            slots.into_vec().expect("whole"),
+            ["a1", "a2", "b1", "b2", "b3", "c1"]
+        );
+        // Values of a type without size, and no chunks at all.
+        let mut units = Slots::<()>::new(&[3]);
+        units.append_with(0, 3, (), |_| Some(()));
+        assert_eq!(units.into_vec(), Some(vec![(), (), ()]));
+        assert_eq!(Slots::<u8>::new(&[]).into_vec(), Some(Vec::new()));
     }
 
     #[test]

@@ -21,6 +21,7 @@ use serde::Serialize;
 
 use crate::codec::{Decoder, Encoder};
 use crate::error::TaskError;
+use crate::sys::Slots;
 
 /// The output holds one result per item.
 pub(crate) const ITEMS: u8 = 0;
@@ -417,33 +418,36 @@ pub(crate) fn for_each_item<R: DeserializeOwned>(
     Ok(())
 }
 
-/// Appends the `expected` values of runner output to `values` (a map's
-/// results); the task's error, or the first failed item's.
-pub(crate) fn extend_items<R: DeserializeOwned>(
+/// Writes the `expected` values of runner output into chunk `chunk` of
+/// `values` (a map's results); the task's error, or the first failed
+/// item's.
+pub(crate) fn fill_items<R: DeserializeOwned>(
     output: &[u8],
     expected: usize,
-    values: &mut Vec<R>,
+    values: &mut Slots<R>,
+    chunk: usize,
 ) -> Result<(), TaskError> {
     let decode_error = |e: crate::codec::Error| TaskError::ResultDecode(e.to_string());
     let (plain, de) = open_items(output, expected)?;
-    // The values before the first failure: decoded straight into the
-    // vector (see `extend_with`: a million of them in W6).
-    let (mut de, error) =
-        crate::sys::extend_with(values, plain, (de, None), |(de, error)| {
-            match de.decode::<R>() {
-                Ok(v) => Some(v),
-                Err(e) => {
-                    *error = Some(e);
-                    None
-                }
+    // The values before the first failure: decoded straight into their
+    // places (see `Slots::append_with`: a million of them in W6).
+    let (mut de, error) = values.append_with(chunk, plain, (de, None), |(de, error)| {
+        match de.decode::<R>() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                *error = Some(e);
+                None
             }
-        });
+        }
+    });
     if let Some(e) = error {
         return Err(decode_error(e));
     }
     for _ in plain..expected {
         match de.decode::<Result<R, TaskError>>() {
-            Ok(Ok(v)) => values.push(v),
+            Ok(Ok(v)) => {
+                values.push(chunk, v);
+            }
             Ok(Err(e)) => return Err(e),
             Err(e) => return Err(decode_error(e)),
         }
@@ -559,28 +563,33 @@ mod tests {
                 (i, other) => panic!("{i}: {other:?}"),
             }
         }
-        // A map's decoding: the values before the first failure, then it.
-        let mut values = vec![Picky(99)];
-        match extend_items::<Picky>(&out, 12, &mut values) {
+        // A map's decoding: the first failure (the values before it are
+        // written, and dropped with the slots).
+        let mut values = Slots::new(&[1, 12]);
+        match fill_items::<Picky>(&out, 12, &mut values, 1) {
             Err(TaskError::Encode(m)) => assert!(m.contains("no fives"), "{m}"),
             other => panic!("{other:?}"),
         }
-        assert_eq!(values, [99, 0, 1, 2, 3, 4].map(Picky));
-        // All plain: every value, after those already there.
+        assert!(values.into_vec().is_none());
+        // All plain: every value, in its chunk's place.
         let mut plain = Vec::new();
         run_chunk(double, &input, &mut plain);
-        let mut values = vec![7u64];
-        extend_items::<u64>(&plain, 12, &mut values).expect("values");
-        assert_eq!(values, [7, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22]);
-        assert!(extend_items::<u64>(&plain, 11, &mut values).is_err());
+        let mut values = Slots::new(&[12, 1]);
+        fill_items::<u64>(&plain, 12, &mut values, 0).expect("values");
+        assert!(values.push(1, 7));
+        assert_eq!(
+            values.into_vec().expect("whole"),
+            [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 7]
+        );
+        assert!(fill_items::<u64>(&plain, 11, &mut Slots::new(&[11]), 0).is_err());
         // Cut or flipped anywhere: an error or other values, never a panic.
         for cut in 0..plain.len() {
-            assert!(extend_items::<u64>(&plain[..cut], 12, &mut Vec::new()).is_err());
+            assert!(fill_items::<u64>(&plain[..cut], 12, &mut Slots::new(&[12]), 0).is_err());
         }
         for i in 0..out.len() {
             let mut bad = out.clone();
             bad[i] ^= 0xff;
-            let _ = extend_items::<Picky>(&bad, 12, &mut Vec::new());
+            let _ = fill_items::<Picky>(&bad, 12, &mut Slots::new(&[12]), 0);
         }
     }
 
