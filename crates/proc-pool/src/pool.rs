@@ -392,6 +392,8 @@ impl Done {
 /// and used while that thread reads the ring; results read by other
 /// threads meanwhile are copied for it as for any taker.
 pub(crate) trait Sink {
+    /// Takes on task `id`, of `items` items, as it is submitted.
+    fn add(&mut self, id: u64, items: usize);
     /// Whether it reads task `id`'s output (one of its tasks, not read
     /// yet).
     fn wants(&self, id: u64) -> bool;
@@ -854,8 +856,7 @@ impl Pool {
             wire::end_record(&mut record, len_at).map_err(TaskError::ArgsEncode)?;
             capacity = capacity.max(record.len() + record.len() / 8);
             let large = record.len() > BATCH_BYTES;
-            let id = self.inner.submit(record)?;
-            sink.add(id, len);
+            self.inner.submit_with(record, len, Some(&mut sink))?;
             if large {
                 self.inner.wait_for_room(&mut sink);
             }
@@ -1159,13 +1160,45 @@ impl Drop for Pool {
 
 impl Inner {
     /// Queues a task; returns its id.
-    pub(crate) fn submit(&self, mut record: Vec<u8>) -> Result<u64, TaskError> {
+    pub(crate) fn submit(&self, record: Vec<u8>) -> Result<u64, TaskError> {
+        self.submit_with(record, 0, None)
+    }
+
+    /// [`submit`](Inner::submit) for a task of `items` items that `sink`
+    /// takes (see [`take_with`](Inner::take_with)): it is added to the
+    /// sink before it can finish, and the results this submission reads
+    /// are the sink's to read where they lie if it wants them. (Read
+    /// without it, a map's results would be copied out of the ring while
+    /// the map still sends chunks.)
+    pub(crate) fn submit_with(
+        &self,
+        record: Vec<u8>,
+        items: usize,
+        sink: Option<&mut dyn Sink>,
+    ) -> Result<u64, TaskError> {
+        let mut direct = sink.map(|sink| Direct { sink, panic: None });
+        let submitted = self.submit_locked(record, items, direct.as_mut());
+        if let Some(panic) = direct.and_then(|d| d.panic) {
+            std::panic::resume_unwind(panic);
+        }
+        submitted
+    }
+
+    fn submit_locked(
+        &self,
+        mut record: Vec<u8>,
+        items: usize,
+        mut direct: Option<&mut Direct<'_>>,
+    ) -> Result<u64, TaskError> {
         let mut state = self.state.lock();
         if state.phase != Phase::Running {
             return Err(TaskError::NotRunning);
         }
         let id = state.next_id;
         state.next_id += 1;
+        if let Some(d) = direct.as_deref_mut() {
+            d.sink.add(id, items);
+        }
         if let Some(error) = &state.broken {
             let error = error.clone();
             state.done.insert(id, Done::Failed(error));
@@ -1180,9 +1213,9 @@ impl Inner {
         // larger than the ring is not counted in `qsize` until its last
         // part is in: every 64th submission looks anyway.)
         let look = id % 64 == 0 || !self.results.empty();
-        if look && self.drain_results(&mut state, None) && !state.pumping {
+        if look && self.drain_results(&mut state, direct.as_deref_mut()) && !state.pumping {
             // A streamed one, read without the lock.
-            self.pump(&mut state, Duration::ZERO, None);
+            self.pump(&mut state, Duration::ZERO, direct);
         }
         // A clock read costs more than the rest of a submission: look every
         // 64 tasks.

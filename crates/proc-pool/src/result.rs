@@ -293,13 +293,6 @@ impl<'a, R: DeserializeOwned> MapSink<'a, R> {
         }
     }
 
-    /// Adds the next chunk: task `id` (above the others'), `len` items.
-    pub(crate) fn add(&mut self, id: u64, len: usize) {
-        self.chunks.push((id, len));
-        self.values.add_chunk(len);
-        self.outcome.push(None);
-    }
-
     /// Takes every chunk in order, each decoded into its place as it
     /// arrives (the chunks that finish meanwhile too, in any order); the
     /// values, or the first failing item's error in input order.
@@ -336,6 +329,13 @@ impl<'a, R: DeserializeOwned> MapSink<'a, R> {
 }
 
 impl<R: DeserializeOwned> Sink for MapSink<'_, R> {
+    /// Adds the next chunk: task `id` (above the others'), `len` items.
+    fn add(&mut self, id: u64, len: usize) {
+        self.chunks.push((id, len));
+        self.values.add_chunk(len);
+        self.outcome.push(None);
+    }
+
     fn wants(&self, id: u64) -> bool {
         self.index(id).is_some_and(|i| self.outcome[i].is_none())
     }
