@@ -208,6 +208,12 @@ impl<T> Slots<T> {
         };
         let start = c.start;
         let end = c.written + n.min(c.len - c.written);
+        let bytes = (end - c.written).saturating_mul(std::mem::size_of::<T>());
+        if bytes >= POPULATE_MIN {
+            // SAFETY: slots `start + written .. start + end` lie within the
+            // buffer's capacity (see the write below).
+            populate_for_write(unsafe { base.add(start + c.written) }.cast(), bytes);
+        }
         let mut written = Written {
             count: c.written,
             slot: &mut c.written,
@@ -268,6 +274,40 @@ impl<T> Drop for Slots<T> {
                     c.written,
                 ));
             }
+        }
+    }
+}
+
+/// A range of fresh memory at least this large is faulted in with one call
+/// before values are written into it (see [`populate_for_write`]).
+const POPULATE_MIN: usize = 256 << 10;
+
+/// Faults in the whole pages of the `len` bytes at `ptr` (memory this
+/// process owns, such as a vector's spare capacity) for writing, in one
+/// call, contents unchanged (`MADV_POPULATE_WRITE`, Linux 5.14; elsewhere
+/// nothing happens: the writes fault the pages in one by one).
+///
+/// A map's values go into fresh memory in a fresh process (8 MB in W6):
+/// faulted one page at a time by the writes, 8 MB took 3.1 ms on the card
+/// machine (1.52 us a page, a fresh process after 2 s idle); populated in
+/// one call, 2.0 ms (1.0 us a page). Pages already there cost only the
+/// walk over them.
+fn populate_for_write(ptr: *mut u8, len: usize) {
+    const PAGE: usize = 4096;
+    let start = (ptr as usize).next_multiple_of(PAGE);
+    let end = (ptr as usize).saturating_add(len) & !(PAGE - 1);
+    if end > start {
+        // SAFETY: `start..end` lies within the caller's memory (whole pages
+        // inside `ptr..ptr + len`), mapped and owned by this process;
+        // MADV_POPULATE_WRITE only faults its pages in, as a write would,
+        // without changing what they hold. Its failure (an older kernel)
+        // changes nothing.
+        unsafe {
+            libc::madvise(
+                start as *mut libc::c_void,
+                end - start,
+                libc::MADV_POPULATE_WRITE,
+            );
         }
     }
 }
@@ -350,6 +390,20 @@ mod tests {
             slots.into_vec().expect("whole"),
             ["a1", "a2", "b1", "b2", "b3", "c1"]
         );
+        // Chunks large enough to be faulted in first (the second starts
+        // mid-page): the values are what was written.
+        let mut big = Slots::<u64>::new(&[100_000, 300_001]);
+        big.append_with(1, usize::MAX, 0u64, |i| {
+            *i += 1;
+            Some(*i)
+        });
+        big.append_with(0, usize::MAX, 0u64, |i| {
+            *i += 1;
+            Some(*i)
+        });
+        let big = big.into_vec().expect("whole");
+        assert!(big[..100_000].iter().copied().eq(1..=100_000));
+        assert!(big[100_000..].iter().copied().eq(1..=300_001));
         // Values of a type without size, and no chunks at all.
         let mut units = Slots::<()>::new(&[3]);
         units.append_with(0, 3, (), |_| Some(()));
