@@ -48,7 +48,7 @@ pub use proc_core::{
 };
 pub use proc_pool::{AsyncResult, IMap, MapResult, Pool, PoolBuilder, PoolError, TaskError};
 pub use proc_queue::{
-    GetError, JoinableQueue, PutError, Queue, QueueBuilder, QueueError, SimpleQueue,
+    GetError, JoinableQueue, PutError, Queue, QueueBuilder, QueueError, Received, SimpleQueue,
 };
 
 /// The names most programs need: `use proc::prelude::*;`.

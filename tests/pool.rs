@@ -90,6 +90,11 @@ fn main() {
             a_map_survives_a_lying_length,
         ),
         (
+            "a_map_of_large_chunks_stops_at_a_failure_close_or_retirement",
+            60,
+            a_map_of_large_chunks_stops_at_a_failure_close_or_retirement,
+        ),
+        (
             "worker_sigkilled_during_a_map_of_large_chunks",
             60,
             worker_sigkilled_during_a_map_of_large_chunks,
@@ -298,6 +303,14 @@ fn late_first(x: u64) -> u64 {
 /// Sleeps `ms` (an argument padded to send a task record over 64 KiB).
 fn sleep_padded((ms, pad): (u64, Vec<u8>)) -> usize {
     std::thread::sleep(Duration::from_millis(ms));
+    pad.len()
+}
+
+/// Fails at once on item 0; the others sleep 100 ms (padded arguments:
+/// task records over 64 KiB).
+fn fail_first_or_nap((i, pad): (u64, Vec<u8>)) -> usize {
+    assert!(i != 0, "first");
+    std::thread::sleep(Duration::from_millis(100));
     pad.len()
 }
 
@@ -656,6 +669,55 @@ fn a_map_survives_a_lying_length() {
         let expected: Vec<u64> = (0..end).map(|i| i * i).collect();
         assert_eq!(pool.map(square, lying).expect("map"), expected, "{end}");
     }
+}
+
+fn a_map_of_large_chunks_stops_at_a_failure_close_or_retirement() {
+    let pad = vec![1u8; 70_000];
+    // A failure: the rest of the input is not sent (all 20 would take
+    // ~1 s on two workers).
+    let pool = make_pool(2);
+    let args: Vec<(u64, Vec<u8>)> = (0..20).map(|i| (i, pad.clone())).collect();
+    let t = Instant::now();
+    match pool.map_chunked(fail_first_or_nap, args, 1) {
+        Err(TaskError::Panicked { message, .. }) => assert_eq!(message, "first"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        t.elapsed() < Duration::from_millis(700),
+        "{:?}",
+        t.elapsed()
+    );
+    // Closed from another thread midway: the chunks sent finish, the map
+    // says NotRunning, and the pool joins.
+    let args: Vec<(u64, Vec<u8>)> = (0..10).map(|_| (150, pad.clone())).collect();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(100));
+            pool.close();
+        });
+        match pool.map_chunked(sleep_padded, args, 1) {
+            Err(TaskError::NotRunning) => {}
+            other => panic!("{other:?}"),
+        }
+    });
+    pool.join().expect("join");
+    // Workers retired after every task: the map goes on with their
+    // replacements.
+    let pool = Pool::builder()
+        .processes(2)
+        .maxtasksperchild(1)
+        .start_method(method())
+        .build()
+        .expect("pool");
+    let args: Vec<(u64, Vec<u8>)> = (0..6).map(|_| (1, pad.clone())).collect();
+    let t = Instant::now();
+    assert_eq!(
+        pool.map_chunked(sleep_padded, args, 1).expect("map"),
+        vec![70_000; 6]
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    pool.close();
+    pool.join().expect("join");
 }
 
 fn worker_sigkilled_during_a_map_of_large_chunks() {

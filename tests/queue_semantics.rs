@@ -482,7 +482,7 @@ fn bytes_read_where_they_lie() {
     // The reader's value comes back; raw and postcard byte strings alike.
     assert_eq!(q.get_bytes_with(|b| b.len()).ok(), Some(5));
     assert_eq!(
-        q.get_bytes_with_timeout(Duration::from_secs(5), <[u8]>::to_vec)
+        q.get_bytes_with_timeout(Duration::from_secs(5), |b| b.to_vec())
             .ok(),
         Some(b"typed".to_vec())
     );
@@ -496,8 +496,21 @@ fn bytes_read_where_they_lie() {
         Err(GetError::Timeout) => {}
         other => panic!("{other:?}"),
     }
-    assert_eq!(q.get_bytes_with(|b| b == &big[..]).ok(), Some(true));
+    // Kept: a streamed message's own buffer is handed over, not copied.
+    let kept = q
+        .get_bytes_with(|m| {
+            let mut buf = Vec::new();
+            m.into_buf(&mut buf);
+            buf
+        })
+        .expect("streamed");
+    assert!(kept == big);
     assert!(child.join().expect("join"));
+    // From the ring: copied into the buffer given (cleared first).
+    q.put_bytes(b"ring").expect("put");
+    let mut buf = b"old".to_vec();
+    q.get_bytes_with(|m| m.into_buf(&mut buf)).expect("get");
+    assert_eq!(buf, b"ring");
     assert!(matches!(
         q.try_get_whole_bytes_with(|_| ()),
         Err(GetError::Empty)
@@ -514,7 +527,7 @@ fn bytes_read_where_they_lie() {
     }));
     assert!(read.is_err());
     assert_eq!(
-        q.try_get_whole_bytes_with(<[u8]>::to_vec).ok(),
+        q.try_get_whole_bytes_with(|b| b.to_vec()).ok(),
         Some(b"after".to_vec())
     );
     // A message that is not a byte string: a typed error, not the reader.

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use proc_core::task::TaskFn;
 use proc_core::{Builder, JoinError, JoinHandle, Pid, SpawnError, StartMethod, Zygote};
-use proc_queue::{GetError, Queue};
+use proc_queue::{GetError, Queue, Received};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -398,6 +398,10 @@ pub(crate) trait Sink {
     /// yet).
     fn wants(&self, id: u64) -> bool;
     /// Reads task `id`'s output (the runner's output, see [`wire`]).
+    ///
+    /// It runs under the pool's lock, with the result ring's consumer side
+    /// held: it decodes (the caller's `Deserialize`), and must not call
+    /// into the pool.
     fn read(&mut self, id: u64, output: &[u8]);
     /// Takes the failure of task `id` as a whole.
     fn fail(&mut self, id: u64, error: TaskError);
@@ -476,8 +480,10 @@ const SPARE_MAX_BYTES: usize = 8 << 20;
 impl State {
     /// Whether a large task submitted now would go out at once, to a
     /// worker with at most one other task queued behind the one it runs
-    /// (and no task pending before it); also when no worker lives (it is
-    /// then for the pool to start one or fail the task).
+    /// (and no task pending before it), or to the replacement of a retired
+    /// worker with nothing left to run (`dispatch` starts it); also when no
+    /// worker lives (it is then for the pool to start one or fail the
+    /// task).
     fn room_for_large(&self) -> bool {
         if !self.pending.is_empty() {
             return false;
@@ -487,7 +493,11 @@ impl State {
             .iter()
             .filter(|w| w.handle.is_some())
             .peekable();
-        live.peek().is_none() || live.any(|w| w.budget != Some(0) && w.outstanding.len() < 2)
+        live.peek().is_none()
+            || live.any(|w| match w.budget {
+                Some(0) => w.outstanding.is_empty(),
+                _ => w.outstanding.len() < 2,
+            })
     }
 
     fn buffer(&mut self) -> Vec<u8> {
@@ -734,7 +744,13 @@ impl Pool {
     /// [`map_async`](Pool::map_async), which sends every chunk at once,
     /// large chunks (over 64 KiB of arguments) are taken from the input
     /// and sent as the workers take them, and each chunk's results are
-    /// decoded into their places as they arrive, in any order.
+    /// decoded into their places as they arrive, in any order (a result's
+    /// `Deserialize` then runs under the pool's lock: it must not use the
+    /// pool). Once a chunk has failed, the rest of the input is not sent:
+    /// the answer is that failure or an earlier one. A pool closed or
+    /// terminated from another thread while a map still sends its chunks
+    /// fails the map with [`TaskError::NotRunning`], unless a chunk sent
+    /// before failed.
     ///
     /// # Examples
     ///
@@ -852,13 +868,27 @@ impl Pool {
                 self.inner.recycle(record);
                 return sink.finish();
             }
-            encoded.map_err(TaskError::ArgsEncode)?;
-            wire::end_record(&mut record, len_at).map_err(TaskError::ArgsEncode)?;
-            capacity = capacity.max(record.len() + record.len() / 8);
-            let large = record.len() > BATCH_BYTES;
-            self.inner.submit_with(record, len, Some(&mut sink))?;
-            if large {
-                self.inner.wait_for_room(&mut sink);
+            let sent = encoded
+                .and_then(|()| wire::end_record(&mut record, len_at))
+                .map_err(TaskError::ArgsEncode)
+                .and_then(|()| {
+                    let large = record.len() > BATCH_BYTES;
+                    capacity = capacity.max(record.len() + record.len() / 8);
+                    self.inner.submit_with(record, len, Some(&mut sink))?;
+                    Ok(large)
+                });
+            match sent {
+                Ok(large) => {
+                    if large {
+                        self.inner.wait_for_room(&mut sink);
+                    }
+                    if sink.failed() {
+                        // The answer is decided: nothing later counts.
+                        return sink.finish();
+                    }
+                }
+                // The chunks sent before come first in input order.
+                Err(e) => return sink.finish().and(Err(e)),
             }
         }
     }
@@ -1249,9 +1279,9 @@ impl Inner {
     /// it: read where it lies in the result ring if this thread reads it
     /// from there, else from the copy made by whichever thread did (or
     /// its failure as a whole). Other results that `sink` wants and this
-    /// thread reads meanwhile are read too. False on timeout (or when the
-    /// pool was terminated under it). A panic of the sink's `read` goes on
-    /// to the caller.
+    /// thread reads meanwhile are read too. False on timeout (a pool
+    /// terminated under it fails the task: the sink takes that failure).
+    /// A panic of the sink's `read` goes on to the caller.
     pub(crate) fn take_with(
         &self,
         id: u64,
@@ -1508,9 +1538,14 @@ impl Inner {
     /// Handles one result message where it lies in the result ring (the
     /// ring's consumer side is held meanwhile): `direct`'s sink reads it
     /// there if it wants it; otherwise it is copied for its taker.
-    fn handle_result(&self, state: &mut State, message: &[u8], direct: Option<&mut Direct<'_>>) {
+    fn handle_result(
+        &self,
+        state: &mut State,
+        message: Received<'_>,
+        direct: Option<&mut Direct<'_>>,
+    ) {
         state.results_read += 1;
-        let Some((worker, id, micros, output)) = wire::take_result(message) else {
+        let Some((worker, id, micros, output)) = wire::take_result(&message) else {
             // A message that does not even name its task: the queue's
             // bytes were changed under it (see `results_failed`).
             self.results_failed(
@@ -1565,13 +1600,18 @@ impl Inner {
             let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 sink.read(id, output);
             }));
-            direct.panic = read.err();
+            if let Err(panic) = read {
+                // Taken all the same (the sink does not forget it later).
+                let error = TaskError::ResultDecode("decoding the result panicked".into());
+                direct.sink.fail(id, error);
+                direct.panic = Some(panic);
+            }
             state.unfinished = state.unfinished.saturating_sub(1);
             state.abandoned.remove(&id);
             return;
         }
         let mut copy = state.buffer();
-        copy.extend_from_slice(message);
+        message.into_buf(&mut copy);
         self.finish(
             state,
             id,

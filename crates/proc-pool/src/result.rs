@@ -316,6 +316,12 @@ impl<'a, R: DeserializeOwned> MapSink<'a, R> {
             .ok_or_else(|| TaskError::Corrupted("a map's results are missing values".into()))
     }
 
+    /// Whether a chunk taken so far failed (the map's answer is then an
+    /// error whatever comes later).
+    pub(crate) fn failed(&self) -> bool {
+        self.failed_at != usize::MAX
+    }
+
     fn index(&self, id: u64) -> Option<usize> {
         self.chunks.binary_search_by_key(&id, |&(id, _)| id).ok()
     }

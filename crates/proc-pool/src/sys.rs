@@ -156,8 +156,9 @@ impl<T> Slots<T> {
             let (old, new) = (self.buf.as_ptr(), grown.as_mut_ptr());
             for c in &self.chunks {
                 // SAFETY: the chunk's first `written` slots from `start`
-                // hold values (`append_with`), below `total <=` either
-                // buffer's capacity; the buffers are distinct allocations.
+                // hold values (`append_with`), below the old total (within
+                // the old buffer's capacity) and below the new one (within
+                // the new buffer's); the buffers are distinct allocations.
                 // The values move: the old buffer (length 0) is then freed
                 // without dropping anything.
                 unsafe {
@@ -211,8 +212,9 @@ impl<T> Slots<T> {
         let bytes = (end - c.written).saturating_mul(std::mem::size_of::<T>());
         if bytes >= POPULATE_MIN {
             // SAFETY: slots `start + written .. start + end` lie within the
-            // buffer's capacity (see the write below).
-            populate_for_write(unsafe { base.add(start + c.written) }.cast(), bytes);
+            // buffer's capacity (see the write below), which this process
+            // owns; `bytes` is their size.
+            unsafe { populate_for_write(base.add(start + c.written).cast(), bytes) };
         }
         let mut written = Written {
             count: c.written,
@@ -282,23 +284,30 @@ impl<T> Drop for Slots<T> {
 /// before values are written into it (see [`populate_for_write`]).
 const POPULATE_MIN: usize = 256 << 10;
 
-/// Faults in the whole pages of the `len` bytes at `ptr` (memory this
-/// process owns, such as a vector's spare capacity) for writing, in one
-/// call, contents unchanged (`MADV_POPULATE_WRITE`, Linux 5.14; elsewhere
-/// nothing happens: the writes fault the pages in one by one).
+/// Faults in the whole pages of the `len` bytes at `ptr` for writing, in
+/// one call, contents unchanged (`MADV_POPULATE_WRITE`, Linux 5.14; on an
+/// older kernel the call fails and nothing happens: the writes fault the
+/// pages in one by one).
 ///
 /// A map's values go into fresh memory in a fresh process (8 MB in W6):
 /// faulted one page at a time by the writes, 8 MB took 3.1 ms on the card
 /// machine (1.52 us a page, a fresh process after 2 s idle); populated in
 /// one call, 2.0 ms (1.0 us a page). Pages already there cost only the
 /// walk over them.
-fn populate_for_write(ptr: *mut u8, len: usize) {
+///
+/// # Safety
+///
+/// `ptr..ptr + len` must lie in memory this process owns and has mapped
+/// writable (an allocation of its own, such as a vector's spare
+/// capacity).
+unsafe fn populate_for_write(ptr: *mut u8, len: usize) {
     const PAGE: usize = 4096;
     let start = (ptr as usize).next_multiple_of(PAGE);
     let end = (ptr as usize).saturating_add(len) & !(PAGE - 1);
     if end > start {
         // SAFETY: `start..end` lies within the caller's memory (whole pages
-        // inside `ptr..ptr + len`), mapped and owned by this process;
+        // inside `ptr..ptr + len`), mapped writable and owned by this
+        // process (the function's contract);
         // MADV_POPULATE_WRITE only faults its pages in, as a write would,
         // without changing what they hold. Its failure (an older kernel)
         // changes nothing.

@@ -58,4 +58,4 @@ mod wait;
 #[cfg(not(loom))]
 pub use error::{GetError, PutError, QueueError};
 #[cfg(not(loom))]
-pub use queue::{JoinableQueue, Queue, QueueBuilder, SimpleQueue, DEFAULT_CAPACITY};
+pub use queue::{JoinableQueue, Queue, QueueBuilder, Received, SimpleQueue, DEFAULT_CAPACITY};

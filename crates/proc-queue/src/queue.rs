@@ -625,7 +625,9 @@ impl<T> Queue<T> {
     /// oldest message is a streamed one (taking it now would mean waiting).
     pub fn try_get_whole_bytes_into(&self, buf: &mut Vec<u8>) -> Result<(), GetError> {
         buf.clear();
-        let popped = self.ring.try_pop_whole(|p| copy_bytes(p, buf));
+        let popped = self
+            .ring
+            .try_pop_whole(|p| received(p).map(|m| m.into_buf(buf)));
         let got = finish_get(popped, true).and_then(|r| r.map_err(GetError::Failed));
         if got.is_err() {
             buf.clear();
@@ -633,20 +635,22 @@ impl<T> Queue<T> {
         got
     }
 
-    /// Takes the oldest message as a byte string and hands its bytes to
-    /// `read` where they lie in the shared ring, with no copy (for a
-    /// message streamed in fragments, larger than half the ring, in the
-    /// buffer they were put together in); returns what `read` returns.
+    /// Takes the oldest message as a byte string and hands it to `read`
+    /// as a [`Received`]: its bytes where they lie in the shared ring, with
+    /// no copy (for a message streamed in fragments, larger than half the
+    /// ring, in the buffer they were put together in, which `read` may
+    /// keep); returns what `read` returns.
     ///
     /// `read` runs while this handle holds the queue's consumer side:
-    /// other gets wait for it, so it should only decode or copy. The
-    /// message is taken when `read` returns, also when it panics (the
-    /// panic goes on to the caller).
+    /// other gets wait for it, so it should only decode or copy (a get on
+    /// this queue from inside `read` waits for ever). The message is taken
+    /// when `read` returns, also when it panics (the panic goes on to the
+    /// caller).
     ///
     /// # Errors
     ///
     /// As [`get_bytes`](Queue::get_bytes); `read` is then not called.
-    pub fn get_bytes_with<R>(&self, read: impl FnOnce(&[u8]) -> R) -> Result<R, GetError> {
+    pub fn get_bytes_with<R>(&self, read: impl FnOnce(Received<'_>) -> R) -> Result<R, GetError> {
         self.get_bytes_with_deadline(None, false, read)
     }
 
@@ -658,7 +662,7 @@ impl<T> Queue<T> {
     pub fn get_bytes_with_timeout<R>(
         &self,
         timeout: Duration,
-        read: impl FnOnce(&[u8]) -> R,
+        read: impl FnOnce(Received<'_>) -> R,
     ) -> Result<R, GetError> {
         self.get_bytes_with_deadline(deadline_after(timeout), false, read)
     }
@@ -673,12 +677,12 @@ impl<T> Queue<T> {
     /// As [`try_get_whole_bytes_into`](Queue::try_get_whole_bytes_into).
     pub fn try_get_whole_bytes_with<R>(
         &self,
-        read: impl FnOnce(&[u8]) -> R,
+        read: impl FnOnce(Received<'_>) -> R,
     ) -> Result<R, GetError> {
         let mut read = Some(read);
         let popped = self
             .ring
-            .try_pop_whole(|p| byte_string(&p).map(|b| read.take().map(|r| r(b))));
+            .try_pop_whole(|p| received(p).map(|m| read.take().map(|r| r(m))));
         read_result(finish_get(popped, true))
     }
 
@@ -686,12 +690,12 @@ impl<T> Queue<T> {
         &self,
         deadline: Option<Instant>,
         nowait: bool,
-        read: impl FnOnce(&[u8]) -> R,
+        read: impl FnOnce(Received<'_>) -> R,
     ) -> Result<R, GetError> {
         let mut read = Some(read);
-        let popped = self.ring.pop_bytes(deadline, |p| {
-            byte_string(&p).map(|b| read.take().map(|r| r(b)))
-        });
+        let popped = self
+            .ring
+            .pop_bytes(deadline, |p| received(p).map(|m| read.take().map(|r| r(m))));
         read_result(finish_get(popped, nowait))
     }
 
@@ -702,7 +706,9 @@ impl<T> Queue<T> {
         nowait: bool,
     ) -> Result<(), GetError> {
         buf.clear();
-        let popped = self.ring.pop_bytes(deadline, |p| copy_bytes(p, buf));
+        let popped = self
+            .ring
+            .pop_bytes(deadline, |p| received(p).map(|m| m.into_buf(buf)));
         let got = finish_get(popped, nowait).and_then(|r| r.map_err(GetError::Failed));
         if got.is_err() {
             buf.clear();
@@ -711,16 +717,66 @@ impl<T> Queue<T> {
     }
 }
 
-/// The bytes of a byte-string message (see [`copy_bytes`]).
-fn byte_string<'a>(p: &'a Payload<'_>) -> Result<&'a [u8], QueueError> {
+/// A byte-string message taken by [`Queue::get_bytes_with`]: it
+/// dereferences to the message's bytes where they lie, in the shared ring
+/// (valid until the reader returns) or, for a message streamed in
+/// fragments, in the buffer it was put together in.
+pub struct Received<'a>(Held<'a>);
+
+enum Held<'a> {
+    Ring(&'a [u8]),
+    /// A streamed message's buffer and where its bytes start in it.
+    Assembled(Vec<u8>, usize),
+}
+
+impl std::ops::Deref for Received<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match &self.0 {
+            Held::Ring(bytes) => bytes,
+            Held::Assembled(buf, start) => &buf[*start..],
+        }
+    }
+}
+
+impl std::fmt::Debug for Received<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Received")
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl Received<'_> {
+    /// Puts the bytes into `buf`, cleared first: a streamed message's own
+    /// buffer takes its place where `buf` is smaller (no copy, and none of
+    /// the message held twice), otherwise they are copied into it.
+    pub fn into_buf(self, buf: &mut Vec<u8>) {
+        buf.clear();
+        match self.0 {
+            Held::Assembled(own, 0) if buf.capacity() < own.len() => *buf = own,
+            held => buf.extend_from_slice(&Received(held)),
+        }
+    }
+}
+
+/// A byte-string message's bytes: a raw one's as they are, a postcard
+/// byte string's after its length prefix (checked).
+fn received(p: Payload<'_>) -> Result<Received<'_>, QueueError> {
     let bytes = p.bytes.as_slice();
-    if p.raw {
-        return Ok(bytes);
-    }
-    match decode_varint(bytes) {
-        Some((len, used)) if bytes.len() - used == len as usize => Ok(&bytes[used..]),
-        _ => Err(QueueError::Decode("message is not a byte string".into())),
-    }
+    let start = if p.raw {
+        0
+    } else {
+        match decode_varint(bytes) {
+            Some((len, used)) if bytes.len() - used == len as usize => used,
+            _ => return Err(QueueError::Decode("message is not a byte string".into())),
+        }
+    };
+    Ok(Received(match p.bytes {
+        Bytes::Ring(bytes) => Held::Ring(&bytes[start..]),
+        Bytes::Assembled(buf) => Held::Assembled(buf, start),
+    }))
 }
 
 /// What a get that hands the bytes to a reader returns: the reader's
@@ -733,19 +789,6 @@ fn read_result<R>(got: Result<Result<Option<R>, QueueError>, GetError>) -> Resul
         ))),
         Err(e) => Err(GetError::Failed(e)),
     }
-}
-
-/// Appends a byte-string message's bytes to `buf` (empty).
-fn copy_bytes(p: Payload<'_>, buf: &mut Vec<u8>) -> Result<(), QueueError> {
-    if p.raw {
-        match p.bytes {
-            Bytes::Assembled(v) if buf.capacity() < v.len() => *buf = v,
-            bytes => buf.extend_from_slice(bytes.as_slice()),
-        }
-        return Ok(());
-    }
-    buf.extend_from_slice(byte_string(&p)?);
-    Ok(())
 }
 
 fn encode_varint(mut v: u64, out: &mut Vec<u8>) {
