@@ -1191,7 +1191,7 @@ impl Drop for Pool {
 impl Inner {
     /// Queues a task; returns its id.
     pub(crate) fn submit(&self, record: Vec<u8>) -> Result<u64, TaskError> {
-        self.submit_with(record, 0, None)
+        self.submit_locked(record, 0, None)
     }
 
     /// [`submit`](Inner::submit) for a task of `items` items that `sink`
