@@ -1,9 +1,13 @@
 //! Fault test of the pool: workers SIGKILLed at random moments while tasks
-//! of mixed lengths run (through `apply_async`, `imap_unordered` and
-//! `map`, with and without `maxtasksperchild`). Afterwards every task has
-//! exactly one outcome — its right value, or `WorkerDied` from SIGKILL —,
-//! no task ran twice (each logs its start in a file), at most one task
-//! fails per kill, and nothing hangs.
+//! of mixed lengths run (through `apply_async`, `imap` and
+//! `imap_unordered`, with and without `maxtasksperchild`). Afterwards
+//! every task has exactly one outcome — its right value, or `WorkerDied`
+//! from SIGKILL —, no task ran twice (each logs its start in a file), at
+//! most one task fails per kill, and nothing hangs. Every round then runs
+//! a blocking `map` of task records over 64 KiB (sent as the workers take
+//! them, results decoded where they lie) under the same kills: its answer
+//! is every value or `WorkerDied` from SIGKILL, and none of its tasks ran
+//! twice either.
 //!
 //! Every fourth round's pool uses the fork server (the other rounds:
 //! `Fork`, replacements from the zygote). `PROC_SOAK=1` runs 100 rounds
@@ -18,6 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proc::{Pool, StartMethod, TaskError};
+
+/// The ids of the blocking map's tasks (apart from the others').
+const MAP_IDS: u64 = 1_000_000;
 
 fn main() {
     proc::init();
@@ -43,6 +50,11 @@ fn task((id, micros, log): (u64, u64, String)) -> u64 {
     id * id
 }
 
+/// [`task`] with its arguments padded to send a task record over 64 KiB.
+fn padded_task((id, micros, log, pad): (u64, u64, String, Vec<u8>)) -> u64 {
+    task((id, micros, log)) + pad.len() as u64
+}
+
 /// xorshift: this test's only randomness, seeded per round.
 struct Rng(u64);
 
@@ -63,6 +75,7 @@ fn workers_sigkilled() {
     };
     let dir = common::temp_dir("pool-faults");
     let (mut total_tasks, mut total_kills, mut total_died) = (0, 0, 0);
+    let mut maps_ok = 0u32;
     for round in 0..rounds {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (round as u64 + 1));
         let log = dir.join(format!("round-{round}.log"));
@@ -139,9 +152,32 @@ fn workers_sigkilled() {
                 }
             }
         }
+        // A blocking map of large chunks, still under the kills.
+        let pad = vec![7u8; 70_000];
+        let padded: Vec<(u64, u64, String, Vec<u8>)> = (0..12)
+            .map(|i| {
+                (
+                    MAP_IDS + i,
+                    rng.next() % 2000,
+                    log_path.clone(),
+                    pad.clone(),
+                )
+            })
+            .collect();
+        let mapped = pool.map_chunked(padded_task, padded, 1 + round % 2);
         stop.store(true, Ordering::Relaxed);
         killer.join().expect("killer");
         let elapsed = started.elapsed();
+        match &mapped {
+            Ok(values) => {
+                let expected: Vec<u64> = (MAP_IDS..MAP_IDS + 12).map(|i| i * i + 70_000).collect();
+                assert_eq!(values, &expected, "round {round}");
+            }
+            Err(TaskError::WorkerDied { signal, .. }) => {
+                assert_eq!(*signal, Some(libc::SIGKILL), "round {round}");
+            }
+            Err(e) => panic!("round {round}: map: {e}"),
+        }
         let kills = kills.load(Ordering::Relaxed);
         assert!(
             elapsed < Duration::from_secs(60),
@@ -179,6 +215,12 @@ fn workers_sigkilled() {
                 assert_eq!(starts.get(id), Some(&1), "round {round}: task {id}");
             }
         }
+        if mapped.is_ok() {
+            for id in MAP_IDS..MAP_IDS + 12 {
+                assert_eq!(starts.get(&id), Some(&1), "round {round}: map task {id}");
+            }
+        }
+        maps_ok += u32::from(mapped.is_ok());
         pool.close();
         pool.join().expect("join");
         total_tasks += n;
@@ -187,7 +229,8 @@ fn workers_sigkilled() {
     }
     println!(
         "\n  {rounds} rounds: {total_tasks} tasks, {total_kills} workers SIGKILLed, \
-         {total_died} tasks failed with WorkerDied, none lost, none run twice"
+         {total_died} tasks failed with WorkerDied, none lost, none run twice; \
+         {maps_ok} of {rounds} maps of large chunks whole, the others WorkerDied"
     );
     let _ = std::fs::remove_dir_all(dir);
 }
