@@ -660,7 +660,14 @@ fn a_map_survives_a_lying_length() {
     let pool = make_pool(2);
     // More items than claimed: the values' room grows; fewer: the map is
     // as short as the input.
-    for (end, claims) in [(1000, 10), (10, 1000), (70_000, 30_000)] {
+    // (And a claim no memory could hold: the values' room is not
+    // reserved for it.)
+    for (end, claims) in [
+        (1000, 10),
+        (10, 1000),
+        (70_000, 30_000),
+        (100, usize::MAX / 2),
+    ] {
         let lying = Lying {
             next: 0,
             end,

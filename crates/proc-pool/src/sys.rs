@@ -134,10 +134,15 @@ impl<T> Slots<T> {
         slots
     }
 
-    /// No chunks yet; room for `values` values without moving them.
+    /// No chunks yet; room for `values` values without moving them where
+    /// that much can be had (the count may come from an iterator's size
+    /// hint, which can promise more than it holds); otherwise the room
+    /// grows as chunks are added.
     pub(crate) fn with_capacity(values: usize) -> Self {
+        let mut buf = Vec::new();
+        let _ = buf.try_reserve_exact(values);
         Slots {
-            buf: Vec::with_capacity(values),
+            buf,
             chunks: Vec::new(),
             total: 0,
         }
