@@ -411,8 +411,24 @@ pub(crate) trait Sink {
 struct Direct<'a> {
     sink: &'a mut dyn Sink,
     /// A panic of the sink's `read` (its `Deserialize`), for its thread to
-    /// go on with once the pool's lock is let go.
+    /// go on with once the pool's lock is let go (it ends the thread's
+    /// `progress_with`).
     panic: Option<Box<dyn std::any::Any + Send>>,
+}
+
+impl<'a> Direct<'a> {
+    fn new(sink: &'a mut dyn Sink) -> Self {
+        Direct { sink, panic: None }
+    }
+
+    /// The sink back, once the pool's lock is let go; a panic of its
+    /// `read` goes on from here.
+    fn finish(self) -> &'a mut dyn Sink {
+        if let Some(panic) = self.panic {
+            std::panic::resume_unwind(panic);
+        }
+        self.sink
+    }
 }
 
 /// A worker's handle that `join` waits on, with when the worker retired
@@ -856,27 +872,19 @@ impl Pool {
         R: Serialize + DeserializeOwned,
         I: Iterator<Item = A>,
     {
-        let func = TaskFn::new(wire::run_chunk::<A, R>, f);
+        let mut chunks = wire::ChunkRecords::new(f, chunksize);
         let mut sink = MapSink::with_capacity(&self.inner, items.size_hint().0);
-        let mut capacity = 64;
         loop {
             let mut record = self.inner.buffer();
-            record.reserve(capacity);
-            let len_at = wire::begin_record(func, &mut record);
-            let (len, encoded) = wire::encode_items(&mut items, chunksize, &mut record);
-            if len == 0 {
+            let Some((len, encoded)) = chunks.next(&mut items, &mut record) else {
                 self.inner.recycle(record);
                 return sink.finish();
-            }
-            let sent = encoded
-                .and_then(|()| wire::end_record(&mut record, len_at))
-                .map_err(TaskError::ArgsEncode)
-                .and_then(|()| {
-                    let large = record.len() > BATCH_BYTES;
-                    capacity = capacity.max(record.len() + record.len() / 8);
-                    self.inner.submit_with(record, len, Some(&mut sink))?;
-                    Ok(large)
-                });
+            };
+            let sent = encoded.and_then(|()| {
+                let large = record.len() > BATCH_BYTES;
+                self.inner.submit_with(record, len, Some(&mut sink))?;
+                Ok(large)
+            });
             match sent {
                 Ok(large) => {
                     if large {
@@ -923,24 +931,18 @@ impl Pool {
         R: Serialize + DeserializeOwned,
         I: IntoIterator<Item = A>,
     {
-        let func = TaskFn::new(wire::run_chunk::<A, R>, f);
+        let mut chunks = wire::ChunkRecords::new(f, chunksize);
         let mut result = MapResult::new(self.inner.clone());
         let mut items = items.into_iter();
-        let mut capacity = 64;
         // Each chunk goes out as soon as it is encoded: the workers start
         // while the rest is being encoded.
         loop {
             let mut record = self.inner.buffer();
-            record.reserve(capacity);
-            let len_at = wire::begin_record(func, &mut record);
-            let (len, encoded) = wire::encode_items(&mut items, chunksize, &mut record);
-            if len == 0 {
+            let Some((len, encoded)) = chunks.next(&mut items, &mut record) else {
                 self.inner.recycle(record);
                 return Ok(result);
-            }
-            encoded.map_err(TaskError::ArgsEncode)?;
-            wire::end_record(&mut record, len_at).map_err(TaskError::ArgsEncode)?;
-            capacity = capacity.max(record.len() + record.len() / 8);
+            };
+            encoded?;
             let id = self.inner.submit(record)?;
             result.push(id, len);
         }
@@ -1044,13 +1046,11 @@ impl Pool {
         R: Serialize + DeserializeOwned,
         I: IntoIterator<Item = A>,
     {
-        let func = TaskFn::new(wire::run_chunk::<A, R>, f);
         let window = self.processes() * 8;
         IMap::new(
             self.inner.clone(),
-            func,
+            wire::ChunkRecords::new(f, chunksize),
             items.into_iter(),
-            chunksize,
             window,
             ordered,
         )
@@ -1206,10 +1206,10 @@ impl Inner {
         items: usize,
         sink: Option<&mut dyn Sink>,
     ) -> Result<u64, TaskError> {
-        let mut direct = sink.map(|sink| Direct { sink, panic: None });
+        let mut direct = sink.map(Direct::new);
         let submitted = self.submit_locked(record, items, direct.as_mut());
-        if let Some(panic) = direct.and_then(|d| d.panic) {
-            std::panic::resume_unwind(panic);
+        if let Some(direct) = direct {
+            direct.finish();
         }
         submitted
     }
@@ -1288,12 +1288,11 @@ impl Inner {
         deadline: Option<Instant>,
         sink: &mut dyn Sink,
     ) -> bool {
-        let mut direct = Direct { sink, panic: None };
+        let mut direct = Direct::new(sink);
         let done = {
             let mut state = self.state.lock();
-            let over = self.progress_with(&mut state, deadline, Some(&mut direct), |s, d| {
-                s.done.contains_key(&id)
-                    || d.is_some_and(|d| d.panic.is_some() || !d.sink.wants(id))
+            let over = self.progress_with(&mut state, deadline, Some(&mut direct), |s, sink| {
+                s.done.contains_key(&id) || sink.is_some_and(|sink| !sink.wants(id))
             });
             if over && direct.panic.is_none() && direct.sink.wants(id) {
                 state.done.remove(&id)
@@ -1301,15 +1300,13 @@ impl Inner {
                 None
             }
         };
-        if let Some(panic) = direct.panic {
-            std::panic::resume_unwind(panic);
-        }
+        let sink = direct.finish();
         let Some(done) = done else {
-            return !direct.sink.wants(id);
+            return !sink.wants(id);
         };
         match &done {
-            Done::Output { message, start } => direct.sink.read(id, &message[*start..]),
-            Done::Failed(e) => direct.sink.fail(id, e.clone()),
+            Done::Output { message, start } => sink.read(id, &message[*start..]),
+            Done::Failed(e) => sink.fail(id, e.clone()),
         }
         self.give_back(done);
         true
@@ -1320,19 +1317,14 @@ impl Inner {
     /// the results this thread reads meanwhile (see
     /// [`take_with`](Inner::take_with)).
     pub(crate) fn wait_for_room(&self, sink: &mut dyn Sink) {
-        let mut direct = Direct { sink, panic: None };
+        let mut direct = Direct::new(sink);
         {
             let mut state = self.state.lock();
-            self.progress_with(&mut state, None, Some(&mut direct), |s, d| {
-                d.is_some_and(|d| d.panic.is_some())
-                    || s.phase != Phase::Running
-                    || s.broken.is_some()
-                    || s.room_for_large()
+            self.progress_with(&mut state, None, Some(&mut direct), |s, _| {
+                s.phase != Phase::Running || s.broken.is_some() || s.room_for_large()
             });
         }
-        if let Some(panic) = direct.panic {
-            std::panic::resume_unwind(panic);
-        }
+        direct.finish();
     }
 
     /// Waits until `id` is done (without taking it); whether it is.
@@ -1373,16 +1365,22 @@ impl Inner {
     }
 
     /// [`progress`](Inner::progress) with a sink for the results this
-    /// thread reads (see [`take_with`](Inner::take_with)); `until` sees it.
+    /// thread reads (see [`take_with`](Inner::take_with)); `until` sees
+    /// it. A panic of the sink's `read` ends it too (true).
     fn progress_with(
         &self,
         state: &mut MutexGuard<'_, State>,
         deadline: Option<Instant>,
         mut direct: Option<&mut Direct<'_>>,
-        mut until: impl FnMut(&mut State, Option<&Direct<'_>>) -> bool,
+        mut until: impl FnMut(&mut State, Option<&dyn Sink>) -> bool,
     ) -> bool {
+        let mut until = |state: &mut State, direct: &Option<&mut Direct<'_>>| match direct {
+            Some(d) if d.panic.is_some() => true,
+            Some(d) => until(state, Some(&*d.sink)),
+            None => until(state, None),
+        };
         loop {
-            if until(state, direct.as_deref()) {
+            if until(state, &direct) {
                 return true;
             }
             let now = Instant::now();
@@ -1403,7 +1401,7 @@ impl Inner {
                             self.pump(state, Duration::ZERO, direct.as_deref_mut());
                         }
                     }
-                    return until(state, direct.as_deref());
+                    return until(state, &direct);
                 }
                 Some(d) => (d - now).min(PUMP_SLICE),
                 None => PUMP_SLICE,
@@ -1418,13 +1416,13 @@ impl Inner {
             if state.last_check.elapsed() > CHECK_EVERY {
                 self.check_workers(state);
             }
-            if until(state, direct.as_deref()) {
+            if until(state, &direct) {
                 return true;
             }
             match self.pump(state, left, direct.as_deref_mut()) {
                 Pumped::Read => {}
                 Pumped::Nothing => self.check_workers(state),
-                Pumped::Over => return until(state, direct.as_deref()),
+                Pumped::Over => return until(state, &direct),
             }
         }
     }

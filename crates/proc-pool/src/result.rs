@@ -7,7 +7,6 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proc_core::task::TaskFn;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -403,9 +402,8 @@ impl<R> Drop for MapSink<'_, R> {
 /// ```
 pub struct IMap<R, I> {
     inner: Arc<Inner>,
-    func: TaskFn,
+    chunks: wire::ChunkRecords,
     input: Option<I>,
-    chunksize: usize,
     window: usize,
     ordered: bool,
     /// (task id, or why the chunk was not sent; items) in input order.
@@ -431,17 +429,15 @@ where
 {
     pub(crate) fn new(
         inner: Arc<Inner>,
-        func: TaskFn,
+        chunks: wire::ChunkRecords,
         input: I,
-        chunksize: usize,
         window: usize,
         ordered: bool,
     ) -> Self {
         IMap {
             inner,
-            func,
+            chunks,
             input: Some(input),
-            chunksize: chunksize.max(1),
             window: window.max(2),
             ordered,
             inflight: VecDeque::new(),
@@ -455,17 +451,12 @@ where
             let Some(input) = self.input.as_mut() else {
                 return;
             };
-            let mut record = Vec::with_capacity(64);
-            let len_at = wire::begin_record(self.func, &mut record);
-            let (len, encoded) = wire::encode_items(input, self.chunksize, &mut record);
-            if len == 0 {
+            let mut record = Vec::new();
+            let Some((len, encoded)) = self.chunks.next(input, &mut record) else {
                 self.input = None;
                 return;
-            }
-            let sent = encoded
-                .and_then(|()| wire::end_record(&mut record, len_at))
-                .map_err(TaskError::ArgsEncode)
-                .and_then(|()| self.inner.submit(record));
+            };
+            let sent = encoded.and_then(|()| self.inner.submit(record));
             let failed = sent.is_err();
             if sent == Err(TaskError::NotRunning) {
                 // The input ends here: the pool no longer runs.

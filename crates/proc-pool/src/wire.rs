@@ -174,6 +174,56 @@ pub(crate) fn encode_items<A: Serialize>(
     (taken, Ok(()))
 }
 
+/// A map's chunks encoded into task records one at a time (`map`, `map_async`
+/// and `imap` alike): [`begin_record`], the chunk's items
+/// ([`encode_items`]), [`end_record`].
+pub(crate) struct ChunkRecords {
+    func: TaskFn,
+    chunksize: usize,
+    /// Room to reserve for the next record: the last one's size and an
+    /// eighth (the chunks of a map are alike).
+    capacity: usize,
+}
+
+impl ChunkRecords {
+    /// Records of `f`'s tasks over chunks of `chunksize` items (at least
+    /// one).
+    pub(crate) fn new<A, R>(f: fn(A) -> R, chunksize: usize) -> Self
+    where
+        A: DeserializeOwned,
+        R: Serialize,
+    {
+        ChunkRecords {
+            func: TaskFn::new(run_chunk::<A, R>, f),
+            chunksize: chunksize.max(1),
+            capacity: 64,
+        }
+    }
+
+    /// Encodes the next chunk of `items` into `record` (empty): how many
+    /// items it took, and whether the record may be sent (else the chunk's
+    /// [`TaskError::ArgsEncode`]); `None` once `items` is done.
+    pub(crate) fn next<A: Serialize>(
+        &mut self,
+        items: &mut impl Iterator<Item = A>,
+        record: &mut Vec<u8>,
+    ) -> Option<(usize, Result<(), TaskError>)> {
+        record.reserve(self.capacity);
+        let len_at = begin_record(self.func, record);
+        let (len, encoded) = encode_items(items, self.chunksize, record);
+        if len == 0 {
+            return None;
+        }
+        let ended = encoded
+            .and_then(|()| end_record(record, len_at))
+            .map_err(TaskError::ArgsEncode);
+        if ended.is_ok() {
+            self.capacity = self.capacity.max(record.len() + record.len() / 8);
+        }
+        Some((len, ended))
+    }
+}
+
 /// Encodes a chunk of one argument.
 pub(crate) fn encode_one<A: Serialize>(item: &A, out: &mut Vec<u8>) -> Result<(), String> {
     Encoder::new(out)
