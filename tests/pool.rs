@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
+use common::Unlucky;
 use proc::{Pool, PoolError, SpawnError, StartMethod, TaskError};
 
 /// The start method the current test uses (0 Fork, 1 ForkServer, 2 Spawn).
@@ -315,17 +316,6 @@ fn fail_first_or_nap((i, pad): (u64, Vec<u8>)) -> usize {
 }
 
 /// A result whose decoding (in the parent) panics on 13.
-#[derive(Debug, PartialEq, serde::Serialize)]
-struct Unlucky(u64);
-
-impl<'de> serde::Deserialize<'de> for Unlucky {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let n = u64::deserialize(d)?;
-        assert!(n != 13, "unlucky 13");
-        Ok(Unlucky(n))
-    }
-}
-
 fn unlucky(x: u64) -> Unlucky {
     Unlucky(x)
 }

@@ -5,6 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::Unlucky;
 use proc::{GetError, JoinableQueue, PutError, Queue, QueueError, SimpleQueue};
 use serde::{Deserialize, Serialize};
 
@@ -562,37 +563,25 @@ fn decode_error_keeps_queue_working() {
     // A Deserialize that panics: the panic reaches the caller of get, and
     // the message is taken, as one that fails to decode is (before: it
     // stayed at the head and every later get panicked on it again).
-    let picky: Queue<Picky> = Queue::new().expect("queue");
-    picky.put(Picky(13)).expect("put");
-    picky.put(Picky(1)).expect("put");
+    let picky: Queue<Unlucky> = Queue::new().expect("queue");
+    picky.put(Unlucky(13)).expect("put");
+    picky.put(Unlucky(1)).expect("put");
     let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| picky.get()));
     assert!(first.is_err(), "the decoding panic reaches the caller");
     assert_eq!(picky.qsize(), 1);
-    assert_eq!(picky.get().expect("next message"), Picky(1));
+    assert_eq!(picky.get().expect("next message"), Unlucky(1));
     // The same for a message that streamed through in fragments.
-    let big: Queue<(Vec<u8>, Picky)> = Queue::builder().capacity(4096).build().expect("queue");
+    let big: Queue<(Vec<u8>, Unlucky)> = Queue::builder().capacity(4096).build().expect("queue");
     let producer = big.clone();
     let child = proc::spawn(move || {
-        producer.put((vec![1; 10_000], Picky(13))).is_ok()
-            && producer.put((vec![2; 3], Picky(2))).is_ok()
+        producer.put((vec![1; 10_000], Unlucky(13))).is_ok()
+            && producer.put((vec![2; 3], Unlucky(2))).is_ok()
     })
     .expect("spawn");
     let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| big.get()));
     assert!(first.is_err());
-    assert_eq!(big.get().expect("next").1, Picky(2));
+    assert_eq!(big.get().expect("next").1, Unlucky(2));
     assert!(child.join().expect("join"));
-}
-
-/// A number whose decoding panics on 13.
-#[derive(Debug, PartialEq, serde::Serialize)]
-struct Picky(u64);
-
-impl<'de> serde::Deserialize<'de> for Picky {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let n = u64::deserialize(d)?;
-        assert!(n != 13, "unlucky 13");
-        Ok(Picky(n))
-    }
 }
 
 fn close_ends_a_stream_that_nobody_drains() {

@@ -297,3 +297,16 @@ pub fn count_call(path: &str) -> u64 {
     f.write_all(b"x").expect("count");
     std::fs::metadata(path).expect("counter").len()
 }
+
+/// A number whose decoding panics on 13 (a `Deserialize` that panics, for
+/// the queue's gets and the pool's results).
+#[derive(Debug, PartialEq, serde::Serialize)]
+pub struct Unlucky(pub u64);
+
+impl<'de> serde::Deserialize<'de> for Unlucky {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = u64::deserialize(d)?;
+        assert!(n != 13, "unlucky 13");
+        Ok(Unlucky(n))
+    }
+}
