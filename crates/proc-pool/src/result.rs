@@ -302,12 +302,9 @@ impl<'a, R: DeserializeOwned> MapSink<'a, R> {
                 self.fail(id, TaskError::Terminated);
             }
         }
-        let first_error = self.outcome.iter().find_map(|o| match o {
-            Some(Err(e)) => Some(e.clone()),
-            _ => None,
-        });
-        if let Some(e) = first_error {
-            return Err(e);
+        // (`failed_at` is the first chunk in input order that failed.)
+        if let Some(Some(Err(e))) = self.outcome.get(self.failed_at) {
+            return Err(e.clone());
         }
         let values = std::mem::replace(&mut self.values, Slots::with_capacity(0));
         values
