@@ -624,11 +624,7 @@ impl<T> Queue<T> {
     /// As [`try_get`](Queue::try_get), and [`GetError::Timeout`] when the
     /// oldest message is a streamed one (taking it now would mean waiting).
     pub fn try_get_whole_bytes_into(&self, buf: &mut Vec<u8>) -> Result<(), GetError> {
-        buf.clear();
-        let popped = self
-            .ring
-            .try_pop_whole(|p| received(p).map(|m| m.into_buf(buf)));
-        let got = finish_get(popped, true).and_then(|r| r.map_err(GetError::Failed));
+        let got = self.try_get_whole_bytes_with(|m| m.into_buf(buf));
         if got.is_err() {
             buf.clear();
         }
@@ -705,11 +701,7 @@ impl<T> Queue<T> {
         deadline: Option<Instant>,
         nowait: bool,
     ) -> Result<(), GetError> {
-        buf.clear();
-        let popped = self
-            .ring
-            .pop_bytes(deadline, |p| received(p).map(|m| m.into_buf(buf)));
-        let got = finish_get(popped, nowait).and_then(|r| r.map_err(GetError::Failed));
+        let got = self.get_bytes_with_deadline(deadline, nowait, |m| m.into_buf(buf));
         if got.is_err() {
             buf.clear();
         }
